@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("sim.commands.import_cmd", "convert an external routing log (jsonl/csv/npz) to a trace"),
     "fisher-check": ("sim.commands.fisher_check", "validate Fisher sensitivities by really dropping experts"),
     "train-toy": ("sim.commands.train_toy", "train the bundled toy Mixtral-shaped MoE on CPU"),
-    "toy-stats": ("sim.commands.toy_stats", "routing statistics of a trace (entropy, reuse) vs uniform"),
+    "stats": ("sim.commands.stats", "routing statistics of a trace (entropy, reuse, pre-gating accuracy)"),
 }
 
 
