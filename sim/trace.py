@@ -72,6 +72,8 @@ class ModelInfo:
             return cls(**data)
         except TypeError as err:
             raise UserError(f"meta.yaml: model section is incomplete: {err}") from None
+        except ValueError as err:  # e.g. `layers: abc`
+            raise UserError(f"meta.yaml: model section has a value of the wrong type: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -234,7 +236,7 @@ def read_trace(path: Path | str) -> Trace:
     frame = _read_frame(path / ROUTING_FILE)
     trace = from_frame(frame, model, where=str(path / ROUTING_FILE))
     sens = meta.get("sensitivity") or {}
-    s_l = sens.get("S_l")
+    s_l = sens.get("S_l")  # `sensitivity` and `source` are known to be mappings (_read_meta)
     if s_l is not None:
         s_arr = np.asarray(s_l, dtype=np.float64)
         if s_arr.shape != (model.layers,) or not np.all(np.isfinite(s_arr)) or np.any(s_arr < 0):
@@ -257,8 +259,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
         meta = yaml.safe_load(meta_path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{meta_path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise UserError(f"{meta_path}: expected a mapping with a 'model' section")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise UserError(f"{meta_path}: expected a mapping with a 'model' section (itself a mapping)")
+    for name in ("sensitivity", "source"):
+        if not isinstance(meta.get(name) or {}, dict):
+            raise UserError(f"{meta_path}: '{name}' must be a mapping, is {type(meta[name]).__name__}")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise UserError(f"{meta_path}: format_version {version!r} is not supported (this reads {FORMAT_VERSION})")
@@ -270,8 +275,15 @@ def _read_frame(file: Path) -> pl.DataFrame:
         raise UserError(f"{file} is missing")
     try:
         return pl.read_parquet(file)
-    except Exception as err:  # polars raises several types for a damaged file
-        raise UserError(f"{file} is corrupt or not Parquet: {str(err).splitlines()[0][:200]}") from None
+    # polars raises several types for a damaged file; a Rust panic is a BaseException
+    except (Exception, pl.exceptions.PanicException) as err:
+        raise UserError(f"{file} is corrupt or not Parquet: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """A library error as one short line (UserErrors are printed on one line)."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[0][:200]
 
 
 def from_frame(frame: pl.DataFrame, model: ModelInfo, *, where: str = "routing.parquet") -> Trace:
@@ -280,9 +292,13 @@ def from_frame(frame: pl.DataFrame, model: ModelInfo, *, where: str = "routing.p
     for name in ("seq", "pos", "phase", "layer", "experts", "weights"):
         if name not in frame.columns:
             raise UserError(f"{where}: required column {name!r} is missing (has {frame.columns})")
-    for name in ("seq", "pos", "layer"):
-        if not frame[name].dtype.is_integer():
+    for name in ("seq", "pos", "layer", "token_id"):
+        if name in frame.columns and not frame[name].dtype.is_integer():
             raise UserError(f"{where}: column {name!r} must be integer, is {frame[name].dtype}")
+    if "fisher" in frame.columns and not frame["fisher"].dtype.is_numeric():
+        raise UserError(f"{where}: column 'fisher' must be numeric, is {frame['fisher'].dtype}")
+    if frame.height == 0:
+        raise UserError(f"{where}: the trace has no rows")
     frame = frame.with_row_index("_row")
 
     def bad(mask: pl.Series | np.ndarray, what: str) -> None:
@@ -296,9 +312,10 @@ def from_frame(frame: pl.DataFrame, model: ModelInfo, *, where: str = "routing.p
             bad(frame[name].is_null(), f"column {name!r} is null")
     bad(~frame["phase"].cast(pl.String).is_in(PHASES), f"phase must be one of {PHASES}")
     bad((frame["layer"] < 0) | (frame["layer"] >= L), f"layer out of range 0..{L - 1}")
+    bad((frame["seq"] < 0) | (frame["pos"] < 0), "seq and pos must be >= 0")
 
-    experts = _dense_list(frame, "experts", k, bad, np.int64)
-    weights = _dense_list(frame, "weights", k, bad, np.float64)
+    experts = _dense_list(frame, "experts", k, bad, np.int64, where)
+    weights = _dense_list(frame, "weights", k, bad, np.float64, where)
     bad((experts < 0).any(1) | (experts >= E).any(1), f"expert id out of range 0..{E - 1}")
     srt = np.sort(experts, axis=1)
     bad((srt[:, 1:] == srt[:, :-1]).any(1), "duplicate expert ids in one row")
@@ -307,9 +324,10 @@ def from_frame(frame: pl.DataFrame, model: ModelInfo, *, where: str = "routing.p
     extra: dict[str, np.ndarray] = {}
     for name in frame.columns:
         if name == "logits" or name.startswith("pregate_"):
-            if name != "logits" and not name[len("pregate_") :].isdigit():
-                raise UserError(f"{where}: unknown column {name!r}")
-            arr = _dense_list(frame, name, E, bad, np.float32)
+            depth = name[len("pregate_") :]
+            if name != "logits" and not (depth.isdigit() and int(depth) >= 1):
+                raise UserError(f"{where}: unknown column {name!r} (pre-gating columns are pregate_1, pregate_2, ...)")
+            arr = _dense_list(frame, name, E, bad, np.float32, where)
             bad(~np.isfinite(arr).all(1), f"{name} must be finite (found NaN or inf)")
             extra[name] = arr
     if "fisher" in frame.columns:
@@ -352,11 +370,15 @@ def from_frame(frame: pl.DataFrame, model: ModelInfo, *, where: str = "routing.p
     return trace
 
 
-def _dense_list(frame: pl.DataFrame, name: str, width: int, bad: Any, dtype: Any) -> np.ndarray:
+def _dense_list(frame: pl.DataFrame, name: str, width: int, bad: Any, dtype: Any, where: str) -> np.ndarray:
     """A List column as a [rows, width] array; rows of another length are refused."""
     col = frame[name]
     if not isinstance(col.dtype, (pl.List, pl.Array)):
-        raise UserError(f"column {name!r} must be a list, is {col.dtype}")
+        raise UserError(f"{where}: column {name!r} must be a list, is {col.dtype}")
+    inner = col.dtype.inner
+    if not (inner.is_integer() if dtype == np.int64 else inner.is_numeric()):
+        kind = "integers" if dtype == np.int64 else "numbers"
+        raise UserError(f"{where}: column {name!r} must hold {kind}, holds {inner}")
     lens = col.list.len() if isinstance(col.dtype, pl.List) else pl.Series([col.dtype.size] * len(col))
     bad(lens != width, f"{name} must hold {width} values")
     if col.list.eval(pl.element().is_null().any()).list.first().any() if isinstance(col.dtype, pl.List) else False:
@@ -364,7 +386,7 @@ def _dense_list(frame: pl.DataFrame, name: str, width: int, bad: Any, dtype: Any
     try:
         values = col.explode().cast(pl.Float64 if dtype != np.int64 else pl.Int64).to_numpy()
     except pl.exceptions.InvalidOperationError as err:
-        raise UserError(f"column {name!r} has values of the wrong type: {err}") from None
+        raise UserError(f"{where}: column {name!r} has values of the wrong type: {_first_line(err)}") from None
     return values.reshape(-1, width).astype(dtype)
 
 
