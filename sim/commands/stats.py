@@ -1,0 +1,103 @@
+"""`python -m sim stats trace=DIR [sensitivity=FILE] [T=0.005,0.01] [phase=decode] [json=FILE]`
+
+Prints a per-layer table and a summary of a trace's routing (definitions in `sim.routing_stats`):
+expert-usage entropy vs uniform, reuse of the previous token's experts vs chance, pre-gating
+accuracy per depth (when the trace has `pregate_d` columns), and the AdapMoE single-expert share
+for each threshold T (when S_l is known: from the trace's meta.yaml or `sensitivity=FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sim import atomic
+from sim.args import parse_args
+from sim.errors import UserError
+from sim.routing_stats import read_sensitivity, summarize
+from sim.trace import read_trace
+
+
+@dataclass
+class StatsArgs:
+    trace: str = ""  # trace folder
+    sensitivity: str = ""  # file with S_l per layer (overrides the trace's own)
+    T: list[float] = field(default_factory=lambda: [0.005])  # AdapMoE thresholds
+    phase: str = "decode"  # decode | prefill | all
+    json: str = ""  # write the numbers here
+
+
+def main(argv: list[str]) -> int:
+    # `T=0.001,0.005` is friendlier than OmegaConf's `T=[0.001,0.005]`; accept both.
+    argv = [f"T=[{a[2:]}]" if re.fullmatch(r"T=[^\[].*", a) else a for a in argv]
+    args = parse_args(StatsArgs, argv)
+    if not args.trace:
+        raise UserError("stats needs trace=DIR (a trace folder)")
+    trace = read_trace(args.trace)
+    s_l = read_sensitivity(args.sensitivity, trace.model.layers) if args.sensitivity else None
+    if any(t < 0 for t in args.T):
+        raise UserError(f"T must be >= 0, got {args.T}")
+    stats = summarize(trace, T=args.T, s_l=s_l, phase=args.phase)
+    stats["trace"] = str(args.trace)
+    stats["sensitivity_source"] = args.sensitivity or ("trace" if trace.sensitivity is not None else None)
+    print(format_table(stats))
+    if args.json:
+        out = Path(args.json)
+        if not out.parent.is_dir():
+            raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+        atomic.write_text(out, json.dumps(stats, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def format_table(s: dict[str, Any]) -> str:
+    """The per-layer table and the summary lines, as printed by `stats`."""
+    L = s["layers"]
+    cols: list[tuple[str, list[str]]] = [
+        ("layer", [str(i) for i in range(L)]),
+        ("H bits", [_f(x, ".2f") for x in s["entropy_bits"]["by_layer"]]),
+        ("reuse", [_f(x) for x in s["reuse"]["by_layer"]]),
+    ]
+    for d, res in s["pregate"].items():
+        cols.append((f"pg{d} top{s['top_k']}", [_f(x) for x in res["topk"]["by_layer"]]))
+        cols.append((f"pg{d} top1", [_f(x) for x in res["top1_in_topk"]["by_layer"]]))
+    ada = s["adapmoe"]
+    if ada:
+        cols.append(("S_l", [_f(x, ".4g") for x in ada["S_l"]]))
+        for th in ada["thresholds"]:
+            cols.append((f"1-exp T={th['T']:g}", [_f(x) for x in th["single_share_by_layer"]]))
+    widths = [max(len(h), *(len(v) for v in vals)) for h, vals in cols]
+    lines = ["  ".join(h.rjust(w) for (h, _), w in zip(cols, widths, strict=True))]
+    for i in range(L):
+        lines.append("  ".join(vals[i].rjust(w) for (_, vals), w in zip(cols, widths, strict=True)))
+    e, r = s["entropy_bits"], s["reuse"]
+    lines += [
+        "",
+        f"trace {s.get('trace', '')}: model {s['model']}, {L} layers x {s['experts']} experts, top-{s['top_k']}; "
+        f"{s['tokens']} {s['phase']} tokens in {s['sequences']} sequence(s)",
+        f"expert-usage entropy: mean {_f(e['mean'], '.3f')} bits per layer (uniform routing: {e['uniform']:.3f})",
+        f"reuse of the previous token's experts: {_f(r['mean'])} over {r['pairs']} token pairs "
+        f"(uniform random: {r['uniform']:.3f})",
+    ]
+    if s["pregate"]:
+        for d, res in s["pregate"].items():
+            lines.append(f"pre-gating depth {d}: top-{s['top_k']} accuracy {_f(res['topk']['mean'])}, "
+                         f"top-1 in true top-{s['top_k']} {_f(res['top1_in_topk']['mean'])}, "
+                         f"top-1 exact {_f(res['top1_exact']['mean'])} (mean over layers {d}..{L - 1})")
+    else:
+        lines.append("pre-gating: the trace has no pregate_d columns")
+    if ada:
+        src = s.get("sensitivity_source") or "given"
+        for th in ada["thresholds"]:
+            lines.append(f"AdapMoE T={th['T']:g} (S_l from {src}): {_f(th['single_share'])} of (token, layer) "
+                         f"pairs on one expert; {_f(th['executions_saved'])} fewer expert executions")
+    else:
+        lines.append("AdapMoE: no S_l (the trace has no sensitivities; pass sensitivity=FILE)")
+    return "\n".join(lines)
