@@ -1,0 +1,147 @@
+"""The four policy interfaces and the read-only context they decide from.
+
+Call order per decoded token t and MoE layer l (the engine's, DESIGN 4):
+1. `GatingPolicy` chooses the experts to run and their weights, with its estimated loss
+   increase `dL` (0 for the model's own top-k). Stateless policies precompute every decision
+   at once in `plan()`; stateful ones (that look at the cache) answer `decide(t, l)`.
+2. `PlacementPolicy.place()` for each active expert that is not on the device: load it, or
+   compute it on the CPU.
+3. `PrefetchPolicy.on_layer(t, l)` names experts (keys `layer * E + expert`) to load for later
+   layers, using only what is known at this point (this row's pre-gating logits, the past).
+4. `CachePolicy.victims()` picks residents to evict when a load needs room; it is told of every
+   access, insertion and eviction.
+Policies never touch SimPy or mutate the cache; they read `ctx.cache` and return decisions.
+Tie-breaks are documented in each policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.cache import ExpertCache
+from sim.models import ModelPreset
+from sim.trace import Trace
+
+
+@dataclass
+class Context:
+    """What a policy may read. Arrays are the trace's; treat everything as read-only."""
+
+    trace: Trace
+    preset: ModelPreset
+    cache: ExpertCache  # read it, never mutate it
+    capacity_slots: int  # cache capacity in experts of the preset's size
+    rng: np.random.Generator
+    hw: object | None = None  # sim.hardware.HardwareProfile (for cost-aware policies)
+    cost: object | None = None  # sim.cost.CostModel
+
+    @property
+    def layers(self) -> int:
+        return self.trace.model.layers
+
+    @property
+    def experts(self) -> int:
+        return self.trace.model.experts
+
+    @property
+    def top_k(self) -> int:
+        return self.trace.model.top_k
+
+
+@dataclass
+class GatingPlan:
+    """Every (token, layer) decision at once. ids [T, L, k] (-1 = not run), weights, dL [T, L]."""
+
+    ids: np.ndarray
+    weights: np.ndarray
+    dL: np.ndarray
+
+
+class GatingPolicy:
+    """Chooses which experts run. Override `plan` (stateless) or `decide` (stateful)."""
+
+    name = "?"
+
+    def __init__(self, knobs: object, ctx: Context):
+        self.knobs = knobs
+        self.ctx = ctx
+
+    def plan(self) -> GatingPlan | None:
+        """All decisions up front, or None if decisions depend on run-time state."""
+        return None
+
+    def decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
+        """(expert ids, weights, dL) for token t at `layer`; only called when `plan()` is None."""
+        raise NotImplementedError
+
+
+class PrefetchPolicy:
+    """Names experts to load ahead of need. Default: none."""
+
+    name = "?"
+
+    def __init__(self, knobs: object, ctx: Context):
+        self.knobs = knobs
+        self.ctx = ctx
+
+    @property
+    def wait_for_prefetch(self) -> bool:
+        """True if a layer must wait for in-flight prefetches aimed at it, used or not (AdapMoE)."""
+        return False
+
+    @property
+    def modelled(self) -> bool:
+        """True if predictions are modelled (not read from the trace): flagged in the summary."""
+        return False
+
+    def on_layer(self, t: int, layer: int) -> list[int]:
+        """Keys to prefetch after layer `layer` of token t has gated. Present ones are skipped."""
+        return []
+
+
+class CachePolicy:
+    """Chooses eviction victims. Keys are `layer * E + expert`."""
+
+    name = "?"
+
+    def __init__(self, knobs: object, ctx: Context):
+        self.knobs = knobs
+        self.ctx = ctx
+
+    def warm_start(self) -> list[int]:
+        """Experts resident before the first token (default: none)."""
+        return []
+
+    def on_access(self, key: int, t: int) -> None:
+        """An active expert was used (hit or after its load)."""
+
+    def on_insert(self, key: int, t: int) -> None:
+        """A load for `key` took a slot (it is LOADING now)."""
+
+    def on_evict(self, key: int) -> None:
+        """`key` left the cache."""
+
+    def victims(self, key: int, nbytes: float, t: int) -> list[int] | None:
+        """Residents to evict so that `key` (nbytes) fits; [] if it fits; None if it cannot now.
+
+        Only `ctx.cache.evictable(k)` experts may be named."""
+        raise NotImplementedError
+
+
+LOAD, CPU = "load", "cpu"
+
+
+class PlacementPolicy:
+    """Where a missed expert runs: LOAD it to the device (default) or compute it on the CPU."""
+
+    name = "?"
+    always_load = False  # True lets the engine skip the call on its hot path
+
+    def __init__(self, knobs: object, ctx: Context):
+        self.knobs = knobs
+        self.ctx = ctx
+
+    def place(self, key: int, t: int, weight: float) -> str:
+        return LOAD

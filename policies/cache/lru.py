@@ -1,0 +1,73 @@
+"""`lru`: evict the least recently used expert, globally or within the layer's partition.
+
+Recency is updated on every access (hit or use after a load) and on insertion. `scope=layer`
+gives each layer a fixed partition (`sizes`, or a uniform split): a load into a full partition
+evicts that layer's LRU expert (mixtral-offloading's cache). `scope=global` evicts the
+least recently used expert anywhere. Only evictable experts (resident, not in use by the current
+layer) are candidates; if none is, the load cannot take a slot (the engine then uses a staging
+buffer for a demand load, or skips a prefetch).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from policies.base import CachePolicy, Context
+from policies.cache.partition import check_sizes, uniform_sizes
+from policies.registry import CACHE
+
+
+@CACHE.register("lru")
+class LRU(CachePolicy):
+    @dataclass
+    class Knobs:
+        scope: str = "layer"  # "layer" (per-layer partitions) or "global"
+        sizes: list[int] | None = field(default=None)  # per-layer slots (scope=layer); default uniform
+
+    def __init__(self, knobs: Knobs, ctx: Context):
+        super().__init__(knobs, ctx)
+        from sim.errors import UserError
+
+        if knobs.scope not in ("layer", "global"):
+            raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
+        self.per_layer = knobs.scope == "layer"
+        L = ctx.layers
+        if self.per_layer:
+            self.sizes = (check_sizes(knobs.sizes, ctx.capacity_slots, L, ctx.experts) if knobs.sizes
+                          else uniform_sizes(ctx.capacity_slots, L))
+            self.order = [OrderedDict() for _ in range(L)]
+        else:
+            self.order = [OrderedDict()]
+
+    def _od(self, key: int) -> OrderedDict:
+        return self.order[key // self.ctx.experts] if self.per_layer else self.order[0]
+
+    def on_access(self, key: int, t: int) -> None:
+        self._od(key).move_to_end(key)
+
+    def on_insert(self, key: int, t: int) -> None:
+        self._od(key)[key] = None
+
+    def on_evict(self, key: int) -> None:
+        del self._od(key)[key]
+
+    def victims(self, key: int, nbytes: float, t: int) -> list[int] | None:
+        cache = self.ctx.cache
+        if self.per_layer:
+            layer = key // self.ctx.experts
+            if cache.per_layer[layer] < self.sizes[layer] and cache.free_bytes() >= nbytes:
+                return []
+            for k in self.order[layer]:
+                if cache.evictable(k):
+                    return [k]
+            return None
+        need = nbytes - cache.free_bytes()
+        out: list[int] = []
+        for k in self.order[0]:
+            if need <= 0:
+                break
+            if cache.evictable(k):
+                out.append(k)
+                need -= cache.size_bytes[k]
+        return out if need <= 0 else None

@@ -1,0 +1,25 @@
+"""Per-layer partitions of the expert cache, shared by partitioned cache policies.
+
+`sizes[l]` = slots reserved for layer l. Uniform split: C // L each, the remainder to the first
+layers (early layers are never prefetched in AdapMoE, so they gain most from an extra slot).
+"""
+
+from __future__ import annotations
+
+from sim.errors import UserError
+
+
+def uniform_sizes(capacity_slots: int, layers: int) -> list[int]:
+    base, extra = divmod(capacity_slots, layers)
+    return [base + (1 if i < extra else 0) for i in range(layers)]
+
+
+def check_sizes(sizes: list[int], capacity_slots: int, layers: int, experts: int) -> list[int]:
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != layers:
+        raise UserError(f"cache.sizes has {len(sizes)} entries; the model has {layers} layers")
+    if any(s < 0 or s > experts for s in sizes):
+        raise UserError(f"cache.sizes must be between 0 and {experts} per layer")
+    if sum(sizes) > capacity_slots:
+        raise UserError(f"cache.sizes sum to {sum(sizes)} slots, more than the cache's {capacity_slots}")
+    return sizes

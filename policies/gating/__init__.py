@@ -1,0 +1,1 @@
+"""Gating policies: one file each; each registers itself with `policies.registry`."""

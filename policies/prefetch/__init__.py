@@ -1,0 +1,1 @@
+"""Prefetch policies: one file each; each registers itself with `policies.registry`."""

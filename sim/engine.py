@@ -1,0 +1,366 @@
+"""The SimPy engine: replays a trace's routing against a hardware profile under policies.
+
+Resources (DESIGN 4): the device compute stream (this module's `_main` process), the expert link
+(`sim.link.Link`, a priority resource with `channels`), the CPU compute stream (for experts
+placed on the CPU) and the expert cache (`sim.cache.ExpertCache`, a plain class).
+
+Per decoded token t and MoE layer l:
+  1. attention (non-expert work) on the compute stream;
+  2. gating picks the active experts (precomputed when the policy is stateless);
+  3. each active expert that is absent is demand-loaded (priority 0) or placed on the CPU;
+  4. the prefetch policy may start loads (priority 1) for later layers;
+  5. active experts compute: resident ones first, then loaded ones in arrival order; a second
+     request for an expert already loading waits for that same transfer.
+A load takes a cache slot (the cache policy names victims among residents not in use by the
+current layer); a demand load that cannot get one uses a transient staging buffer; a prefetch
+that cannot get one is skipped.
+
+Lazy clock: the compute stream keeps its own time `self.t` and only yields to SimPy when it
+interacts with the link (issuing a load, waiting for one), so a cache hit costs no SimPy event
+at all; a transfer costs exactly one (its completion). Prefill of each prompt runs as one batch
+per layer (the union of its tokens' experts, compute growing with tokens) and gives TTFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import simpy
+
+from policies.base import CPU, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
+from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache
+from sim.cost import CostModel
+from sim.link import DEMAND, PREFETCH, Link, Transfer
+from sim.recorder import Recorder
+
+
+@dataclass
+class EngineOptions:
+    pipelining: bool = False  # per-matrix pipelining: each of an expert's 3 GEMMs starts when its matrix is in
+    prefill: bool = True  # simulate each prompt's prefill (gives TTFT)
+    staging_buffers: int = 6  # transient buffers for demand loads that cannot take a cache slot
+    timeline_tokens: int = 16  # compute ops are recorded for the first N decode tokens (report timeline)
+    max_tokens: int = 0  # simulate at most this many decode tokens (0: all)
+
+
+class Engine:
+    def __init__(self, ctx: Context, cost: CostModel, gating: GatingPolicy, prefetch: PrefetchPolicy,
+                 cache_policy, placement: PlacementPolicy, link: Link, env: simpy.Environment,
+                 options: EngineOptions):
+        self.ctx, self.cost, self.opt = ctx, cost, options
+        self.gating, self.prefetch, self.cache_policy, self.placement = gating, prefetch, cache_policy, placement
+        self.env, self.link = env, link
+        self.cache: ExpertCache = ctx.cache
+        self.L, self.E = ctx.layers, ctx.experts
+        self.rec = Recorder(self.L)
+        self.t = 0.0  # compute-stream clock (s); >= env.now
+        self.cpu_t = 0.0  # CPU-stream clock (s)
+        self.inflight: dict[int, Transfer] = {}  # key -> its transfer while LOADING (cache or staging)
+        self.unused_prefetch: set[int] = set()  # prefetched keys not yet used
+        self.prefetch_by_layer: dict[int, list[Transfer]] = {}
+        self.staging_in_use = 0
+        self.prefetch_skipped = 0
+        self.stall_s = 0.0
+        self.cpu_wait_s = 0.0
+        self.compute_busy_s = 0.0
+        plan = gating.plan()
+        if plan is not None:
+            self.plan_ids = plan.ids.tolist()  # nested lists: fast scalar access
+            self.plan_w = plan.weights.tolist()
+            self.plan_dL = plan.dL.tolist()
+        else:
+            self.plan_ids = None
+        self.nbytes = cost.expert_bytes
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> Recorder:
+        for key in self.cache_policy.warm_start():
+            self.cache.insert_resident(key, self.nbytes)
+            self.cache_policy.on_insert(key, -1)
+        self.env.process(self._main())
+        self.env.run()
+        self.rec.loads.sort(key=lambda tr: tr.seqno)
+        for key in self.unused_prefetch:  # prefetched and never used before the end
+            self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
+        return self.rec
+
+    # ------------------------------------------------------------------ helpers
+    def _sync(self):
+        """Bring SimPy's clock up to the compute stream's before touching the link."""
+        if self.t > self.env.now:
+            yield self.env.timeout(self.t - self.env.now)
+
+    def _decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
+        if self.plan_ids is not None:
+            return self.plan_ids[t][layer], self.plan_w[t][layer], self.plan_dL[t][layer]
+        return self.gating.decide(t, layer)
+
+    def _load(self, key: int, priority: int, t: int, layer: int) -> Transfer | None:
+        """Start a transfer of expert `key` now (env.now == self.t); None if a prefetch has no room."""
+        victims = self.cache_policy.victims(key, self.nbytes, t)
+        staging = victims is None
+        if staging:
+            if priority == PREFETCH:
+                self.prefetch_skipped += 1
+                return None
+            self.staging_in_use += 1
+            assert self.staging_in_use <= self.opt.staging_buffers, (
+                f"{self.staging_in_use} staging buffers in use, only {self.opt.staging_buffers} exist")
+        else:
+            for v in victims:
+                self._evict(v)
+            self.cache.begin_load(key, self.nbytes)
+            self.cache_policy.on_insert(key, t)
+        kind = "demand" if priority == DEMAND else "prefetch"
+        tr = self.link.submit(key, self.nbytes, priority, self._on_loaded, tag=(kind, t, layer, staging))
+        self.inflight[key] = tr
+        self.rec.loads.append(tr)
+        if priority == PREFETCH:
+            self.unused_prefetch.add(key)
+            self.prefetch_by_layer.setdefault(key // self.E, []).append(tr)
+            self.rec.per_layer["prefetch_issued"][key // self.E] += 1
+        return tr
+
+    def _on_loaded(self, tr: Transfer) -> None:
+        if self.inflight.get(tr.key) is tr:
+            del self.inflight[tr.key]
+        if not tr.tag[3]:  # not a staging load
+            self.cache.finish_load(tr.key)
+
+    def _evict(self, key: int) -> None:
+        self.cache.evict(key)
+        self.cache_policy.on_evict(key)
+        if key in self.unused_prefetch:
+            self.unused_prefetch.discard(key)
+            self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
+
+    def _bw_taken(self) -> float:
+        if not self.cost.shared_link:
+            return 0.0
+        return self.link.active_at(self.t) * self.cost.link_bandwidth_Bps
+
+    def _await_start(self, tr: Transfer):
+        """Wait (in SimPy) until a queued transfer is on a channel, so its `done_s` is known."""
+        if not tr.started:
+            yield from self._sync()
+            while not tr.started:  # wake at the next completion on the link (which starts the next transfer)
+                yield min(self.link.active, key=lambda x: x.done_s).event if self.link.active else tr.event
+
+    def _compute_loaded(self, tr: Transfer, tokens: int, rec_ops: bool, t_index: int, layer: int) -> float:
+        """Compute an expert whose transfer has started; returns the stall it caused."""
+        cost = self.cost
+        dur = cost.expert_compute_s(tokens, bw_taken_Bps=self._bw_taken()) if tokens > 1 or cost.shared_link \
+            else cost.expert_s
+        start = self.t
+        stall = 0.0
+        if self.opt.pipelining:
+            # three matrices arrive in order; GEMM i starts when matrix i is in and GEMM i-1 is done
+            per_matrix_s = (tr.done_s - tr.start_s - cost.link_latency_s) / 3.0
+            first = tr.start_s + cost.link_latency_s
+            t = self.t
+            for i in range(1, 4):
+                arrive = first + i * per_matrix_s
+                if arrive > t:
+                    stall += arrive - t
+                    t = arrive
+                t += dur / 3.0
+            self.t = t
+        else:
+            if tr.done_s > self.t:
+                stall = tr.done_s - self.t
+                self.t = tr.done_s
+            self.t += dur
+        self.compute_busy_s += dur
+        if rec_ops:
+            self.rec.op("compute", t_index, layer, f"expert {tr.key % self.E}", start + stall, self.t)
+        return stall
+
+    # ------------------------------------------------------------------ processes
+    def _main(self):
+        tr = self.ctx.trace
+        seqs = tr.seq
+        decoded = 0
+        i, T = 0, tr.num_tokens
+        while i < T:
+            j = i
+            while j < T and seqs[j] == seqs[i]:
+                j += 1
+            prompt = [t for t in range(i, j) if not tr.is_decode[t]]
+            if prompt and self.opt.prefill:
+                yield from self._prefill(prompt)
+            for t in range(i, j):
+                if not tr.is_decode[t]:
+                    continue
+                if self.opt.max_tokens and decoded >= self.opt.max_tokens:
+                    return
+                yield from self._decode_token(t, decoded < self.opt.timeline_tokens)
+                decoded += 1
+            i = j
+
+    def _decode_token(self, t: int, rec_ops: bool):
+        cost, cache, E = self.cost, self.cache, self.E
+        state = cache.state
+        pl_ = self.rec.per_layer
+        tok = self.rec.tokens
+        start, stall0, cpuw0, loads0 = self.t, self.stall_s, self.cpu_wait_s, len(self.rec.loads)
+        pos = int(self.ctx.trace.pos[t])
+        needed = hits = run = single = 0
+        dL_tok = 0.0
+        demand = 0
+        for layer in range(self.L):
+            a0 = self.t
+            self.t += cost.attention_s(pos, 1, self._bw_taken()) if cost.shared_link else cost.attention_s(pos)
+            self.compute_busy_s += self.t - a0
+            if rec_ops:
+                self.rec.op("compute", t, layer, "attention", a0, self.t)
+            gate_t = self.t
+            ids, ws, dL = self._decide(t, layer)
+            base = layer * E
+            keys = [base + e for e in ids if e >= 0]
+            n = len(keys)
+            cache.pinned.update(keys)
+            ready: list[int] = []  # resident (or arrived by now) keys
+            waiting: list[Transfer] = []
+            cpu_keys: list[int] = []
+            layer_hits = 0
+            for j, key in enumerate(keys):
+                st = state[key]
+                if st == RESIDENT:
+                    ready.append(key)
+                    layer_hits += 1
+                    if key in self.unused_prefetch:
+                        self.unused_prefetch.discard(key)
+                        pl_["prefetch_used"][layer] += 1
+                    continue
+                if st == LOADING or key in self.inflight:
+                    trn = self.inflight[key]
+                    if trn.started and trn.done_s <= self.t:
+                        ready.append(key)
+                        layer_hits += 1
+                    else:
+                        waiting.append(trn)
+                        if key in self.unused_prefetch:
+                            pl_["prefetch_late"][layer] += 1
+                    if key in self.unused_prefetch:
+                        self.unused_prefetch.discard(key)
+                        pl_["prefetch_used"][layer] += 1
+                    continue
+                if not self.placement.always_load and self.placement.place(key, t, ws[j]) == CPU:
+                    cpu_keys.append(key)
+                    continue
+                yield from self._sync()
+                waiting.append(self._load(key, DEMAND, t, layer))
+                demand += 1
+                pl_["demand_loads"][layer] += 1
+            # prefetch for later layers, after this layer's demand loads
+            for pk in self.prefetch.on_layer(t, layer):
+                if state[pk] == ABSENT and pk not in self.inflight:
+                    yield from self._sync()
+                    self._load(pk, PREFETCH, t, layer)
+            # AdapMoE: the layer waits for in-flight prefetches aimed at it, used or not
+            pending = self.prefetch_by_layer.pop(layer, None)
+            if pending and self.prefetch.wait_for_prefetch:
+                for trn in pending:
+                    yield from self._await_start(trn)
+                    if trn.done_s > self.t:
+                        self.stall_s += trn.done_s - self.t
+                        pl_["stall_s"][layer] += trn.done_s - self.t
+                        self.t = trn.done_s
+            # compute: resident first, then loads in arrival order
+            for key in ready:
+                c0 = self.t
+                self.t += cost.expert_compute_s(1, bw_taken_Bps=self._bw_taken()) if cost.shared_link else cost.expert_s
+                self.compute_busy_s += self.t - c0
+                self.cache_policy.on_access(key, t)
+                if rec_ops:
+                    self.rec.op("compute", t, layer, f"expert {key % E}", c0, self.t)
+            if waiting:
+                for trn in waiting:
+                    yield from self._await_start(trn)
+                waiting.sort(key=lambda x: x.done_s)
+                for trn in waiting:
+                    s = self._compute_loaded(trn, 1, rec_ops, t, layer)
+                    self.stall_s += s
+                    pl_["stall_s"][layer] += s
+                    self._release(trn, t)
+            if cpu_keys:
+                self._run_on_cpu(cpu_keys, a0_end=gate_t, t=t, layer=layer, rec_ops=rec_ops)
+            cache.pinned.clear()
+            needed += n
+            hits += layer_hits
+            run += n
+            single += n == 1
+            dL_tok += dL
+            pl_["needed"][layer] += n
+            pl_["hits"][layer] += layer_hits
+            pl_["experts_run"][layer] += n
+            pl_["single_pairs"][layer] += n == 1
+            pl_["dL"][layer] += dL
+        nbytes = sum(tr_.nbytes for tr_ in self.rec.loads[loads0:])
+        for name, v in (("seq", int(self.ctx.trace.seq[t])), ("pos", pos), ("start_s", start), ("end_s", self.t),
+                        ("stall_s", self.stall_s - stall0), ("cpu_wait_s", self.cpu_wait_s - cpuw0),
+                        ("demand_loads", demand), ("bytes_loaded", nbytes), ("needed", needed), ("hits", hits),
+                        ("experts_run", run), ("single_pairs", single), ("dL", dL_tok)):
+            tok[name].append(v)
+
+    def _release(self, trn: Transfer, t: int) -> None:
+        """After computing a loaded expert: free its staging buffer or note the cache access."""
+        if trn.tag[3]:
+            self.staging_in_use -= 1
+        else:
+            self.cache_policy.on_access(trn.key, t)
+
+    def _run_on_cpu(self, keys: list[int], a0_end: float, t: int, layer: int, rec_ops: bool) -> None:
+        """Experts placed on the CPU run on the CPU stream; the layer ends when both streams are done."""
+        start = max(self.cpu_t, a0_end)
+        end = start + len(keys) * self.cost.expert_compute_s(1, on_cpu=True)
+        self.cpu_t = end
+        self.rec.per_layer["cpu_experts"][layer] += len(keys)
+        if rec_ops:
+            self.rec.op("cpu", t, layer, f"{len(keys)} expert(s)", start, end)
+        if end > self.t:
+            self.cpu_wait_s += end - self.t
+            self.t = end
+
+    def _prefill(self, prompt: list[int]):
+        """One batch per layer over the prompt: the union of experts, each on its tokens."""
+        cost, cache, E = self.cost, self.cache, self.E
+        start = self.t
+        P = len(prompt)
+        for layer in range(self.L):
+            self.t += cost.attention_s(0, P)
+            counts: dict[int, int] = {}
+            for t in prompt:
+                ids, _, _ = self._decide(t, layer)
+                for e in ids:
+                    if e >= 0:
+                        counts[layer * E + e] = counts.get(layer * E + e, 0) + 1
+            order = sorted(counts, key=lambda k: (cache.state[k] != RESIDENT, -counts[k], k))
+            todo: list[int] = []
+            for key in order:
+                if cache.state[key] == RESIDENT:
+                    self.t += cost.expert_compute_s(counts[key])
+                    self.cache_policy.on_access(key, prompt[0])
+                else:
+                    todo.append(key)
+            # loads: keep at most `staging_buffers` outstanding; compute each as it arrives
+            outstanding: list[Transfer] = []
+            while todo or outstanding:
+                while todo and len(outstanding) < self.opt.staging_buffers:
+                    key = todo.pop(0)
+                    if key in self.inflight:
+                        outstanding.append(self.inflight[key])
+                        continue
+                    cache.pinned.update(tr_.key for tr_ in outstanding)
+                    yield from self._sync()
+                    outstanding.append(self._load(key, DEMAND, prompt[0], layer))
+                    cache.pinned.clear()
+                trn = outstanding.pop(0)
+                yield from self._await_start(trn)
+                self.stall_s += self._compute_loaded(trn, counts[trn.key], False, prompt[0], layer)
+                self._release(trn, prompt[0])
+        pf = self.rec.prefill
+        pf["seq"].append(int(self.ctx.trace.seq[prompt[0]]))
+        pf["tokens"].append(P)
+        pf["start_s"].append(start)
+        pf["end_s"].append(self.t)

@@ -1,0 +1,139 @@
+"""Build a simulation from a `RunConfig` and run it: hardware + trace + preset + policies -> results.
+
+`simulate(cfg)` is what `run`, `sweep` and `bench` call. It validates the combination (trace
+shape vs preset, cache size vs what one layer needs) with `UserError`s before any time passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import simpy
+
+from policies.base import Context
+from policies.registry import CACHE, GATING, PLACEMENT, PREFETCH
+from sim import REPO_ROOT
+from sim.cache import ExpertCache
+from sim.config import RunConfig, split_knobs
+from sim.cost import CostModel
+from sim.engine import Engine
+from sim.errors import UserError
+from sim.hardware import HardwareProfile, load_profile
+from sim.link import Link
+from sim.metrics import summarize
+from sim.models import ModelPreset, check_trace, load_preset
+from sim.recorder import Recorder
+from sim.trace import Trace, read_trace
+
+
+def resolve_trace_path(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir() or p.is_absolute():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).is_dir() else p
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_trace(path: str, mtime: float) -> Trace:
+    return read_trace(path)
+
+
+def load_trace(path: str) -> Trace:
+    """Read (and memoise within this process) a validated trace."""
+    p = resolve_trace_path(path)
+    if not p.is_dir():
+        raise UserError(f"trace folder not found: {path}")
+    meta = p / "meta.yaml"
+    return _cached_trace(str(p), meta.stat().st_mtime if meta.exists() else 0.0)
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    summary: dict[str, Any]
+    tokens: pl.DataFrame
+    layers: pl.DataFrame
+    events: pl.DataFrame
+    hw: HardwareProfile
+    preset: ModelPreset
+
+
+def cache_capacity(cfg: RunConfig, preset: ModelPreset, hw: HardwareProfile, trace: Trace) -> tuple[int, float]:
+    """(slots, bytes) of the expert cache: `cache.slots`, `cache.bytes`, or the hardware budget."""
+    slots, nbytes = cfg.cache.get("slots"), cfg.cache.get("bytes")
+    if slots is not None and nbytes is not None:
+        raise UserError("give cache.slots or cache.bytes, not both")
+    all_slots = preset.layers * preset.experts
+    if slots is not None:
+        try:
+            slots = int(slots)
+        except (TypeError, ValueError):
+            raise UserError(f"bad value for 'cache.slots': {slots!r} is not an integer") from None
+    elif nbytes is not None:
+        try:
+            slots = int(float(nbytes) // preset.expert_bytes)
+        except (TypeError, ValueError):
+            raise UserError(f"bad value for 'cache.bytes': {nbytes!r} is not a number") from None
+    else:
+        context = int(trace.pos.max()) + 1 if trace.num_tokens else 0
+        kv = preset.kv_bytes_per_token_per_layer() * preset.layers * context
+        budget = hw.expert_cache_budget_bytes(preset.non_expert_bytes, kv)
+        slots = int(budget // preset.expert_bytes)
+    slots = min(slots, all_slots)
+    if slots < preset.top_k:
+        raise UserError(
+            f"the expert cache holds {slots} expert(s) of {preset.expert_bytes / 1e6:.1f} MB; one layer needs "
+            f"{preset.top_k} (top-k): give a larger cache.slots/cache.bytes or smaller experts"
+        )
+    return slots, slots * preset.expert_bytes
+
+
+def build_engine(cfg: RunConfig, trace: Trace | None = None) -> tuple[Engine, dict[str, Any]]:
+    hw = load_profile(cfg.hw)
+    trace = trace if trace is not None else load_trace(cfg.trace)
+    quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
+    preset = load_preset(cfg.model, **quant)
+    check_trace(preset, trace.model.layers, trace.model.experts, trace.model.top_k)
+    if cfg.engine.staging_buffers < preset.top_k:
+        raise UserError(f"engine.staging_buffers must be >= top_k ({preset.top_k})")
+    slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
+    env = simpy.Environment()
+    link_spec = hw.expert_link
+    link = Link(env, link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels)
+    cost = CostModel(preset, hw)
+    cache = ExpertCache(preset.layers, preset.experts, cap_bytes)
+    ctx = Context(trace=trace, preset=preset, cache=cache, capacity_slots=slots,
+                  rng=np.random.default_rng(cfg.seed), hw=hw, cost=cost)
+    made = {}
+    for fam, reg in (("gating", GATING), ("prefetch", PREFETCH), ("cache", CACHE), ("placement", PLACEMENT)):
+        name, knobs = split_knobs(getattr(cfg, fam))
+        cls = reg.get(name)
+        made[fam] = cls(reg.knobs(name, knobs), ctx)
+    engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, env,
+                    cfg.engine)
+    info = {"cache_slots": slots, "cache_bytes": cap_bytes, "expert_bytes": preset.expert_bytes,
+            "prefetch_modelled": bool(made["prefetch"].modelled)}
+    return engine, info
+
+
+def simulate(cfg: RunConfig, trace: Trace | None = None) -> RunResult:
+    engine, info = build_engine(cfg, trace)
+    rec: Recorder = engine.run()
+    tokens = rec.tokens_frame()
+    layers = rec.layers_frame()
+    events = rec.events_frame(engine.E)
+    extra = dict(info)
+    extra.update({"prefetch_skipped": engine.prefetch_skipped, "makespan_s": engine.t,
+                  "tokens_prefill": int(sum(rec.prefill["tokens"])), "cpu_wait_s_per_token":
+                  float(tokens["cpu_wait_s"].mean()) if tokens.height else None,
+                  "link_max_concurrent": engine.link.max_active})
+    summary = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=engine.link.busy_s,
+                        link_channels=engine.link.channels, compute_busy_s=engine.compute_busy_s,
+                        end_s=engine.t, extra=extra)
+    return RunResult(cfg, summary, tokens, layers, events, engine.ctx.hw, engine.ctx.preset)
