@@ -1,0 +1,63 @@
+"""`python -m sim import FILE format=jsonl|csv|npz model=PRESET out=DIR [strict=true] [seq_field=..]`
+
+Converts an external routing log (expert ids + weights, no logits) to a trace folder (format v1,
+spec in `traces/README.md`; layouts in `sim.importer`). The model shape comes from the preset.
+Tokens missing from some layers are dropped and counted (meta.yaml `source`), reported in one
+printed line; `strict=true` refuses such a log instead. `format` defaults to the file extension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sim import atomic
+from sim.args import parse_args
+from sim.errors import UserError
+from sim.importer import EXTENSIONS, FORMATS, import_log
+from sim.models import load_preset
+from sim.trace import write_trace
+
+
+@dataclass
+class ImportArgs:
+    file: str = ""  # the log (also accepted as the first, positional argument)
+    format: str = ""  # jsonl | csv | npz (default: from the file extension)
+    model: str = ""  # model preset name (sim.models.PRESETS)
+    out: str = ""  # trace folder to create
+    strict: bool = False  # refuse a log with tokens missing from some layers
+    overwrite: bool = False  # replace an existing `out`
+    routing: str = "softmax_topk"  # meta.yaml model.routing: the model's routing rule
+    seq_field: str = ""  # explicit field / column / array names (default: the aliases)
+    pos_field: str = ""
+    layer_field: str = ""
+    experts_field: str = ""
+    weights_field: str = ""
+    phase_field: str = ""
+
+
+def main(argv: list[str]) -> int:
+    if argv and "=" not in argv[0]:
+        argv = [f"file={argv[0]}", *argv[1:]]
+    args = parse_args(ImportArgs, argv)
+    for name in ("file", "model", "out"):
+        if not getattr(args, name):
+            raise UserError(f"import needs {name}=... (usage: python -m sim import FILE format="
+                            f"{'|'.join(FORMATS)} model=PRESET out=DIR)")
+    path = Path(args.file)
+    fmt = args.format or EXTENSIONS.get(path.suffix.lower(), "")
+    if fmt not in FORMATS:
+        what = f"unknown format {fmt!r}" if args.format else f"cannot tell the format of {path.name}"
+        raise UserError(f"{what}; known: {', '.join(FORMATS)} (pass format=...)")
+    preset = load_preset(args.model)
+    if not path.is_file():
+        raise UserError(f"import file not found: {path}")
+    out = Path(args.out)
+    atomic.check_new_dir(out, overwrite=args.overwrite)
+    names = {role: getattr(args, f"{role}_field") for role in ("seq", "pos", "layer", "experts", "weights", "phase")}
+    trace, report = import_log(path, fmt, preset, strict=args.strict, names={k: v for k, v in names.items() if v})
+    if args.routing != trace.model.routing:
+        trace.model = replace(trace.model, routing=args.routing)
+    write_trace(trace, out, overwrite=args.overwrite)
+    print(f"imported {path.name}: {report.line(preset.layers)} -> {out}")
+    return 0
