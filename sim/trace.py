@@ -109,10 +109,13 @@ class Trace:
         return int(self.is_decode.sum())
 
     def checksum(self) -> str:
-        """sha256 over the routing content in canonical order (independent of file encoding)."""
+        """sha256 over the routing content in canonical order (independent of file encoding).
+
+        Arrays are hashed little-endian whatever the machine (spec: traces/README.md).
+        """
         h = hashlib.sha256()
         for name, arr in self._columns():
-            a = np.ascontiguousarray(arr)
+            a = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
             h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
             h.update(a.tobytes())
         return "sha256:" + h.hexdigest()
