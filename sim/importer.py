@@ -111,16 +111,16 @@ def read_csv(path: Path, names: dict[str, str]) -> Records:
             raise UserError(f"{path}: the file is empty (expected a header row)") from None
         except (csv.Error, UnicodeDecodeError) as err:
             raise UserError(f"{path}: line 1: not valid CSV text: {str(err)[:120]}") from None
+        col = {h: i for i, h in enumerate(header)}
+        # layout: k columns each (expert_0.., weight_0..) unless explicit names say otherwise
         split_cols = {r: _numbered(header, p) for r, p in (("experts", "expert_"), ("weights", "weight_"))}
-        have = set(header) | ({"experts", "weights"} if all(split_cols.values()) else set())
+        split = all(split_cols.values()) and not (names.get("experts") or names.get("weights"))
+        have = set(header) | ({"experts", "weights"} if split else set())
         resolved = _resolve(names, have, f"{path}: line 1 (header)")
         rec.fields = dict(resolved)
-        col = {h: i for i, h in enumerate(header)}
-        lists = {}
-        for role, prefix in (("experts", "expert_"), ("weights", "weight_")):
-            if resolved[role] in col:  # one column holding a list
-                lists[role] = None
-            else:
+        lists: dict[str, list[int] | None] = {"experts": None, "weights": None}  # None: one list column
+        if split:
+            for role, prefix in (("experts", "expert_"), ("weights", "weight_")):
                 lists[role] = [col[c] for c in split_cols[role]]
                 rec.fields[role] = f"{prefix}0..{prefix}{len(split_cols[role]) - 1}"
         rec.phase = [] if resolved["phase"] else None
