@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,36 @@ def test_checksum_stable_and_content_sensitive(trace):
     again = random_trace(np.random.default_rng(1), tokens=5, layers=3, prefill=2, sequences=2, pregate_depth=2)
     again.experts[0, 0] = again.experts[0, 0, ::-1]
     assert again.checksum() != trace.checksum()
+
+
+def test_checksum_follows_the_spec(trace, tmp_path):
+    """Recompute the checksum from routing.parquet as traces/README.md section 4 defines it."""
+    write_trace(trace, tmp_path / "t")
+    f = pl.read_parquet(tmp_path / "t" / ROUTING_FILE).sample(fraction=1.0, shuffle=True, seed=0)
+    f = f.sort("seq", "pos", "layer")  # canonical order whatever the file's row order
+    T, L = f.height // 3, 3
+    first = f.filter(pl.col("layer") == 0)
+
+    def dense(col: str, dtype: str) -> np.ndarray:
+        return np.stack(f[col].to_list()).astype(dtype).reshape(T, L, -1)
+
+    arrays = [
+        ("seq", first["seq"].to_numpy().astype("<i4")),
+        ("pos", first["pos"].to_numpy().astype("<i4")),
+        ("is_decode", (first["phase"] == "decode").to_numpy().astype(bool)),
+        ("experts", dense("experts", "<i2")),
+        ("weights", dense("weights", "<f4")),
+        ("logits", dense("logits", "<f4")),
+        ("pregate_1", dense("pregate_1", "<f4")),
+        ("pregate_2", dense("pregate_2", "<f4")),
+        ("fisher", f["fisher"].to_numpy().astype("<f4").reshape(T, L)),
+    ]
+    h = hashlib.sha256()
+    for name, a in arrays:
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    meta = yaml.safe_load((tmp_path / "t" / META_FILE).read_text())
+    assert meta["checksum"] == "sha256:" + h.hexdigest()
 
 
 def test_edited_parquet_fails_checksum(trace, tmp_path):
