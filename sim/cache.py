@@ -27,6 +27,7 @@ class ExpertCache:
         self.size_bytes = [0.0] * (layers * experts)
         self.pinned: set[int] = set()
         self.used_bytes = 0.0
+        self.peak_bytes = 0.0
         self.per_layer = [0] * layers  # experts resident or loading, per layer
 
     def is_present(self, key: int) -> bool:
@@ -49,6 +50,8 @@ class ExpertCache:
         self.state[key] = LOADING
         self.size_bytes[key] = nbytes
         self.used_bytes += nbytes
+        if self.used_bytes > self.peak_bytes:
+            self.peak_bytes = self.used_bytes
         self.per_layer[key // self.experts] += 1
 
     def finish_load(self, key: int) -> None:

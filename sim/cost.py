@@ -50,6 +50,20 @@ class CostModel:
         self.kv_bytes_per_token = preset.kv_bytes_per_token_per_layer()
         # decode fast path: expert time on one token with no contention
         self.expert_s = self.expert_compute_s(1)
+        n_max = max(link.channels for link in hw.links.values()) + 1
+        #: [n copies in flight on a shared link] -> one expert on one token
+        self.expert_s_contended = [self.expert_compute_s(1, bw_taken_Bps=n * self.link_bandwidth_Bps)
+                                   for n in range(n_max)]
+        self._attn: dict[tuple[int, int], float] = {}
+
+    def attention_decode_s(self, context_tokens: int, copies_in_flight: int = 0) -> float:
+        """Memoised `attention_s` for one new token (the decode hot path)."""
+        key = (context_tokens, copies_in_flight)
+        v = self._attn.get(key)
+        if v is None:
+            v = self._attn[key] = self.attention_s(context_tokens, 1,
+                                                   copies_in_flight * self.link_bandwidth_Bps)
+        return v
 
     def attention_s(self, context_tokens: int, new_tokens: int = 1, bw_taken_Bps: float = 0.0) -> float:
         """One layer's non-expert work for `new_tokens` tokens with `context_tokens` in the KV cache."""

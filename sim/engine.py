@@ -86,8 +86,11 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
     def _sync(self):
-        """Bring SimPy's clock up to the compute stream's before touching the link."""
-        if self.t > self.env.now:
+        """Make the link's state current at the compute stream's time `self.t` before touching it.
+
+        Only events due at or before `self.t` can change it; if none is, nothing to do (the link
+        then takes `now=self.t` explicitly), else SimPy's clock is advanced to `self.t`."""
+        if self.t > self.env.now and self.env.peek() <= self.t:
             yield self.env.timeout(self.t - self.env.now)
 
     def _decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
@@ -112,7 +115,8 @@ class Engine:
             self.cache.begin_load(key, self.nbytes)
             self.cache_policy.on_insert(key, t)
         kind = "demand" if priority == DEMAND else "prefetch"
-        tr = self.link.submit(key, self.nbytes, priority, self._on_loaded, tag=(kind, t, layer, staging))
+        tr = self.link.submit(key, self.nbytes, priority, self._on_loaded, tag=(kind, t, layer, staging),
+                              now=max(self.t, self.env.now))
         self.inflight[key] = tr
         self.rec.loads.append(tr)
         if priority == PREFETCH:
@@ -135,22 +139,28 @@ class Engine:
             self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
 
     def _bw_taken(self) -> float:
+        """Device memory bandwidth taken by copies in flight at `self.t` (unified memory only)."""
         if not self.cost.shared_link:
             return 0.0
         return self.link.active_at(self.t) * self.cost.link_bandwidth_Bps
+
+    def _copies_now(self) -> int:
+        return self.link.active_at(self.t) if self.cost.shared_link else 0
 
     def _await_start(self, tr: Transfer):
         """Wait (in SimPy) until a queued transfer is on a channel, so its `done_s` is known."""
         if not tr.started:
             yield from self._sync()
             while not tr.started:  # wake at the next completion on the link (which starts the next transfer)
-                yield min(self.link.active, key=lambda x: x.done_s).event if self.link.active else tr.event
+                yield min(self.link.active, key=lambda x: x.done_s).event
 
     def _compute_loaded(self, tr: Transfer, tokens: int, rec_ops: bool, t_index: int, layer: int) -> float:
         """Compute an expert whose transfer has started; returns the stall it caused."""
         cost = self.cost
-        dur = cost.expert_compute_s(tokens, bw_taken_Bps=self._bw_taken()) if tokens > 1 or cost.shared_link \
-            else cost.expert_s
+        if tokens > 1:
+            dur = cost.expert_compute_s(tokens, bw_taken_Bps=self._bw_taken())
+        else:
+            dur = cost.expert_s_contended[self._copies_now()] if cost.shared_link else cost.expert_s
         start = self.t
         stall = 0.0
         if self.opt.pipelining:
@@ -209,7 +219,7 @@ class Engine:
         demand = 0
         for layer in range(self.L):
             a0 = self.t
-            self.t += cost.attention_s(pos, 1, self._bw_taken()) if cost.shared_link else cost.attention_s(pos)
+            self.t += cost.attention_decode_s(pos, self._copies_now())
             self.compute_busy_s += self.t - a0
             if rec_ops:
                 self.rec.op("compute", t, layer, "attention", a0, self.t)
@@ -269,7 +279,7 @@ class Engine:
             # compute: resident first, then loads in arrival order
             for key in ready:
                 c0 = self.t
-                self.t += cost.expert_compute_s(1, bw_taken_Bps=self._bw_taken()) if cost.shared_link else cost.expert_s
+                self.t += cost.expert_s_contended[self._copies_now()] if cost.shared_link else cost.expert_s
                 self.compute_busy_s += self.t - c0
                 self.cache_policy.on_access(key, t)
                 if rec_ops:
@@ -296,7 +306,7 @@ class Engine:
             pl_["experts_run"][layer] += n
             pl_["single_pairs"][layer] += n == 1
             pl_["dL"][layer] += dL
-        nbytes = sum(tr_.nbytes for tr_ in self.rec.loads[loads0:])
+        nbytes = float(sum(tr_.nbytes for tr_ in self.rec.loads[loads0:]))
         for name, v in (("seq", int(self.ctx.trace.seq[t])), ("pos", pos), ("start_s", start), ("end_s", self.t),
                         ("stall_s", self.stall_s - stall0), ("cpu_wait_s", self.cpu_wait_s - cpuw0),
                         ("demand_loads", demand), ("bytes_loaded", nbytes), ("needed", needed), ("hits", hits),
@@ -305,8 +315,10 @@ class Engine:
 
     def _release(self, trn: Transfer, t: int) -> None:
         """After computing a loaded expert: free its staging buffer or note the cache access."""
-        if trn.tag[3]:
+        if trn.tag[3]:  # staging data is dropped once used: a later request loads it again
             self.staging_in_use -= 1
+            if self.inflight.get(trn.key) is trn:
+                del self.inflight[trn.key]
         else:
             self.cache_policy.on_access(trn.key, t)
 

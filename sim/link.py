@@ -5,8 +5,8 @@ States of a transfer: QUEUED (waiting for a channel) -> ACTIVE (on a channel, `s
 starts first (demand loads = 0 go ahead of prefetches = 1); ties start in issue order. A transfer
 in flight is never preempted. Duration = `latency_s + bytes / bandwidth_Bps`.
 
-Unlike `simpy.PriorityResource`, a transfer costs one SimPy event (its completion), not a
-request/grant/release triple: a link is used by the thousand per simulated second, and this is
+Unlike `simpy.PriorityResource`, a transfer costs one SimPy event (its completion timeout), not
+a request/grant/release triple: a link is used by the thousand per simulated second, and this is
 the engine's hottest resource. The semantics are those of a PriorityResource of capacity
 `channels` whose holders release exactly when their transfer ends.
 """
@@ -26,13 +26,13 @@ PREFETCH = 1
 
 @dataclass(eq=False)
 class Transfer:
-    """One copy over a link. `event` fires at `done_s`; `on_done(transfer)` runs first."""
+    """One copy over a link. Once started, `event` (a timeout) fires at `done_s`, after `on_done(transfer)`."""
 
     key: int
     nbytes: float
     priority: int
     issued_s: float
-    event: simpy.Event
+    event: simpy.Event | None  # None while queued
     on_done: Callable[[Transfer], None] | None = None
     start_s: float = -1.0  # -1 while queued
     done_s: float = -1.0
@@ -66,18 +66,25 @@ class Link:
         return self.latency_s + nbytes / self.bandwidth_Bps
 
     def submit(self, key: int, nbytes: float, priority: int, on_done: Callable[[Transfer], None] | None = None,
-               tag: Any = None) -> Transfer:
-        """Queue a transfer now; it starts at once if a channel is free."""
+               tag: Any = None, now: float | None = None) -> Transfer:
+        """Queue a transfer at time `now` (default env.now); it starts at once if a channel is free.
+
+        `now` may be ahead of env.now only when no SimPy event is due before it (the caller checks
+        `env.peek() > now`): then nothing can change the link in between and the result is the
+        same as advancing the clock first, without the cost of a timeout event.
+        """
         self._seq += 1
-        tr = Transfer(key, nbytes, priority, self.env.now, self.env.event(), on_done, tag=tag, seqno=self._seq)
+        now = self.env.now if now is None else now
+        tr = Transfer(key, nbytes, priority, now, None, on_done, tag=tag, seqno=self._seq)
         if len(self.active) < self.channels:
-            self._start(tr)
+            self._start(tr, now)
         else:
             heapq.heappush(self._queue, (priority, tr.seqno, tr))
         return tr
 
-    def _start(self, tr: Transfer) -> None:
-        now = self.env.now
+    def _start(self, tr: Transfer, now: float | None = None) -> None:
+        env_now = self.env.now
+        now = env_now if now is None else now
         tr.start_s = now
         dur = self.duration_s(tr.nbytes)
         tr.done_s = now + dur
@@ -86,14 +93,13 @@ class Link:
         assert len(self.active) <= self.channels, f"link {self.name}: {len(self.active)} > {self.channels} channels"
         self.busy_s += dur
         self.bytes_moved += tr.nbytes
-        timer = self.env.timeout(dur)
-        timer.callbacks.append(lambda _ev, tr=tr: self._finish(tr))
+        tr.event = self.env.timeout(now + dur - env_now, tr)
+        tr.event.callbacks.append(lambda _ev, tr=tr: self._finish(tr))  # runs before any waiter resumes
 
     def _finish(self, tr: Transfer) -> None:
         self.active.remove(tr)
         if tr.on_done is not None:
             tr.on_done(tr)
-        tr.event.succeed(tr)
         if self._queue:
             self._start(heapq.heappop(self._queue)[2])
 

@@ -94,8 +94,10 @@ def cache_capacity(cfg: RunConfig, preset: ModelPreset, hw: HardwareProfile, tra
     return slots, slots * preset.expert_bytes
 
 
-def build_engine(cfg: RunConfig, trace: Trace | None = None) -> tuple[Engine, dict[str, Any]]:
-    hw = load_profile(cfg.hw)
+def build_engine(cfg: RunConfig, trace: Trace | None = None,
+                 hw: HardwareProfile | None = None) -> tuple[Engine, dict[str, Any]]:
+    """Everything a run needs, validated; `trace` and `hw` override the config's paths (tests, sweeps)."""
+    hw = hw if hw is not None else load_profile(cfg.hw)
     trace = trace if trace is not None else load_trace(cfg.trace)
     quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
     preset = load_preset(cfg.model, **quant)
@@ -122,8 +124,11 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None) -> tuple[Engine, di
     return engine, info
 
 
-def simulate(cfg: RunConfig, trace: Trace | None = None) -> RunResult:
-    engine, info = build_engine(cfg, trace)
+def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | None = None,
+             engine: Engine | None = None, info: dict[str, Any] | None = None) -> RunResult:
+    """Run one configuration (or an engine already built by `build_engine`) and summarise it."""
+    if engine is None:
+        engine, info = build_engine(cfg, trace, hw)
     rec: Recorder = engine.run()
     tokens = rec.tokens_frame()
     layers = rec.layers_frame()
@@ -132,7 +137,7 @@ def simulate(cfg: RunConfig, trace: Trace | None = None) -> RunResult:
     extra.update({"prefetch_skipped": engine.prefetch_skipped, "makespan_s": engine.t,
                   "tokens_prefill": int(sum(rec.prefill["tokens"])), "cpu_wait_s_per_token":
                   float(tokens["cpu_wait_s"].mean()) if tokens.height else None,
-                  "link_max_concurrent": engine.link.max_active})
+                  "link_max_concurrent": engine.link.max_active, "cache_peak_bytes": engine.cache.peak_bytes})
     summary = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=engine.link.busy_s,
                         link_channels=engine.link.channels, compute_busy_s=engine.compute_busy_s,
                         end_s=engine.t, extra=extra)

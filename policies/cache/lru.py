@@ -32,6 +32,7 @@ class LRU(CachePolicy):
         if knobs.scope not in ("layer", "global"):
             raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
         self.per_layer = knobs.scope == "layer"
+        self.E = ctx.experts
         L = ctx.layers
         if self.per_layer:
             self.sizes = (check_sizes(knobs.sizes, ctx.capacity_slots, L, ctx.experts) if knobs.sizes
@@ -40,17 +41,14 @@ class LRU(CachePolicy):
         else:
             self.order = [OrderedDict()]
 
-    def _od(self, key: int) -> OrderedDict:
-        return self.order[key // self.ctx.experts] if self.per_layer else self.order[0]
-
     def on_access(self, key: int, t: int) -> None:
-        self._od(key).move_to_end(key)
+        self.order[key // self.E if self.per_layer else 0].move_to_end(key)
 
     def on_insert(self, key: int, t: int) -> None:
-        self._od(key)[key] = None
+        self.order[key // self.E if self.per_layer else 0][key] = None
 
     def on_evict(self, key: int) -> None:
-        del self._od(key)[key]
+        del self.order[key // self.E if self.per_layer else 0][key]
 
     def victims(self, key: int, nbytes: float, t: int) -> list[int] | None:
         cache = self.ctx.cache

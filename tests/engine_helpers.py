@@ -1,0 +1,44 @@
+"""Small hand-made hardware, presets and traces for engine tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sim.config import RunConfig, resolve_sections
+from sim.hardware import Compute, HardwareProfile, Link
+from sim.models import ModelPreset
+from sim.trace import ModelInfo, Trace
+
+
+def hw(bw_Bps: float = 1e9, latency_s: float = 0.0, channels: int = 1, mem_bw: float = 1e11,
+       overhead_s: float = 0.0, shared: bool = False) -> HardwareProfile:
+    dev = Compute(memory_bandwidth_Bps=mem_bw, matmul_flops=1e30, kernel_overhead_s=overhead_s)
+    link = Link("host_to_device", bw_Bps, latency_s, channels, shared)
+    return HardwareProfile(name="test", description="hand-made", device=dev, cpu=Compute(1e10, 1e30, 0.0),
+                           device_memory_bytes=1e12, host_memory_bytes=1e12, unified_memory=shared,
+                           expert_tier="host", links={"host_to_device": link}, memory_reserve_bytes=0.0,
+                           expert_cache_bytes=None, sources={})
+
+
+def preset(layers: int, experts: int, top_k: int, hidden: int = 1024, width: int = 4096) -> ModelPreset:
+    return ModelPreset(name="test", layers=layers, experts=experts, top_k=top_k, hidden=hidden, expert_width=width,
+                       heads=8, kv_heads=8, head_dim=128, vocab=1000)
+
+
+def trace(ids: list, layers: int, experts: int, weights: list | None = None, pregate: dict | None = None) -> Trace:
+    """ids: [T][L][k] expert ids; decode tokens of one sequence."""
+    ex = np.asarray(ids, dtype=np.int16)
+    T, L, k = ex.shape
+    w = np.asarray(weights, dtype=np.float32) if weights is not None else np.full((T, L, k), 1.0 / k, np.float32)
+    model = ModelInfo(name="test", layers=layers, experts=experts, top_k=k)
+    return Trace(model=model, seq=np.zeros(T, np.int32), pos=np.arange(T, dtype=np.int32),
+                 is_decode=np.ones(T, bool), experts=ex, weights=w, pregate=pregate or {})
+
+
+def config(**sections) -> RunConfig:
+    base = RunConfig(policy=sections.pop("policy", "baseline"), model="test")
+    user = {k: sections.pop(k) for k in ("gating", "prefetch", "cache", "placement") if k in sections}
+    cfg = resolve_sections(base, user)
+    for k, v in sections.items():
+        setattr(cfg, k, v)
+    return cfg
