@@ -1,0 +1,107 @@
+"""`python -m sim trace model=DIR text=FILE out=DIR [...]`: trace a live MoE checkpoint.
+
+Loads a local Hugging Face MoE checkpoint, splits the text into `prompts` prompts of
+`prompt_tokens` tokens, prefills each and greedily decodes `decode_tokens` tokens with the KV
+cache, and records per (sequence, position, MoE layer) the router logits, the top-k ids and
+weights as routed, pre-gating logits for `pregate_depth` layers ahead, and Fisher sensitivities.
+What exactly is computed: `docs/tracer.md`. Torch is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sim import atomic
+from sim.args import parse_args
+from sim.errors import UserError
+
+
+@dataclass
+class TraceArgs:
+    model: str = ""  # local checkpoint folder (config.json, weights, tokenizer)
+    text: str = ""  # UTF-8 text file the prompts are cut from
+    out: str = ""  # output trace folder (must not exist, or be empty, unless overwrite)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    device_map: str = ""  # "auto": spread over the visible GPUs with accelerate
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (| float64)
+    pregate_depth: int = 2  # pregate_1..D columns
+    decode_tokens: int = 32  # greedy decode steps per prompt
+    prompt_tokens: int = 128
+    prompts: int = 8
+    batch: int = 8  # prompts per forward (equal lengths, no padding)
+    fisher: bool = True  # compute Fisher sensitivities (one backward per batch)
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+
+def check(args: TraceArgs) -> None:
+    """Cheap checks before anything is loaded."""
+    for key in ("model", "text", "out"):
+        if not getattr(args, key):
+            raise UserError(f"{key}= is required (python -m sim trace model=DIR text=FILE out=DIR)")
+    if not Path(args.model).is_dir():
+        raise UserError(f"model folder not found: {args.model}")
+    if not Path(args.text).is_file():
+        raise UserError(f"text file not found: {args.text}")
+    for key, low in (
+        ("pregate_depth", 0),
+        ("decode_tokens", 0),
+        ("prompt_tokens", 1),
+        ("prompts", 1),
+        ("batch", 1),
+    ):
+        if getattr(args, key) < low:
+            raise UserError(f"{key} must be >= {low}, got {getattr(args, key)}")
+    atomic.check_new_dir(Path(args.out), overwrite=args.overwrite)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(TraceArgs, argv)
+    check(args)
+    from sim.trace import write_trace
+    from sim.tracer import build, loader, prompts
+
+    loaded = loader.load(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    ps = prompts.make_prompts(
+        loaded.tokenizer, args.text, prompts=args.prompts, prompt_tokens=args.prompt_tokens
+    )
+    depth = min(args.pregate_depth, len(loaded.layers) - 1)
+    results = build.run(
+        loaded,
+        ps,
+        decode_tokens=args.decode_tokens,
+        pregate_depth=depth,
+        fisher=args.fisher,
+        batch=args.batch,
+        seed=args.seed,
+        progress=args.progress,
+    )
+    extra = {
+        "device": args.device if not args.device_map else f"device_map={args.device_map}",
+        "batch": args.batch,
+    }
+    if depth != args.pregate_depth:
+        extra["pregate_depth_requested"] = args.pregate_depth
+    trace = build.assemble(
+        loaded,
+        ps,
+        results,
+        decode_tokens=args.decode_tokens,
+        pregate_depth=depth,
+        seed=args.seed,
+        extra_source=extra,
+    )
+    write_trace(trace, Path(args.out), overwrite=args.overwrite)
+    m = trace.model
+    s_l = (
+        ""
+        if trace.sensitivity is None
+        else f"; S_l from {trace.sensitivity.max():.3g} to {trace.sensitivity.min():.3g}"
+    )
+    print(
+        f"wrote {args.out}: {trace.num_tokens} tokens ({trace.num_decode} decode) x {m.layers} MoE layers, "
+        f"{m.experts} experts, top-{m.top_k}, routing {m.routing}{s_l}; {trace.checksum()}"
+    )
+    return 0
