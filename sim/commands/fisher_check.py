@@ -1,0 +1,133 @@
+"""`python -m sim fisher-check model=DIR text=FILE [samples=N] [seed=0] [out=FILE.json] [figure=FILE.html]`
+
+Validates the tracer's Fisher sensitivities: traces the text (prefill + greedy decode, Fisher
+pass), samples (token, layer) pairs, really drops the second (lowest-ranked) expert at each one,
+re-runs the forward pass, and compares the measured change of the summed NLL with the estimates
+`1/2 * w2^2 * fisher` (second order), `w2 * g.(E1-E2)` (first order) and their sum; per layer
+with `1/2 * mean(w2^2) * S_l`. See `sim.tracer.fisher_check` and `docs/tracer.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sim import atomic
+from sim.args import parse_args
+from sim.errors import UserError
+
+
+@dataclass
+class FisherCheckArgs:
+    model: str = ""
+    text: str = ""
+    samples: int = 256  # (token, layer) pairs, spread evenly over the layers
+    seed: int = 0  # chooses the pairs
+    out: str = ""  # JSON with every figure (optional)
+    figure: str = ""  # plotly HTML (optional)
+    prompts: int = 2
+    prompt_tokens: int = 64
+    decode_tokens: int = 16
+    dtype: str = "float64"  # float64 keeps rounding far below the measured changes
+    device: str = "cpu"
+    batch: int = 16  # perturbations per forward (batch rows of one sequence)
+    progress: bool = True
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(FisherCheckArgs, argv)
+    for key in ("model", "text"):
+        if not getattr(args, key):
+            raise UserError(f"{key}= is required (python -m sim fisher-check model=DIR text=FILE)")
+    for key in ("samples", "prompts", "prompt_tokens", "batch"):
+        if getattr(args, key) < 1:
+            raise UserError(f"{key} must be >= 1, got {getattr(args, key)}")
+    if args.decode_tokens < 0:
+        raise UserError(f"decode_tokens must be >= 0, got {args.decode_tokens}")
+    for key in ("out", "figure"):
+        p = Path(getattr(args, key)) if getattr(args, key) else None
+        if p is not None and (p.is_dir() or not p.parent.is_dir()):
+            raise UserError(f"{key}={p}: not a file path in an existing folder")
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from sim.tracer import build, fisher_check, loader, prompts
+
+    loaded = loader.load(args.model, dtype=args.dtype, device=args.device)
+    if loaded.family.top_k(loaded.layers[0]) < 2:
+        raise UserError(f"{loaded.name}: top_k = 1, there is no second expert to drop")
+    ps = prompts.make_prompts(
+        loaded.tokenizer, args.text, prompts=args.prompts, prompt_tokens=args.prompt_tokens
+    )
+    results = build.run(
+        loaded,
+        ps,
+        decode_tokens=args.decode_tokens,
+        pregate_depth=0,
+        fisher=True,
+        batch=args.batch,
+        seed=args.seed,
+        progress=args.progress,
+    )
+    flat = fisher_check.Flat.of(results)
+    pairs = fisher_check.sample_pairs(flat.fisher.shape, args.samples, np.random.default_rng(args.seed))
+    with tqdm(total=len(pairs), desc="drop e2", unit="pair", disable=None if args.progress else True) as bar:
+        measured = fisher_check.measure(loaded, flat, pairs, batch=args.batch, step=bar.update)
+    report = fisher_check.analyse(flat, pairs, measured)
+    report = {
+        "model": loaded.name,
+        "text": ps.text_name,
+        "text_sha256": ps.text_sha256,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "samples": int(len(pairs)),
+        "prompts": args.prompts,
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens,
+        "loss": build.LOSS_DEFINITION,
+        "fisher": build.FISHER_DEFINITION,
+        "sequences": [
+            {"tokens": flat.tokens[i].tolist(), "targets": flat.targets[i].tolist()}
+            for i in range(flat.tokens.shape[0])
+        ],
+        **report,
+    }
+    _print(report)
+    if args.out:
+        atomic.write_text(Path(args.out), json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.figure:
+        title = f"Fisher check: {loaded.name} on {ps.text_name} ({len(pairs)} pairs)"
+        atomic.write_text(Path(args.figure), fisher_check.figure_html(report, title))
+        print(f"wrote {args.figure}")
+    return 0
+
+
+def _print(r: dict) -> None:
+    print(f"{'layer':>5} {'S_l':>10} {'mean w2^2':>10} {'predicted':>11} {'measured':>11} {'pairs':>6}")
+    for row in r["layers"]:
+        print(
+            f"{row['layer']:>5} {row['S_l']:>10.4g} {row['mean_w2_sq']:>10.4f} {row['predicted_mean']:>11.4g} "
+            f"{_fmt(row['measured_mean'], '.4g'):>11} {row['pairs']:>6}"
+        )
+    pl, pp = r["per_layer"], r["per_pair"]
+    print(
+        f"per layer ({pl['layers']} layers): Spearman(1/2 mean(w2^2) S_l, measured mean) = {_fmt(pl['spearman'])}"
+    )
+    print(
+        f"per pair ({pp['pairs']} pairs):       Pearson   Spearman   mean estimate (measured mean "
+        f"{pp['means']['measured']:.4g})"
+    )
+    for key, name in (
+        ("second_order", "1/2 w2^2 fisher"),
+        ("first_order", "w2 g.(E1-E2)"),
+        ("both", "sum of both"),
+    ):
+        c = pp[key]
+        print(f"  {name:<22} {_fmt(c['pearson']):>9} {_fmt(c['spearman']):>10}   {pp['means'][key]:.4g}")
