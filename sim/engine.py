@@ -1,24 +1,25 @@
-"""The SimPy engine: replays a trace's routing against a hardware profile under policies.
+"""The engine: replays a trace's routing against a hardware profile under policies (DESIGN 4).
 
-Resources (DESIGN 4): the device compute stream (this module's `_main` process), the expert link
-(`sim.link.Link`, a priority resource with `channels`), the CPU compute stream (for experts
-placed on the CPU) and the expert cache (`sim.cache.ExpertCache`, a plain class).
+Resources: the device compute stream (`self.t`, its clock), the expert link (`sim.link.Link`, a
+priority resource with `channels`), the CPU compute stream (`self.cpu_t`, for experts placed on
+the CPU) and the expert cache (`sim.cache.ExpertCache`, a plain class). The run is a SimPy process
+(`_main`); SimPy's clock reaches the end of each token. Within a token nothing needs a SimPy
+event: with one issuing stream every time is known when it is needed, the link applies its
+completions lazily (`Link.advance`), and so a cache hit, a load and a wait cost no event at all.
 
 Per decoded token t and MoE layer l:
   1. attention (non-expert work) on the compute stream;
   2. gating picks the active experts (precomputed when the policy is stateless);
   3. each active expert that is absent is demand-loaded (priority 0) or placed on the CPU;
   4. the prefetch policy may start loads (priority 1) for later layers;
-  5. active experts compute: resident ones first, then loaded ones in arrival order; a second
+  5. optionally (AdapMoE) the layer first waits for in-flight prefetches aimed at it;
+  6. active experts compute: resident ones first, then loaded ones in arrival order; a second
      request for an expert already loading waits for that same transfer.
 A load takes a cache slot (the cache policy names victims among residents not in use by the
-current layer); a demand load that cannot get one uses a transient staging buffer; a prefetch
-that cannot get one is skipped.
-
-Lazy clock: the compute stream keeps its own time `self.t` and only yields to SimPy when it
-interacts with the link (issuing a load, waiting for one), so a cache hit costs no SimPy event
-at all; a transfer costs exactly one (its completion). Prefill of each prompt runs as one batch
-per layer (the union of its tokens' experts, compute growing with tokens) and gives TTFT.
+current layer; an in-flight load holds its slot); a demand load that cannot get one uses a
+transient staging buffer; a prefetch that cannot get one is skipped. Prefill of each prompt runs
+as one batch per layer (the union of its tokens' experts, compute growing with tokens) and gives
+TTFT; no prefetch during prefill.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import simpy
 
 from policies.base import CPU, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
-from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache
+from sim.cache import ABSENT, RESIDENT, ExpertCache
 from sim.cost import CostModel
 from sim.link import DEMAND, PREFETCH, Link, Transfer
 from sim.recorder import Recorder
@@ -45,17 +46,18 @@ class EngineOptions:
 
 class Engine:
     def __init__(self, ctx: Context, cost: CostModel, gating: GatingPolicy, prefetch: PrefetchPolicy,
-                 cache_policy, placement: PlacementPolicy, link: Link, env: simpy.Environment,
-                 options: EngineOptions):
+                 cache_policy, placement: PlacementPolicy, link: Link, options: EngineOptions):
         self.ctx, self.cost, self.opt = ctx, cost, options
         self.gating, self.prefetch, self.cache_policy, self.placement = gating, prefetch, cache_policy, placement
-        self.env, self.link = env, link
+        self.env = simpy.Environment()
+        self.link = link
+        link.on_done = self._on_loaded
         self.cache: ExpertCache = ctx.cache
         self.L, self.E = ctx.layers, ctx.experts
         self.rec = Recorder(self.L)
-        self.t = 0.0  # compute-stream clock (s); >= env.now
+        self.t = 0.0  # compute-stream clock (s)
         self.cpu_t = 0.0  # CPU-stream clock (s)
-        self.inflight: dict[int, Transfer] = {}  # key -> its transfer while LOADING (cache or staging)
+        self.inflight: dict[int, Transfer] = {}  # key -> its transfer while loading (cache or staging)
         self.unused_prefetch: set[int] = set()  # prefetched keys not yet used
         self.prefetch_by_layer: dict[int, list[Transfer]] = {}
         self.staging_in_use = 0
@@ -64,12 +66,9 @@ class Engine:
         self.cpu_wait_s = 0.0
         self.compute_busy_s = 0.0
         plan = gating.plan()
-        if plan is not None:
-            self.plan_ids = plan.ids.tolist()  # nested lists: fast scalar access
-            self.plan_w = plan.weights.tolist()
-            self.plan_dL = plan.dL.tolist()
-        else:
-            self.plan_ids = None
+        self.plan_ids = plan.ids.tolist() if plan is not None else None  # nested lists: fast scalar access
+        self.plan_w = plan.weights.tolist() if plan is not None else None
+        self.plan_dL = plan.dL.tolist() if plan is not None else None
         self.nbytes = cost.expert_bytes
 
     # ------------------------------------------------------------------ public
@@ -79,27 +78,21 @@ class Engine:
             self.cache_policy.on_insert(key, -1)
         self.env.process(self._main())
         self.env.run()
+        self.link.advance(float("inf"))
         self.rec.loads.sort(key=lambda tr: tr.seqno)
         for key in self.unused_prefetch:  # prefetched and never used before the end
             self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
         return self.rec
 
     # ------------------------------------------------------------------ helpers
-    def _sync(self):
-        """Make the link's state current at the compute stream's time `self.t` before touching it.
-
-        Only events due at or before `self.t` can change it; if none is, nothing to do (the link
-        then takes `now=self.t` explicitly), else SimPy's clock is advanced to `self.t`."""
-        if self.t > self.env.now and self.env.peek() <= self.t:
-            yield self.env.timeout(self.t - self.env.now)
-
     def _decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
         if self.plan_ids is not None:
             return self.plan_ids[t][layer], self.plan_w[t][layer], self.plan_dL[t][layer]
         return self.gating.decide(t, layer)
 
     def _load(self, key: int, priority: int, t: int, layer: int) -> Transfer | None:
-        """Start a transfer of expert `key` now (env.now == self.t); None if a prefetch has no room."""
+        """Issue a transfer of expert `key` at `self.t`; None if a prefetch finds no room."""
+        self.link.advance(self.t)  # apply completions first: they free slots and make experts evictable
         victims = self.cache_policy.victims(key, self.nbytes, t)
         staging = victims is None
         if staging:
@@ -115,8 +108,7 @@ class Engine:
             self.cache.begin_load(key, self.nbytes)
             self.cache_policy.on_insert(key, t)
         kind = "demand" if priority == DEMAND else "prefetch"
-        tr = self.link.submit(key, self.nbytes, priority, self._on_loaded, tag=(kind, t, layer, staging),
-                              now=max(self.t, self.env.now))
+        tr = self.link.submit(key, self.nbytes, priority, self.t, tag=(kind, t, layer, staging))
         self.inflight[key] = tr
         self.rec.loads.append(tr)
         if priority == PREFETCH:
@@ -126,10 +118,20 @@ class Engine:
         return tr
 
     def _on_loaded(self, tr: Transfer) -> None:
-        if self.inflight.get(tr.key) is tr:
-            del self.inflight[tr.key]
-        if not tr.tag[3]:  # not a staging load
+        """Link callback at a transfer's completion (applied lazily, in time order)."""
+        if not tr.tag[3]:  # a cache load (a staging buffer is released after its compute)
+            if self.inflight.get(tr.key) is tr:
+                del self.inflight[tr.key]
             self.cache.finish_load(tr.key)
+
+    def _release(self, trn: Transfer, t: int) -> None:
+        """After computing a loaded expert: free its staging buffer, or note the cache access."""
+        if trn.tag[3]:  # staging data is dropped once used: a later request loads it again
+            self.staging_in_use -= 1
+            if self.inflight.get(trn.key) is trn:
+                del self.inflight[trn.key]
+        else:
+            self.cache_policy.on_access(trn.key, t)
 
     def _evict(self, key: int) -> None:
         self.cache.evict(key)
@@ -138,27 +140,18 @@ class Engine:
             self.unused_prefetch.discard(key)
             self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
 
-    def _bw_taken(self) -> float:
-        """Device memory bandwidth taken by copies in flight at `self.t` (unified memory only)."""
-        if not self.cost.shared_link:
-            return 0.0
-        return self.link.active_at(self.t) * self.cost.link_bandwidth_Bps
-
     def _copies_now(self) -> int:
-        return self.link.active_at(self.t) if self.cost.shared_link else 0
-
-    def _await_start(self, tr: Transfer):
-        """Wait (in SimPy) until a queued transfer is on a channel, so its `done_s` is known."""
-        if not tr.started:
-            yield from self._sync()
-            while not tr.started:  # wake at the next completion on the link (which starts the next transfer)
-                yield min(self.link.active, key=lambda x: x.done_s).event
+        """Copies in flight at `self.t` on a link that shares device memory bandwidth (else 0)."""
+        if not self.cost.shared_link:
+            return 0
+        self.link.advance(self.t)
+        return self.link.active_at(self.t)
 
     def _compute_loaded(self, tr: Transfer, tokens: int, rec_ops: bool, t_index: int, layer: int) -> float:
         """Compute an expert whose transfer has started; returns the stall it caused."""
         cost = self.cost
         if tokens > 1:
-            dur = cost.expert_compute_s(tokens, bw_taken_Bps=self._bw_taken())
+            dur = cost.expert_compute_s(tokens, bw_taken_Bps=self._copies_now() * cost.link_bandwidth_Bps)
         else:
             dur = cost.expert_s_contended[self._copies_now()] if cost.shared_link else cost.expert_s
         start = self.t
@@ -185,45 +178,50 @@ class Engine:
             self.rec.op("compute", t_index, layer, f"expert {tr.key % self.E}", start + stall, self.t)
         return stall
 
-    # ------------------------------------------------------------------ processes
+    # ------------------------------------------------------------------ the run
     def _main(self):
         tr = self.ctx.trace
-        seqs = tr.seq
+        seqs, is_decode = tr.seq.tolist(), tr.is_decode.tolist()
         decoded = 0
         i, T = 0, tr.num_tokens
         while i < T:
             j = i
             while j < T and seqs[j] == seqs[i]:
                 j += 1
-            prompt = [t for t in range(i, j) if not tr.is_decode[t]]
+            prompt = [t for t in range(i, j) if not is_decode[t]]
             if prompt and self.opt.prefill:
-                yield from self._prefill(prompt)
+                self._prefill(prompt)
+                yield self.env.timeout(self.t - self.env.now)
             for t in range(i, j):
-                if not tr.is_decode[t]:
+                if not is_decode[t]:
                     continue
                 if self.opt.max_tokens and decoded >= self.opt.max_tokens:
                     return
-                yield from self._decode_token(t, decoded < self.opt.timeline_tokens)
+                self._decode_token(t, decoded < self.opt.timeline_tokens)
                 decoded += 1
+                yield self.env.timeout(self.t - self.env.now)  # SimPy's clock: the end of this token
             i = j
 
-    def _decode_token(self, t: int, rec_ops: bool):
-        cost, cache, E = self.cost, self.cache, self.E
-        state = cache.state
+    def _decode_token(self, t: int, rec_ops: bool) -> None:
+        cost, cache, E, link = self.cost, self.cache, self.E, self.link
+        state, inflight, unused = cache.state, self.inflight, self.unused_prefetch
+        shared = cost.shared_link
         pl_ = self.rec.per_layer
-        tok = self.rec.tokens
+        p_used, p_late, p_stall, p_demand = pl_["prefetch_used"], pl_["prefetch_late"], pl_["stall_s"], pl_["demand_loads"]
         start, stall0, cpuw0, loads0 = self.t, self.stall_s, self.cpu_wait_s, len(self.rec.loads)
         pos = int(self.ctx.trace.pos[t])
-        needed = hits = run = single = 0
+        needed = hits = single = 0
         dL_tok = 0.0
         demand = 0
+        wait_prefetch = self.prefetch.wait_for_prefetch
         for layer in range(self.L):
             a0 = self.t
-            self.t += cost.attention_decode_s(pos, self._copies_now())
+            self.t += cost.attention_decode_s(pos, self._copies_now() if shared else 0)
             self.compute_busy_s += self.t - a0
             if rec_ops:
                 self.rec.op("compute", t, layer, "attention", a0, self.t)
             gate_t = self.t
+            link.advance(self.t)  # transfers' states as of now (queued ones may have started and ended)
             ids, ws, dL = self._decide(t, layer)
             base = layer * E
             keys = [base + e for e in ids if e >= 0]
@@ -234,97 +232,81 @@ class Engine:
             cpu_keys: list[int] = []
             layer_hits = 0
             for j, key in enumerate(keys):
-                st = state[key]
-                if st == RESIDENT:
+                trn = inflight.get(key)
+                if trn is None and state[key] == RESIDENT:
                     ready.append(key)
                     layer_hits += 1
-                    if key in self.unused_prefetch:
-                        self.unused_prefetch.discard(key)
-                        pl_["prefetch_used"][layer] += 1
-                    continue
-                if st == LOADING or key in self.inflight:
-                    trn = self.inflight[key]
+                elif trn is not None:  # loading: wait for that same transfer
                     if trn.started and trn.done_s <= self.t:
                         ready.append(key)
                         layer_hits += 1
                     else:
                         waiting.append(trn)
-                        if key in self.unused_prefetch:
-                            pl_["prefetch_late"][layer] += 1
-                    if key in self.unused_prefetch:
-                        self.unused_prefetch.discard(key)
-                        pl_["prefetch_used"][layer] += 1
-                    continue
-                if not self.placement.always_load and self.placement.place(key, t, ws[j]) == CPU:
+                        if key in unused:
+                            p_late[layer] += 1
+                elif not self.placement.always_load and self.placement.place(key, t, ws[j]) == CPU:
                     cpu_keys.append(key)
                     continue
-                yield from self._sync()
-                waiting.append(self._load(key, DEMAND, t, layer))
-                demand += 1
-                pl_["demand_loads"][layer] += 1
-            # prefetch for later layers, after this layer's demand loads
+                else:
+                    waiting.append(self._load(key, DEMAND, t, layer))
+                    demand += 1
+                    p_demand[layer] += 1
+                    continue
+                if key in unused:
+                    unused.discard(key)
+                    p_used[layer] += 1
+            # prefetch for later layers, issued after this layer's demand loads
             for pk in self.prefetch.on_layer(t, layer):
-                if state[pk] == ABSENT and pk not in self.inflight:
-                    yield from self._sync()
+                if state[pk] == ABSENT and pk not in inflight:
                     self._load(pk, PREFETCH, t, layer)
             # AdapMoE: the layer waits for in-flight prefetches aimed at it, used or not
             pending = self.prefetch_by_layer.pop(layer, None)
-            if pending and self.prefetch.wait_for_prefetch:
+            if pending and wait_prefetch:
                 for trn in pending:
-                    yield from self._await_start(trn)
+                    link.wait_started(trn)
                     if trn.done_s > self.t:
                         self.stall_s += trn.done_s - self.t
-                        pl_["stall_s"][layer] += trn.done_s - self.t
+                        p_stall[layer] += trn.done_s - self.t
                         self.t = trn.done_s
             # compute: resident first, then loads in arrival order
             for key in ready:
                 c0 = self.t
-                self.t += cost.expert_s_contended[self._copies_now()] if cost.shared_link else cost.expert_s
+                self.t += cost.expert_s_contended[self._copies_now()] if shared else cost.expert_s
                 self.compute_busy_s += self.t - c0
                 self.cache_policy.on_access(key, t)
                 if rec_ops:
                     self.rec.op("compute", t, layer, f"expert {key % E}", c0, self.t)
             if waiting:
                 for trn in waiting:
-                    yield from self._await_start(trn)
-                waiting.sort(key=lambda x: x.done_s)
+                    link.wait_started(trn)
+                if len(waiting) > 1:
+                    waiting.sort(key=lambda x: x.done_s)
                 for trn in waiting:
                     s = self._compute_loaded(trn, 1, rec_ops, t, layer)
                     self.stall_s += s
-                    pl_["stall_s"][layer] += s
+                    p_stall[layer] += s
                     self._release(trn, t)
             if cpu_keys:
-                self._run_on_cpu(cpu_keys, a0_end=gate_t, t=t, layer=layer, rec_ops=rec_ops)
+                self._run_on_cpu(cpu_keys, gate_t, t, layer, rec_ops)
             cache.pinned.clear()
             needed += n
             hits += layer_hits
-            run += n
             single += n == 1
             dL_tok += dL
             pl_["needed"][layer] += n
             pl_["hits"][layer] += layer_hits
-            pl_["experts_run"][layer] += n
             pl_["single_pairs"][layer] += n == 1
             pl_["dL"][layer] += dL
         nbytes = float(sum(tr_.nbytes for tr_ in self.rec.loads[loads0:]))
         for name, v in (("seq", int(self.ctx.trace.seq[t])), ("pos", pos), ("start_s", start), ("end_s", self.t),
                         ("stall_s", self.stall_s - stall0), ("cpu_wait_s", self.cpu_wait_s - cpuw0),
                         ("demand_loads", demand), ("bytes_loaded", nbytes), ("needed", needed), ("hits", hits),
-                        ("experts_run", run), ("single_pairs", single), ("dL", dL_tok)):
-            tok[name].append(v)
+                        ("experts_run", needed), ("single_pairs", single), ("dL", dL_tok)):
+            self.rec.tokens[name].append(v)
 
-    def _release(self, trn: Transfer, t: int) -> None:
-        """After computing a loaded expert: free its staging buffer or note the cache access."""
-        if trn.tag[3]:  # staging data is dropped once used: a later request loads it again
-            self.staging_in_use -= 1
-            if self.inflight.get(trn.key) is trn:
-                del self.inflight[trn.key]
-        else:
-            self.cache_policy.on_access(trn.key, t)
-
-    def _run_on_cpu(self, keys: list[int], a0_end: float, t: int, layer: int, rec_ops: bool) -> None:
+    def _run_on_cpu(self, keys: list[int], ready_s: float, t: int, layer: int, rec_ops: bool) -> None:
         """Experts placed on the CPU run on the CPU stream; the layer ends when both streams are done."""
-        start = max(self.cpu_t, a0_end)
+        start = max(self.cpu_t, ready_s)
         end = start + len(keys) * self.cost.expert_compute_s(1, on_cpu=True)
         self.cpu_t = end
         self.rec.per_layer["cpu_experts"][layer] += len(keys)
@@ -334,7 +316,7 @@ class Engine:
             self.cpu_wait_s += end - self.t
             self.t = end
 
-    def _prefill(self, prompt: list[int]):
+    def _prefill(self, prompt: list[int]) -> None:
         """One batch per layer over the prompt: the union of experts, each on its tokens."""
         cost, cache, E = self.cost, self.cache, self.E
         start = self.t
@@ -347,6 +329,7 @@ class Engine:
                 for e in ids:
                     if e >= 0:
                         counts[layer * E + e] = counts.get(layer * E + e, 0) + 1
+            self.link.advance(self.t)
             order = sorted(counts, key=lambda k: (cache.state[k] != RESIDENT, -counts[k], k))
             todo: list[int] = []
             for key in order:
@@ -364,11 +347,10 @@ class Engine:
                         outstanding.append(self.inflight[key])
                         continue
                     cache.pinned.update(tr_.key for tr_ in outstanding)
-                    yield from self._sync()
                     outstanding.append(self._load(key, DEMAND, prompt[0], layer))
                     cache.pinned.clear()
                 trn = outstanding.pop(0)
-                yield from self._await_start(trn)
+                self.link.wait_started(trn)
                 self.stall_s += self._compute_loaded(trn, counts[trn.key], False, prompt[0], layer)
                 self._release(trn, prompt[0])
         pf = self.rec.prefill

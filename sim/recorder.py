@@ -30,7 +30,7 @@ class Recorder:
     ops: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("lane", "token", "layer", "what", "start_s", "end_s")})
 
     def __post_init__(self) -> None:
-        self.per_layer = {k: np.zeros(self.layers) for k in LAYER_FIELDS}
+        self.per_layer = {k: [0.0] * self.layers for k in LAYER_FIELDS}  # lists: cheap scalar updates
 
     def op(self, lane: str, token: int, layer: int, what: str, start_s: float, end_s: float) -> None:
         o = self.ops
@@ -47,7 +47,7 @@ class Recorder:
         return df.with_columns((pl.col("end_s") - pl.col("start_s")).alias("latency_s"))
 
     def layers_frame(self) -> pl.DataFrame:
-        d = {"layer": np.arange(self.layers)} | {k: v for k, v in self.per_layer.items()}
+        d = {"layer": np.arange(self.layers)} | {k: np.asarray(v, dtype=float) for k, v in self.per_layer.items()}
         df = pl.DataFrame(d)
         return df.with_columns(
             (pl.col("hits") / pl.col("needed")).fill_nan(None).alias("hit_rate"),

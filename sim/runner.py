@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import simpy
 
 from policies.base import Context
 from policies.registry import CACHE, GATING, PLACEMENT, PREFETCH
@@ -105,9 +104,8 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None,
     if cfg.engine.staging_buffers < preset.top_k:
         raise UserError(f"engine.staging_buffers must be >= top_k ({preset.top_k})")
     slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
-    env = simpy.Environment()
     link_spec = hw.expert_link
-    link = Link(env, link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels)
+    link = Link(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels)
     cost = CostModel(preset, hw)
     cache = ExpertCache(preset.layers, preset.experts, cap_bytes)
     ctx = Context(trace=trace, preset=preset, cache=cache, capacity_slots=slots,
@@ -117,8 +115,7 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None,
         name, knobs = split_knobs(getattr(cfg, fam))
         cls = reg.get(name)
         made[fam] = cls(reg.knobs(name, knobs), ctx)
-    engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, env,
-                    cfg.engine)
+    engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, cfg.engine)
     info = {"cache_slots": slots, "cache_bytes": cap_bytes, "expert_bytes": preset.expert_bytes,
             "prefetch_modelled": bool(made["prefetch"].modelled)}
     return engine, info
