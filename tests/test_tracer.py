@@ -238,12 +238,29 @@ def test_fisher_by_hand_mixtral(mixtral):
             assert float(trace.fisher[t, layer]) == pytest.approx(want, rel=1e-3, abs=1e-10), (layer, s, p)
 
 
-@pytest.mark.parametrize("case", ["no_model", "dense", "no_text", "empty_text", "short_text"])
+BAD = [
+    "no_model",
+    "not_checkpoint",
+    "dense",
+    "no_text",
+    "empty_text",
+    "short_text",
+    "too_long",
+    "dtype",
+    "cuda",
+]
+
+
+@pytest.mark.parametrize("case", BAD)
 def test_bad_inputs(case, tmp_path, capsys, text_file):
     model = tmp_path / "m"
     text = text_file
+    extra = []
     if case == "dense":
         save_tiny(model, "llama")
+    elif case == "not_checkpoint":
+        model.mkdir()
+        (model / "weights.bin").write_bytes(b"x")
     elif case != "no_model":
         save_tiny(model, "mixtral")
     if case == "no_text":
@@ -254,6 +271,14 @@ def test_bad_inputs(case, tmp_path, capsys, text_file):
     elif case == "short_text":
         text = tmp_path / "short.txt"
         text.write_text("too short")
+    elif case == "too_long":
+        extra = ["decode_tokens=600"]  # tiny models: max_position_embeddings = 512
+    elif case == "dtype":
+        extra = ["dtype=int8"]
+    elif case == "cuda":
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+        extra = ["device=cuda"]
     capsys.readouterr()
     out = tmp_path / "out"
     rc = cli(
@@ -265,6 +290,7 @@ def test_bad_inputs(case, tmp_path, capsys, text_file):
             "prompts=2",
             "prompt_tokens=16",
             "progress=false",
+            *extra,
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()

@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
     loaded = loader.load(args.model, dtype=args.dtype, device=args.device)
     if loaded.family.top_k(loaded.layers[0]) < 2:
         raise UserError(f"{loaded.name}: top_k = 1, there is no second expert to drop")
+    loader.check_length(loaded, args.prompt_tokens + args.decode_tokens)
     ps = prompts.make_prompts(
         loaded.tokenizer, args.text, prompts=args.prompts, prompt_tokens=args.prompt_tokens
     )

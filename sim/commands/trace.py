@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
     from sim.tracer import build, loader, prompts
 
     loaded = loader.load(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    loader.check_length(loaded, args.prompt_tokens + args.decode_tokens)
     ps = prompts.make_prompts(
         loaded.tokenizer, args.text, prompts=args.prompts, prompt_tokens=args.prompt_tokens
     )

@@ -120,6 +120,16 @@ def load(
     )
 
 
+def check_length(loaded: Loaded, tokens: int) -> None:
+    """Refuse sequences longer than the model's `max_position_embeddings` (when it has one)."""
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    if limit and tokens > int(limit):
+        raise UserError(
+            f"{loaded.name}: prompt_tokens + decode_tokens = {tokens} exceeds the model's "
+            f"max_position_embeddings = {limit}"
+        )
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:300] if text else type(err).__name__
