@@ -64,7 +64,8 @@ def generate(
         if step:
             step()
         for _ in range(decode_tokens):
-            cache = getattr(out, "cache", None) or out.past_key_values
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            nxt = nxt.to(loaded.input_device)
             fed.append(nxt[:, None])
             out = model(input_ids=nxt[:, None], use_cache=True, **{kw: cache})
             chunks.append(_collect(cap, pregate_depth))
