@@ -26,6 +26,15 @@ from sim.trace import Trace
 
 
 @dataclass
+class GatingPlan:
+    """Every (token, layer) decision at once. ids [T, L, k] (-1 = not run), weights, dL [T, L]."""
+
+    ids: np.ndarray
+    weights: np.ndarray
+    dL: np.ndarray
+
+
+@dataclass
 class Context:
     """What a policy may read. Arrays are the trace's; treat everything as read-only."""
 
@@ -36,6 +45,7 @@ class Context:
     rng: np.random.Generator
     hw: object | None = None  # sim.hardware.HardwareProfile (for cost-aware policies)
     cost: object | None = None  # sim.cost.CostModel
+    gating_plan: GatingPlan | None = None  # the gating policy's decisions when stateless (set first)
 
     @property
     def layers(self) -> int:
@@ -48,15 +58,6 @@ class Context:
     @property
     def top_k(self) -> int:
         return self.trace.model.top_k
-
-
-@dataclass
-class GatingPlan:
-    """Every (token, layer) decision at once. ids [T, L, k] (-1 = not run), weights, dL [T, L]."""
-
-    ids: np.ndarray
-    weights: np.ndarray
-    dL: np.ndarray
 
 
 class GatingPolicy:
@@ -130,11 +131,11 @@ class CachePolicy:
         raise NotImplementedError
 
 
-LOAD, CPU = "load", "cpu"
+LOAD, CPU, LOW = "load", "cpu", "low"
 
 
 class PlacementPolicy:
-    """Where a missed expert runs: LOAD it to the device (default) or compute it on the CPU."""
+    """Where a missed expert runs: LOAD it to the device (default), compute it on the CPU, or LOW."""
 
     name = "?"
     always_load = False  # True lets the engine skip the call on its hot path
@@ -143,5 +144,12 @@ class PlacementPolicy:
         self.knobs = knobs
         self.ctx = ctx
 
+    low_bytes: float = 0.0  # bytes of a low-precision copy (policies that return LOW)
+
     def place(self, key: int, t: int, weight: float) -> str:
+        """LOAD (bring to the device), CPU (compute in host memory) or LOW (load a low-precision copy)."""
         return LOAD
+
+    def dL(self, layer: int, weight: float) -> float:
+        """Estimated loss increase of running an expert as a LOW copy."""
+        return 0.0

@@ -1,6 +1,8 @@
 """Named policy presets: a gating, prefetch, cache and placement choice with knobs.
 
 `policy=NAME` selects one; `gating.*`, `prefetch.*`, `cache.*`, `placement.*` override it.
+`sensitivity: published` uses the shipped vector for the model preset (AdapMoE's Mixtral-8x7B);
+override with `gating.sensitivity=trace` for a trace with its own sensitivities.
 """
 
 from __future__ import annotations
@@ -9,27 +11,34 @@ from typing import Any
 
 from sim.errors import UserError
 
+TOPK = {"name": "topk"}
+LOAD = {"name": "load"}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # the model's own routing, no prefetch, one global LRU cache
-    "baseline": {
-        "gating": {"name": "topk"},
-        "prefetch": {"name": "none"},
-        "cache": {"name": "lru", "scope": "global"},
-        "placement": {"name": "load"},
-    },
+    "baseline": {"gating": TOPK, "prefetch": {"name": "none"}, "cache": {"name": "lru", "scope": "global"},
+                 "placement": LOAD},
+    "lfu": {"gating": TOPK, "prefetch": {"name": "none"}, "cache": {"name": "lfu", "scope": "global"},
+            "placement": LOAD},
     # mixtral-offloading: per-layer LRU + speculative next-layer loading from pre-gating
-    "mixtral_offloading": {
-        "gating": {"name": "topk"},
-        "prefetch": {"name": "pregate", "depth": 1, "count": 1},
-        "cache": {"name": "lru", "scope": "layer"},
-        "placement": {"name": "load"},
+    "mixtral_offloading": {"gating": TOPK, "prefetch": {"name": "pregate", "depth": 1, "count": 1},
+                           "cache": {"name": "lru", "scope": "layer"}, "placement": LOAD},
+    # AdapMoE as released: adaptive gating + pregate (staged, waited for) + DP-sized per-layer caches
+    "adapmoe": {
+        "gating": {"name": "adapmoe", "T": 0.005, "sensitivity": "trace"},
+        "prefetch": {"name": "pregate", "depth": 1, "count": 1, "wait": True, "admit": "on_use"},
+        "cache": {"name": "adapmoe_dp", "fit": "trace"},
+        "placement": LOAD,
     },
-    "lfu": {
-        "gating": {"name": "topk"},
-        "prefetch": {"name": "none"},
-        "cache": {"name": "lfu", "scope": "global"},
-        "placement": {"name": "load"},
-    },
+    # Fiddler: the most used experts pinned on the device, missed experts computed on the CPU
+    "fiddler": {"gating": TOPK, "prefetch": {"name": "none"}, "cache": {"name": "static"},
+                "placement": {"name": "cpu_on_miss"}},
+    # HOBBIT: per-layer LRU, low-precision copies of missed low-weight experts
+    "hobbit": {"gating": TOPK, "prefetch": {"name": "none"}, "cache": {"name": "lru", "scope": "layer"},
+               "placement": {"name": "low_precision_on_miss", "w_max": 0.3, "low_bits": 1.0}},
+    # the latency bound for a cache size: offline-optimal eviction + perfect prefetch
+    "oracle": {"gating": TOPK, "prefetch": {"name": "oracle", "depth": 1}, "cache": {"name": "belady"},
+               "placement": LOAD},
 }
 
 

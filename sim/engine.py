@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import simpy
 
-from policies.base import CPU, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
+from policies.base import CPU, LOAD, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
 from sim.cache import ABSENT, RESIDENT, ExpertCache
 from sim.cost import CostModel
 from sim.link import DEMAND, PREFETCH, Link, Transfer
@@ -65,11 +65,13 @@ class Engine:
         self.stall_s = 0.0
         self.cpu_wait_s = 0.0
         self.compute_busy_s = 0.0
-        plan = gating.plan()
+        plan = ctx.gating_plan if ctx.gating_plan is not None else gating.plan()
         self.plan_ids = plan.ids.tolist() if plan is not None else None  # nested lists: fast scalar access
         self.plan_w = plan.weights.tolist() if plan is not None else None
         self.plan_dL = plan.dL.tolist() if plan is not None else None
         self.nbytes = cost.expert_bytes
+        #: prefetches go to staging buffers, not cache slots (AdapMoE), if the prefetch policy says so
+        self.prefetch_staging = bool(getattr(prefetch, "admit_on_use", False))
 
     # ------------------------------------------------------------------ public
     def run(self) -> Recorder:
@@ -90,13 +92,19 @@ class Engine:
             return self.plan_ids[t][layer], self.plan_w[t][layer], self.plan_dL[t][layer]
         return self.gating.decide(t, layer)
 
-    def _load(self, key: int, priority: int, t: int, layer: int) -> Transfer | None:
-        """Issue a transfer of expert `key` at `self.t`; None if a prefetch finds no room."""
+    def _load(self, key: int, priority: int, t: int, layer: int, nbytes: float | None = None,
+              staging: bool = False) -> Transfer | None:
+        """Issue a transfer of expert `key` at `self.t`; None if a prefetch finds no room.
+
+        `staging=True` loads into a transient staging buffer instead of a cache slot (AdapMoE's
+        prefetches, low-precision copies); a demand load that gets no slot goes there too."""
         self.link.advance(self.t)  # apply completions first: they free slots and make experts evictable
-        victims = self.cache_policy.victims(key, self.nbytes, t)
+        nbytes = self.nbytes if nbytes is None else nbytes
+        victims = None if staging else self.cache_policy.victims(key, nbytes, t)
         staging = victims is None
         if staging:
-            if priority == PREFETCH:
+            if priority == PREFETCH and (not self.prefetch_staging
+                                         or self.staging_in_use >= self.opt.staging_buffers):
                 self.prefetch_skipped += 1
                 return None
             self.staging_in_use += 1
@@ -105,10 +113,10 @@ class Engine:
         else:
             for v in victims:
                 self._evict(v)
-            self.cache.begin_load(key, self.nbytes)
+            self.cache.begin_load(key, nbytes)
             self.cache_policy.on_insert(key, t)
         kind = "demand" if priority == DEMAND else "prefetch"
-        tr = self.link.submit(key, self.nbytes, priority, self.t, tag=(kind, t, layer, staging))
+        tr = self.link.submit(key, nbytes, priority, self.t, tag=(kind, t, layer, staging))
         self.inflight[key] = tr
         self.rec.loads.append(tr)
         if priority == PREFETCH:
@@ -127,11 +135,23 @@ class Engine:
     def _release(self, trn: Transfer, t: int) -> None:
         """After computing a loaded expert: free its staging buffer, or note the cache access."""
         if trn.tag[3]:  # staging data is dropped once used: a later request loads it again
-            self.staging_in_use -= 1
-            if self.inflight.get(trn.key) is trn:
-                del self.inflight[trn.key]
+            self._free_staging(trn)
+            if trn.tag[0] == "prefetch" and trn.nbytes == self.nbytes:
+                # AdapMoE: a right prefetch enters the layer's cache once used, evicting its LRU expert
+                victims = self.cache_policy.victims(trn.key, self.nbytes, t)
+                if victims is not None:
+                    for v in victims:
+                        self._evict(v)
+                    self.cache.insert_resident(trn.key, self.nbytes)
+                    self.cache_policy.on_insert(trn.key, t)
+                    self.cache_policy.on_access(trn.key, t)
         else:
             self.cache_policy.on_access(trn.key, t)
+
+    def _free_staging(self, trn: Transfer) -> None:
+        self.staging_in_use -= 1
+        if self.inflight.get(trn.key) is trn:
+            del self.inflight[trn.key]
 
     def _evict(self, key: int) -> None:
         self.cache.evict(key)
@@ -244,8 +264,15 @@ class Engine:
                         waiting.append(trn)
                         if key in unused:
                             p_late[layer] += 1
-                elif not self.placement.always_load and self.placement.place(key, t, ws[j]) == CPU:
-                    cpu_keys.append(key)
+                elif not self.placement.always_load and (where := self.placement.place(key, t, ws[j])) != LOAD:
+                    if where == CPU:
+                        cpu_keys.append(key)
+                    else:  # LOW: a low-precision copy into a staging buffer, lossy
+                        waiting.append(self._load(key, DEMAND, t, layer, nbytes=self.placement.low_bytes,
+                                                  staging=True))
+                        demand += 1
+                        p_demand[layer] += 1
+                        dL += self.placement.dL(layer, ws[j])
                     continue
                 else:
                     waiting.append(self._load(key, DEMAND, t, layer))
@@ -258,7 +285,7 @@ class Engine:
             # prefetch for later layers, issued after this layer's demand loads
             for pk in self.prefetch.on_layer(t, layer):
                 if state[pk] == ABSENT and pk not in inflight:
-                    self._load(pk, PREFETCH, t, layer)
+                    self._load(pk, PREFETCH, t, layer, staging=self.prefetch_staging)
             # AdapMoE: the layer waits for in-flight prefetches aimed at it, used or not
             pending = self.prefetch_by_layer.pop(layer, None)
             if pending and wait_prefetch:
@@ -288,6 +315,13 @@ class Engine:
                     self._release(trn, t)
             if cpu_keys:
                 self._run_on_cpu(cpu_keys, gate_t, t, layer, rec_ops)
+            if pending and self.prefetch_staging:  # wrong prefetches are dropped with their buffers
+                for trn in pending:
+                    if trn.tag[3] and inflight.get(trn.key) is trn:
+                        self._free_staging(trn)
+                        if trn.key in unused:
+                            unused.discard(trn.key)
+                            pl_["prefetch_wasted"][layer] += 1
             cache.pinned.clear()
             needed += n
             hits += layer_hits
@@ -295,6 +329,7 @@ class Engine:
             dL_tok += dL
             pl_["needed"][layer] += n
             pl_["hits"][layer] += layer_hits
+            pl_["experts_run"][layer] += n
             pl_["single_pairs"][layer] += n == 1
             pl_["dL"][layer] += dL
         nbytes = float(sum(tr_.nbytes for tr_ in self.rec.loads[loads0:]))

@@ -115,6 +115,8 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None,
         name, knobs = split_knobs(getattr(cfg, fam))
         cls = reg.get(name)
         made[fam] = cls(reg.knobs(name, knobs), ctx)
+        if fam == "gating":  # later policies (belady, adapmoe_dp) read the gating decisions
+            ctx.gating_plan = made[fam].plan()
     engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, cfg.engine)
     info = {"cache_slots": slots, "cache_bytes": cap_bytes, "expert_bytes": preset.expert_bytes,
             "prefetch_modelled": bool(made["prefetch"].modelled)}

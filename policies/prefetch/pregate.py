@@ -1,10 +1,22 @@
 """`pregate`: prefetch the experts that layer l+d's router picks from layer l's MoE input.
 
 AdapMoE / mixtral-offloading's speculative loading (reference section 2). After layer l gates,
-for each depth d = 1..`depth` (target layer l+d), take the top-`top_k` experts of the trace's
-`pregate_d` logits at (t, l) in rank order and prefetch the first `count` that are neither
-resident nor loading. Decode tokens only (the engine does not call prefetch during prefill).
-Tie-break: rank order of the pre-gating logits (stable argsort: lower id first on equal logits).
+for each depth d = 1..`depth` (target layer l+d), take the predicted experts of layer l+d in rank
+order and prefetch the first `count` that are neither resident nor loading. Decode tokens only
+(the engine does not call prefetch during prefill). Tie-break: rank order of the pre-gating
+logits (stable argsort: lower id first on equal logits).
+
+Predictions come from the trace's `pregate_d` logits (`predictor=trace`), or, for traces without
+them (an imported log), from a modelled predictor (`predictor=modelled`): at each rank it names
+the true expert of layer l+d with probability a_{l+d} (`accuracy=published`: AdapMoE's measured
+Mixtral-8x7B per-layer accuracies; or one number for every layer), else a uniformly random wrong
+expert; seeded by the run's seed. `predictor=auto` uses the trace when it can. A modelled
+predictor is flagged in the summary (`prefetch_modelled`).
+
+AdapMoE's runtime behaviour, as options: `wait=true` makes layer l+d wait for its in-flight
+prefetches even if unused; `admit=on_use` loads prefetches into a staging buffer and lets a right
+one enter the layer's cache only when used (a wrong one is dropped), where `admit=cache` gives a
+prefetch a cache slot at once (evicting the layer's LRU expert).
 """
 
 from __future__ import annotations
@@ -14,42 +26,91 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import Context, PrefetchPolicy
+from policies.published import published
 from policies.registry import PREFETCH
 from sim.errors import UserError
+
+
+def modelled_predictions(true_ids: np.ndarray, acc: np.ndarray, E: int, d: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """[T, L, k] predicted ids for layer l+d made at layer l (row l holds layer l+d's prediction)."""
+    T, L, k = true_ids.shape
+    pred = np.zeros((T, L, k), dtype=np.int64)
+    target = np.zeros_like(pred)
+    target[:, : L - d] = true_ids[:, d:]
+    right = rng.random((T, L, k)) < np.concatenate([acc[d:], np.zeros(d)])[None, :, None]
+    for t in range(T):
+        for layer in range(L - d):
+            row = target[t, layer]
+            wrong_pool = [e for e in range(E) if e not in row]
+            for r in range(k):
+                if right[t, layer, r] or not wrong_pool:
+                    pred[t, layer, r] = row[r]
+                else:
+                    pred[t, layer, r] = wrong_pool[int(rng.integers(len(wrong_pool)))]
+    return pred
 
 
 @PREFETCH.register("pregate")
 class Pregate(PrefetchPolicy):
     @dataclass
     class Knobs:
-        depth: int = 1  # how many layers ahead (needs pregate_1..depth in the trace)
+        depth: int = 1  # how many layers ahead (needs pregate_1..depth in the trace, or a model)
         count: int = 1  # experts prefetched per target layer
         wait: bool = False  # the target layer waits for in-flight prefetches, used or not (AdapMoE)
+        admit: str = "cache"  # cache | on_use (AdapMoE: staging buffer, enters the cache when used)
+        predictor: str = "auto"  # auto | trace | modelled
+        accuracy: str = "published"  # modelled predictor: published | a number in [0, 1]
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
         if knobs.depth < 1 or knobs.count < 1:
             raise UserError("prefetch.depth and prefetch.count must be >= 1")
+        if knobs.admit not in ("cache", "on_use") or knobs.predictor not in ("auto", "trace", "modelled"):
+            raise UserError("prefetch.admit must be cache|on_use and prefetch.predictor auto|trace|modelled")
         tr = ctx.trace
+        k, E, L = ctx.top_k, ctx.experts, ctx.layers
         missing = [d for d in range(1, knobs.depth + 1) if d not in tr.pregate]
-        if missing:
+        use_model = knobs.predictor == "modelled" or (knobs.predictor == "auto" and missing)
+        if knobs.predictor == "trace" and missing:
             raise UserError(
                 f"prefetch 'pregate' with depth={knobs.depth} needs trace columns "
-                f"{', '.join(f'pregate_{d}' for d in missing)}, which this trace lacks "
-                f"(has: {sorted(tr.pregate) or 'none'}); use prefetch.depth=1 or another prefetch policy"
-            )
-        k = ctx.top_k
-        E = ctx.experts
-        # predictions[d]: [T, L, k] expert ids in rank order (keys of target layer l + d)
+                f"{', '.join(f'pregate_{d}' for d in missing)}, which this trace lacks; "
+                f"use prefetch.predictor=modelled or prefetch.depth={min(tr.pregate or [1])}")
+        self._modelled = bool(use_model)
+        self.admit_on_use = knobs.admit == "on_use"
         self.pred: dict[int, list] = {}
+        if use_model:
+            acc = self._accuracy(knobs.accuracy, ctx)
+            rng = np.random.default_rng(ctx.rng.integers(2**63))
         for d in range(1, knobs.depth + 1):
-            ids = np.argsort(-tr.pregate[d], axis=-1, kind="stable")[..., :k]  # [T, L, k]
-            keys = ids + (np.arange(ctx.layers)[None, :, None] + d) * E  # key in layer l + d
+            if use_model:
+                ids = modelled_predictions(tr.experts.astype(np.int64), acc, E, d, rng)
+            else:
+                ids = np.argsort(-tr.pregate[d], axis=-1, kind="stable")[..., :k]  # [T, L, k]
+            keys = ids + (np.arange(L)[None, :, None] + d) * E  # key in layer l + d
             self.pred[d] = keys.tolist()  # nested lists: fast scalar access on the hot path
+
+    @staticmethod
+    def _accuracy(spec: str, ctx: Context) -> np.ndarray:
+        if spec == "published":
+            acc = np.asarray(published("adapmoe", ctx.preset.name)["prefetch_accuracy"], dtype=float)
+        else:
+            try:
+                acc = np.full(ctx.layers, float(spec))
+            except ValueError:
+                raise UserError(f"prefetch.accuracy must be 'published' or a number, got {spec!r}") from None
+        if acc.shape != (ctx.layers,) or np.any((acc < 0) | (acc > 1)):
+            raise UserError(f"prefetch.accuracy must give {ctx.layers} values in [0, 1]")
+        return acc
 
     @property
     def wait_for_prefetch(self) -> bool:
         return self.knobs.wait
+
+    @property
+    def modelled(self) -> bool:
+        return self._modelled
 
     def on_layer(self, t: int, layer: int) -> list[int]:
         out: list[int] = []

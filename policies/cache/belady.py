@@ -1,0 +1,81 @@
+"""`belady`: offline optimal eviction (MIN): evict the resident expert whose next use is furthest.
+
+Reads the future (a bound, not a deployable policy). Next uses come from the gating plan when
+the gating policy is stateless (so adaptive gating's dropped experts do not count as uses), else
+from the trace's top-k. "Now" for a request for layer l of token t is step t * L + l. Ties
+(never used again, or used at the same step): the higher key first. `scope=layer` restricts
+victims to the requesting layer's uniform partition; default `global`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.base import CachePolicy, Context
+from policies.cache.partition import uniform_sizes
+from policies.registry import CACHE
+from sim.errors import UserError
+
+NEVER = 1 << 62
+
+
+@CACHE.register("belady")
+class Belady(CachePolicy):
+    @dataclass
+    class Knobs:
+        scope: str = "global"
+
+    def __init__(self, knobs: Knobs, ctx: Context):
+        super().__init__(knobs, ctx)
+        if knobs.scope not in ("layer", "global"):
+            raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
+        L, E = ctx.layers, ctx.experts
+        plan = ctx.gating_plan
+        ids = plan.ids if plan is not None else ctx.trace.experts.astype(np.int64)  # [T, L, k]
+        T, _, k = ids.shape
+        steps = np.broadcast_to(np.arange(T)[:, None, None] * L + np.arange(L)[None, :, None], ids.shape)
+        keys = ids + (np.arange(L) * E)[None, :, None]
+        valid = ids >= 0
+        order = np.lexsort((steps[valid], keys[valid]))
+        ks, st = keys[valid][order], steps[valid][order]
+        bounds = np.searchsorted(ks, np.arange(L * E + 1))
+        self.uses = [st[bounds[i]:bounds[i + 1]].tolist() for i in range(L * E)]  # sorted steps per key
+        self.L, self.E = L, E
+        self.per_layer = knobs.scope == "layer"
+        self.sizes = uniform_sizes(ctx.capacity_slots, L) if self.per_layer else None
+        self.members: list[set[int]] = [set() for _ in range(L if self.per_layer else 1)]
+
+    def next_use(self, key: int, now: int) -> int:
+        u = self.uses[key]
+        i = bisect.bisect_left(u, now)
+        return u[i] if i < len(u) else NEVER
+
+    def on_insert(self, key: int, t: int) -> None:
+        self.members[key // self.E if self.per_layer else 0].add(key)
+
+    def on_evict(self, key: int) -> None:
+        self.members[key // self.E if self.per_layer else 0].discard(key)
+
+    def victims(self, key: int, nbytes: float, t: int) -> list[int] | None:
+        cache = self.ctx.cache
+        layer = key // self.E
+        if self.per_layer:
+            if cache.per_layer[layer] < self.sizes[layer] and cache.free_bytes() >= nbytes:
+                return []
+        elif cache.free_bytes() >= nbytes:
+            return []
+        now = max(t, 0) * self.L + layer
+        group = self.members[layer if self.per_layer else 0]
+        cands = sorted((k for k in group if cache.evictable(k)), key=lambda k: (-self.next_use(k, now), -k))
+        out, need = [], nbytes - cache.free_bytes()
+        if self.per_layer:
+            return cands[:1] or None
+        for k in cands:
+            out.append(k)
+            need -= cache.size_bytes[k]
+            if need <= 0:
+                return out
+        return None

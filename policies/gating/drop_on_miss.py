@@ -1,0 +1,47 @@
+"""`drop_on_miss`: skip an active expert that is not on the device when its weight is small.
+
+At decision time, an expert of the model's top-k that is neither resident nor loading and whose
+renormalised weight is below `w_max` is not run (the rest are renormalised); the top-1 expert is
+always run. Lossy: dL = 1/2 * S_l * (dropped weight)^2 (Fisher estimate, as in `adapmoe`).
+Stateful (reads the cache), so it decides per (token, layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.base import Context, GatingPolicy
+from policies.published import sensitivities
+from policies.registry import GATING
+
+
+@GATING.register("drop_on_miss")
+class DropOnMiss(GatingPolicy):
+    @dataclass
+    class Knobs:
+        w_max: float = 0.2  # drop a missed expert whose renormalised weight is below this
+        sensitivity: str = "trace"  # for dL: trace | published | FILE | none
+
+    def __init__(self, knobs: Knobs, ctx: Context):
+        super().__init__(knobs, ctx)
+        self.S = np.zeros(ctx.layers) if knobs.sensitivity == "none" else sensitivities(knobs.sensitivity, ctx)
+        self.ids = ctx.trace.experts.tolist()
+        self.w = ctx.trace.weights.tolist()
+
+    def decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
+        ids, w = self.ids[t][layer], self.w[t][layer]
+        total = sum(w)
+        present = self.ctx.cache.is_present
+        base = layer * self.ctx.experts
+        keep_i, keep_w, dropped = [], [], 0.0
+        for j, (e, x) in enumerate(zip(ids, w, strict=True)):
+            x /= total
+            if j > 0 and x < self.knobs.w_max and not present(base + e):
+                dropped += x
+                continue
+            keep_i.append(e)
+            keep_w.append(x)
+        s = sum(keep_w)
+        return keep_i, [x / s for x in keep_w], 0.5 * float(self.S[layer]) * dropped**2

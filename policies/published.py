@@ -1,0 +1,52 @@
+"""Published per-layer vectors shipped with the project (`policies/data/*.yaml`), and S_l lookup.
+
+`sensitivity` knobs accept: `trace` (the trace's `meta.yaml: sensitivity.S_l`), `published` (the
+shipped vector for the model preset, e.g. AdapMoE's Mixtral-8x7B values), or a path to a YAML /
+JSON file holding a list or a mapping with `S_l`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from sim.errors import UserError
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def published(kind: str, model: str) -> dict:
+    """The shipped file `<kind>-<model>.yaml` (kind: sensitivity, adapmoe)."""
+    path = DATA / f"{kind}-{model}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in DATA.glob(f"{kind}-*.yaml"))
+        raise UserError(f"no published {kind} data for model {model!r}; shipped: {', '.join(have) or 'none'}")
+    return yaml.safe_load(path.read_text())
+
+
+def sensitivities(spec: str, ctx) -> np.ndarray:
+    """Per-layer S_l [L] from `trace`, `published` or a file (see module docstring)."""
+    L = ctx.layers
+    if spec == "trace":
+        s = ctx.trace.sensitivity
+        if s is None:
+            raise UserError("this trace has no sensitivities (meta.yaml sensitivity.S_l); "
+                            "use gating.sensitivity=published or gating.sensitivity=FILE")
+    elif spec == "published":
+        s = published("sensitivity", ctx.preset.name)["S_l"]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"sensitivity file not found: {spec} (or use 'trace' / 'published')")
+        try:
+            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (ValueError, yaml.YAMLError) as err:
+            raise UserError(f"sensitivity file {spec} does not parse: {str(err).splitlines()[0]}") from None
+        s = data.get("S_l") if isinstance(data, dict) else data
+    arr = np.asarray(s, dtype=np.float64) if s is not None else np.zeros(0)
+    if arr.shape != (L,) or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise UserError(f"sensitivities must be {L} finite values >= 0 (one per layer), got shape {arr.shape}")
+    return arr
