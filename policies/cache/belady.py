@@ -1,6 +1,7 @@
 """`belady`: offline optimal eviction (MIN): evict the resident expert whose next use is furthest.
 
-Reads the future (a bound, not a deployable policy). Next uses come from the gating plan when
+Reads the future (a bound, not a deployable policy). With bypass: an expert whose next use is
+later than every eviction candidate's is not cached (it goes through a staging buffer). Next uses come from the gating plan when
 the gating policy is stateless (so adaptive gating's dropped experts do not count as uses), else
 from the trace's top-k. "Now" for a request for layer l of token t is step t * L + l. Ties
 (never used again, or used at the same step): the higher key first. `scope=layer` restricts
@@ -70,12 +71,15 @@ class Belady(CachePolicy):
         now = max(t, 0) * self.L + layer
         group = self.members[layer if self.per_layer else 0]
         cands = sorted((k for k in group if cache.evictable(k)), key=lambda k: (-self.next_use(k, now), -k))
+        # bypass (MIN with optional admission): if `key` is next needed after every candidate,
+        # keeping the residents is better; the engine then uses a staging buffer
+        mine = self.next_use(key, now + 1)
         out, need = [], nbytes - cache.free_bytes()
-        if self.per_layer:
-            return cands[:1] or None
         for k in cands:
+            if self.next_use(k, now) <= mine:
+                return None
             out.append(k)
             need -= cache.size_bytes[k]
-            if need <= 0:
+            if need <= 0 or self.per_layer:
                 return out
         return None
