@@ -46,6 +46,7 @@ class Context:
     hw: object | None = None  # sim.hardware.HardwareProfile (for cost-aware policies)
     cost: object | None = None  # sim.cost.CostModel
     gating_plan: GatingPlan | None = None  # the gating policy's decisions when stateless (set first)
+    now_layer: int = 0  # the layer the engine is simulating (updated by the engine; read-only here)
 
     @property
     def layers(self) -> int:
@@ -124,10 +125,11 @@ class CachePolicy:
     def on_evict(self, key: int) -> None:
         """`key` left the cache."""
 
-    def victims(self, key: int, nbytes: float, t: int) -> list[int] | None:
+    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
         """Residents to evict so that `key` (nbytes) fits; [] if it fits; None if it cannot now.
 
-        Only `ctx.cache.evictable(k)` experts may be named."""
+        Only `ctx.cache.evictable(k)` experts may be named. `demand` is False for a prefetch
+        (None then means: skip it), True for a demand load (None: use a staging buffer)."""
         raise NotImplementedError
 
 

@@ -59,6 +59,14 @@ class ExpertCache:
         assert self.state[key] == LOADING, f"expert {key} finished loading but is {STATE_NAMES[self.state[key]]}"
         self.state[key] = RESIDENT
 
+    def abort_load(self, key: int) -> None:
+        """LOADING -> ABSENT (a cancelled transfer): the slot is freed."""
+        assert self.state[key] == LOADING, f"cannot abort expert {key}: it is {STATE_NAMES[self.state[key]]}"
+        self.state[key] = ABSENT
+        self.used_bytes -= self.size_bytes[key]
+        self.size_bytes[key] = 0.0
+        self.per_layer[key // self.experts] -= 1
+
     def insert_resident(self, key: int, nbytes: float) -> None:
         """ABSENT -> RESIDENT at once (warm start, static pinning)."""
         self.begin_load(key, nbytes)

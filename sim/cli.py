@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("sim.commands.run", "simulate one configuration; print a summary; write a results folder"),
     "list": ("sim.commands.list_cmd", "list policies, hardware profiles, model presets and traces"),
     "bench": ("sim.commands.bench", "measure the engine's simulated steps per second"),
+    "paper": ("sim.commands.paper", "the AdapMoE paper's experiment: its parts one at a time, beside other policies"),
     "trace": ("sim.commands.trace", "run a live MoE checkpoint over a text and write a trace"),
     "import": ("sim.commands.import_cmd", "convert an external routing log (jsonl/csv/npz) to a trace"),
     "fisher-check": ("sim.commands.fisher_check", "validate Fisher sensitivities by really dropping experts"),

@@ -62,6 +62,11 @@ class Engine:
         self.prefetch_by_layer: dict[int, list[Transfer]] = {}
         self.staging_in_use = 0
         self.prefetch_skipped = 0
+        self.prefetch_cancelled = 0
+        #: prefetch only onto an idle channel (never queue a prefetch), if the prefetch policy says so
+        self.prefetch_idle_only = bool(getattr(prefetch, "idle_only", False))
+        #: demand loads cut in-flight prefetches short at a chunk boundary, if the prefetch policy says so
+        self.yield_chunk_bytes = float(getattr(prefetch, "yield_chunk_bytes", 0.0) or 0.0)
         self.stall_s = 0.0
         self.cpu_wait_s = 0.0
         self.compute_busy_s = 0.0
@@ -99,8 +104,11 @@ class Engine:
         `staging=True` loads into a transient staging buffer instead of a cache slot (AdapMoE's
         prefetches, low-precision copies); a demand load that gets no slot goes there too."""
         self.link.advance(self.t)  # apply completions first: they free slots and make experts evictable
+        if priority == PREFETCH and self.prefetch_idle_only and self.link.busy_channels() >= self.link.channels:
+            self.prefetch_skipped += 1
+            return None
         nbytes = self.nbytes if nbytes is None else nbytes
-        victims = None if staging else self.cache_policy.victims(key, nbytes, t)
+        victims = None if staging else self.cache_policy.victims(key, nbytes, t, priority == DEMAND)
         staging = victims is None
         if staging:
             if priority == PREFETCH and (not self.prefetch_staging
@@ -116,6 +124,8 @@ class Engine:
             self.cache.begin_load(key, nbytes)
             self.cache_policy.on_insert(key, t)
         kind = "demand" if priority == DEMAND else "prefetch"
+        if priority == DEMAND and self.yield_chunk_bytes:
+            self._preempt_prefetch()
         tr = self.link.submit(key, nbytes, priority, self.t, tag=(kind, t, layer, staging))
         self.inflight[key] = tr
         self.rec.loads.append(tr)
@@ -127,10 +137,46 @@ class Engine:
 
     def _on_loaded(self, tr: Transfer) -> None:
         """Link callback at a transfer's completion (applied lazily, in time order)."""
+        if tr.cancelled:  # a prefetch cut short for a demand load: nothing usable arrived
+            if self.inflight.get(tr.key) is tr:
+                del self.inflight[tr.key]
+            if tr.tag[3]:
+                self.staging_in_use -= 1
+            else:
+                self.cache.abort_load(tr.key)
+                self.cache_policy.on_evict(tr.key)
+            if tr.key in self.unused_prefetch:
+                self.unused_prefetch.discard(tr.key)
+                self.rec.per_layer["prefetch_wasted"][tr.key // self.E] += 1
+            self.prefetch_cancelled += 1
+            return
         if not tr.tag[3]:  # a cache load (a staging buffer is released after its compute)
             if self.inflight.get(tr.key) is tr:
                 del self.inflight[tr.key]
             self.cache.finish_load(tr.key)
+
+    def _preempt_prefetch(self) -> None:
+        """No channel free for a demand load: cut the in-flight prefetch that frees one soonest.
+
+        A prefetch of an expert the current layer needs (pinned) is never cut."""
+        link = self.link
+        busy = link.running()
+        if len(busy) < link.channels:
+            return
+        cands = [x for x in busy if x.priority == PREFETCH and not x.cancelled and x.key not in self.cache.pinned]
+        if not cands:
+            return
+        chunk = self.yield_chunk_bytes
+        best = min(cands, key=lambda x: (self._cut_time(x, chunk), x.seqno))
+        if self._cut_time(best, chunk) < min(x.done_s for x in busy):
+            link.preempt(best, self.t, chunk)
+
+    def _cut_time(self, tr: Transfer, chunk_bytes: float) -> float:
+        chunk_s = chunk_bytes / self.link.bandwidth_Bps
+        body0 = tr.start_s + self.link.latency_s
+        if self.t <= body0:
+            return min(tr.done_s, body0)
+        return min(tr.done_s, body0 + -(-(self.t - body0) // chunk_s) * chunk_s)
 
     def _release(self, trn: Transfer, t: int) -> None:
         """After computing a loaded expert: free its staging buffer, or note the cache access."""
@@ -223,7 +269,7 @@ class Engine:
             i = j
 
     def _decode_token(self, t: int, rec_ops: bool) -> None:
-        cost, cache, E, link = self.cost, self.cache, self.E, self.link
+        cost, cache, E, link, ctx = self.cost, self.cache, self.E, self.link, self.ctx
         state, inflight, unused = cache.state, self.inflight, self.unused_prefetch
         shared = cost.shared_link
         pl_ = self.rec.per_layer
@@ -234,6 +280,7 @@ class Engine:
         dL_tok = 0.0
         demand = 0
         wait_prefetch = self.prefetch.wait_for_prefetch
+        stop_on_skip = getattr(self.prefetch, "stop_at_first_skip", False)
         for layer in range(self.L):
             a0 = self.t
             self.t += cost.attention_decode_s(pos, self._copies_now() if shared else 0)
@@ -241,6 +288,7 @@ class Engine:
             if rec_ops:
                 self.rec.op("compute", t, layer, "attention", a0, self.t)
             gate_t = self.t
+            ctx.now_layer = layer
             link.advance(self.t)  # transfers' states as of now (queued ones may have started and ended)
             ids, ws, dL = self._decide(t, layer)
             base = layer * E
@@ -285,7 +333,8 @@ class Engine:
             # prefetch for later layers, issued after this layer's demand loads
             for pk in self.prefetch.on_layer(t, layer):
                 if state[pk] == ABSENT and pk not in inflight:
-                    self._load(pk, PREFETCH, t, layer, staging=self.prefetch_staging)
+                    if self._load(pk, PREFETCH, t, layer, staging=self.prefetch_staging) is None and stop_on_skip:
+                        break
             # AdapMoE: the layer waits for in-flight prefetches aimed at it, used or not
             pending = self.prefetch_by_layer.pop(layer, None)
             if pending and wait_prefetch:
@@ -357,6 +406,7 @@ class Engine:
         start = self.t
         P = len(prompt)
         for layer in range(self.L):
+            self.ctx.now_layer = layer
             self.t += cost.attention_s(0, P)
             counts: dict[int, int] = {}
             for t in prompt:

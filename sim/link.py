@@ -38,6 +38,7 @@ class Transfer:
     start_s: float = -1.0
     done_s: float = -1.0
     done: bool = False
+    cancelled: bool = False  # cut short by `preempt`: its data is incomplete and unusable
 
     @property
     def started(self) -> bool:
@@ -104,6 +105,31 @@ class Link:
             self.max_active = n
         self.busy_s += dur
         self.bytes_moved += tr.nbytes
+
+    def preempt(self, tr: Transfer, t_s: float, chunk_bytes: float) -> float:
+        """Cut an active transfer at the first chunk boundary at or after `t_s`; returns that time.
+
+        Models a transfer issued in chunks of `chunk_bytes` that yields its channel between chunks
+        (a copy in flight cannot be stopped mid-chunk). The transfer is marked `cancelled`; the
+        bytes and busy time it no longer moves are taken off the link's counters."""
+        assert tr.started and not tr.done and t_s >= tr.start_s, f"link {self.name}: cannot preempt {tr.key}"
+        chunk_s = chunk_bytes / self.bandwidth_Bps
+        body0 = tr.start_s + self.latency_s
+        n = max(0, -(-(t_s - body0) // chunk_s)) if t_s > body0 else 0  # chunks begun by t_s
+        new_done = min(tr.done_s, body0 + n * chunk_s if n else max(t_s, body0))
+        self.busy_s -= tr.done_s - new_done
+        self.bytes_moved -= (tr.done_s - new_done) * self.bandwidth_Bps
+        tr.done_s = new_done
+        tr.cancelled = True
+        self._running = [(d if x is not tr else new_done, q, x) for d, q, x in self._running]
+        heapq.heapify(self._running)
+        return new_done
+
+    def busy_channels(self) -> int:
+        return len(self._running)
+
+    def running(self) -> list[Transfer]:
+        return [x for _, _, x in self._running]
 
     def wait_started(self, tr: Transfer) -> None:
         """Advance the link until `tr` is on a channel (its `done_s` is then known).

@@ -55,6 +55,7 @@ def summarize(tokens: pl.DataFrame, layers: pl.DataFrame, prefill: dict[str, lis
         "experts_per_token_layer": _f(col("experts_run") / pairs) if pairs else None,
         "single_expert_share": _f(col("single_pairs") / pairs) if pairs else None,
         "dL_est": _f(col("dL")),
+        "prefetch_accuracy": _f(col("prefetch_used") / col("prefetch_issued")) if col("prefetch_issued") else None,
         "link_utilization": _f(link_busy_s / (link_channels * end_s)) if end_s > 0 else None,
         "compute_utilization": _f(compute_busy_s / end_s) if end_s > 0 else None,
     }

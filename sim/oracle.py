@@ -1,7 +1,7 @@
 """`oracle=true`: the latency bound for the same trace, hardware, cache size, gating and placement.
 
 The oracle run replaces the cache policy by `belady` (offline-optimal eviction) and the prefetch
-policy by `oracle` (perfect prefetch one layer ahead), keeping everything else; `oracle_ratio` =
+policy by `oracle` (perfect prefetch as far ahead as the cache can use), keeping everything else; `oracle_ratio` =
 this run's mean TPOT / the oracle run's (>= 1 up to the limits of a greedy bound).
 """
 
@@ -14,7 +14,7 @@ from sim.runner import RunResult, simulate
 
 def oracle_config(cfg):
     cache = {"name": "belady"} | {k: v for k, v in cfg.cache.items() if k in ("slots", "bytes")}
-    return dataclasses.replace(cfg, cache=cache, prefetch={"name": "oracle", "depth": 1}, oracle=False)
+    return dataclasses.replace(cfg, cache=cache, prefetch={"name": "oracle"}, oracle=False)
 
 
 def add_oracle_ratio(res: RunResult, trace=None) -> None:

@@ -133,7 +133,7 @@ def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | N
     layers = rec.layers_frame()
     events = rec.events_frame(engine.E)
     extra = dict(info)
-    extra.update({"prefetch_skipped": engine.prefetch_skipped, "makespan_s": engine.t,
+    extra.update({"prefetch_skipped": engine.prefetch_skipped, "prefetch_cancelled": engine.prefetch_cancelled, "makespan_s": engine.t,
                   "tokens_prefill": int(sum(rec.prefill["tokens"])), "cpu_wait_s_per_token":
                   float(tokens["cpu_wait_s"].mean()) if tokens.height else None,
                   "link_max_concurrent": engine.link.max_active, "cache_peak_bytes": engine.cache.peak_bytes})

@@ -12,7 +12,8 @@ sum_l f(l, s_l) subject to sum_l s_l = C and s_l >= `min_slots` by `dp_sizes` (O
 Ties: the DP keeps the first minimum found scanning s upwards. With AdapMoE's published a_l, r_l,
 C = 64 and min_slots = 1 it gives their example [8, 4, 3, 3, 3, 3, 3, 2 x 12, 1 x 13].
 
-Knobs: `fit` = `trace` (a_l = pre-gating top-1 accuracy of the trace's `pregate_1` for layer l,
+Knobs: `fit` = `trace` (a_l = pre-gating top-1 accuracy of the trace's `pregate_1` for layer l
+(without pre-gating logits: the modelled predictor's, i.e. the published accuracy),
 r_l = single-expert share of the gating plan, both measured on the replayed trace), `published`
 (AdapMoE's hard-coded Mixtral-8x7B a_l and r_l); `miss_model` = `uniform` (the formula above,
 as published) or `trace` (our improvement: f(l, s) = measured per-layer LRU misses per token for a
@@ -138,12 +139,18 @@ class AdapMoEDP(LRU):
 
 
 def prefetch_accuracy(ctx: Context) -> np.ndarray:
-    """a_l: share of decode tokens whose pregate_1 top-1 for layer l (made at l-1) is active at l."""
+    """a_l: share of decode tokens whose pregate_1 top-1 for layer l (made at l-1) is active at l.
+
+    A trace without pre-gating logits is replayed with the modelled predictor, whose accuracy is
+    the published one (when shipped for the preset): that is then a_l; else 0."""
     tr = ctx.trace
     L = ctx.layers
     a = np.zeros(L)
     if 1 not in tr.pregate:
-        return a
+        try:
+            return np.asarray(published("adapmoe", ctx.preset.name)["prefetch_accuracy"], float)
+        except UserError:
+            return a
     dec = tr.is_decode
     pred = np.argmax(tr.pregate[1][dec], axis=-1)  # [T, L]: prediction for layer l+1 made at l
     true = tr.experts[dec]  # [T, L, k]

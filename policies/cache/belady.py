@@ -1,9 +1,12 @@
 """`belady`: offline optimal eviction (MIN): evict the resident expert whose next use is furthest.
 
+"Now" is the step being simulated, t * L + the engine's current layer (`ctx.now_layer`).
+
 Reads the future (a bound, not a deployable policy). With bypass: an expert whose next use is
-later than every eviction candidate's is not cached (it goes through a staging buffer). Next uses come from the gating plan when
+later than every eviction candidate's is not cached (a demand load goes through a staging
+buffer; such a prefetch is skipped). Next uses come from the gating plan when
 the gating policy is stateless (so adaptive gating's dropped experts do not count as uses), else
-from the trace's top-k. "Now" for a request for layer l of token t is step t * L + l. Ties
+from the trace's top-k. Ties
 (never used again, or used at the same step): the higher key first. `scope=layer` restricts
 victims to the requesting layer's uniform partition; default `global`.
 """
@@ -28,6 +31,7 @@ class Belady(CachePolicy):
     @dataclass
     class Knobs:
         scope: str = "global"
+        patient: bool = True  # skip a prefetch when an expert in use now will be a better victim
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
@@ -60,7 +64,7 @@ class Belady(CachePolicy):
     def on_evict(self, key: int) -> None:
         self.members[key // self.E if self.per_layer else 0].discard(key)
 
-    def victims(self, key: int, nbytes: float, t: int) -> list[int] | None:
+    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
         cache = self.ctx.cache
         layer = key // self.E
         if self.per_layer:
@@ -68,15 +72,22 @@ class Belady(CachePolicy):
                 return []
         elif cache.free_bytes() >= nbytes:
             return []
-        now = max(t, 0) * self.L + layer
+        now = max(t, 0) * self.L + self.ctx.now_layer  # the step being simulated
         group = self.members[layer if self.per_layer else 0]
         cands = sorted((k for k in group if cache.evictable(k)), key=lambda k: (-self.next_use(k, now), -k))
         # bypass (MIN with optional admission): if `key` is next needed after every candidate,
         # keeping the residents is better; the engine then uses a staging buffer
+        # when `key` is next needed after this step (a demand load is served now in any case, so
+        # what matters is its following use; a prefetch is needed at its target step)
         mine = self.next_use(key, now + 1)
+        # a prefetch can wait: if an expert in use right now (pinned) will be a better victim once
+        # released, skip this prefetch rather than evict something needed sooner (it is retried)
+        later = -1
+        if not demand and self.knobs.patient:
+            later = max((self.next_use(k, now + 1) for k in group if k in cache.pinned), default=-1)
         out, need = [], nbytes - cache.free_bytes()
         for k in cands:
-            if self.next_use(k, now) <= mine:
+            if self.next_use(k, now) <= mine or self.next_use(k, now) < later:
                 return None
             out.append(k)
             need -= cache.size_bytes[k]

@@ -51,7 +51,7 @@ class LFU(CachePolicy):
     def on_evict(self, key: int) -> None:
         self._set(key).discard(key)
 
-    def victims(self, key: int, nbytes: float, t: int) -> list[int] | None:
+    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
         cache = self.ctx.cache
         if self.per_layer:
             layer = key // self.ctx.experts

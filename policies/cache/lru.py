@@ -50,7 +50,7 @@ class LRU(CachePolicy):
     def on_evict(self, key: int) -> None:
         del self.order[key // self.E if self.per_layer else 0][key]
 
-    def victims(self, key: int, nbytes: float, t: int) -> list[int] | None:
+    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
         cache = self.ctx.cache
         if self.per_layer:
             layer = key // self.ctx.experts

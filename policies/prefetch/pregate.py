@@ -17,6 +17,12 @@ AdapMoE's runtime behaviour, as options: `wait=true` makes layer l+d wait for it
 prefetches even if unused; `admit=on_use` loads prefetches into a staging buffer and lets a right
 one enter the layer's cache only when used (a wrong one is dropped), where `admit=cache` gives a
 prefetch a cache slot at once (evicting the layer's LRU expert).
+
+Ours, as an option: `yield_to_demand=true` issues a prefetch in `chunks` pieces that yield the
+link to demand loads: when a demand load finds every channel busy, the engine cuts the in-flight
+prefetch that frees a channel soonest at its next chunk boundary (never one the current layer
+needs). A wrong prediction then costs at most one chunk of link time instead of a whole expert.
+`idle_only=true` issues a prefetch only when a channel is idle (a prefetch never queues).
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ class Pregate(PrefetchPolicy):
         admit: str = "cache"  # cache | on_use (AdapMoE: staging buffer, enters the cache when used)
         predictor: str = "auto"  # auto | trace | modelled
         accuracy: str = "published"  # modelled predictor: published | a number in [0, 1]
+        yield_to_demand: bool = False  # (ours) a demand load cuts an in-flight prefetch at a chunk boundary
+        chunks: int = 3  # chunks per expert when yielding (3: one per matrix)
+        idle_only: bool = False  # (ours) issue a prefetch only onto an idle channel, never queue one
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
@@ -79,6 +88,10 @@ class Pregate(PrefetchPolicy):
                 f"use prefetch.predictor=modelled or prefetch.depth={min(tr.pregate or [1])}")
         self._modelled = bool(use_model)
         self.admit_on_use = knobs.admit == "on_use"
+        self.idle_only = knobs.idle_only
+        if knobs.chunks < 1:
+            raise UserError("prefetch.chunks must be >= 1")
+        self.yield_chunk_bytes = ctx.preset.expert_bytes / knobs.chunks if knobs.yield_to_demand else 0.0
         self.pred: dict[int, list] = {}
         if use_model:
             acc = self._accuracy(knobs.accuracy, ctx)
