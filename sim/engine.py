@@ -306,8 +306,11 @@ class Engine:
                     layer_hits += 1
                 elif trn is not None:  # loading: wait for that same transfer
                     if trn.started and trn.done_s <= self.t:
-                        ready.append(key)
                         layer_hits += 1
+                        if trn.tag[3]:  # arrived in a staging buffer: computed from it, then released
+                            waiting.append(trn)
+                        else:
+                            ready.append(key)
                     else:
                         waiting.append(trn)
                         if key in unused:
