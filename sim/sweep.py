@@ -1,0 +1,347 @@
+"""Sweeps: simulate every point of a grid of run configurations, in parallel, resumably (DESIGN 8).
+
+    from sim.sweep import run_sweep
+    res = run_sweep({"policy": ["baseline", "adapmoe"], "cache.slots": [32, 64], "hw": "rtx4090.yaml"},
+                    out="results/my-sweep", jobs=2)
+    res.table          # polars: one row per point (every config key, every summary.json key)
+
+A point is a full `run` (`sim.runner.simulate`) of one resolved RunConfig; its row holds the
+flattened config (`cache.slots`, `gating.T`, ...), every summary key, `point` (the key: a hash of
+the config and of the content of its inputs, `sim.sweep_grid.point_key`) and `error` (null, or
+why the point failed). Rows are in grid order. Folder layout and atomicity: `sim/sweep_store.py`;
+executors: `sim/sweep_exec.py`.
+
+Checks before anything runs (UserError, exit 2): an unknown key (the first point is parsed as a
+RunConfig: the message lists the valid keys), an empty value list, a bad range, a value that no
+point can use (for example a policy preset or knob that does not exist: every point holding it is
+invalid), a hardware profile or trace folder that does not exist, a folder of another sweep or
+format version. A combination that is invalid although each value is fine alone (a knob of one
+policy swept together with another policy) is a failed point, recorded and not run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sim.errors import UserError
+from sim.sweep_grid import flat_config, grid_size, input_fingerprint, parse_grid, point_key, points
+from sim.sweep_store import SWEEP_FORMAT, SweepStore, layers_frame, rows_to_frame
+
+EXECUTORS = ("local", "ray")
+SAVE_EVERY_S = 5.0  # rebuild sweep.parquet at most this often while points finish
+
+
+@dataclass
+class Point:
+    index: int
+    args: list[str]  # this point's key=value arguments
+    key: str = ""
+    config: Any = None  # resolved RunConfig (None if invalid)
+    flat: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # why the config is invalid (the point is then not run)
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    table: pl.DataFrame  # one row per point, grid order
+    layers: pl.DataFrame  # one row per (point, layer)
+    points: int
+    ran: int
+    skipped: int  # finished by an earlier run of the same sweep
+    failed: int
+    wall_s: float
+
+    @property
+    def points_per_s(self) -> float:
+        return self.ran / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def _value_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def normalise_grid(grid: dict[str, Any] | Iterable[str]) -> dict[str, list[str]]:
+    """A grid given as `key=values` strings or as a dict (scalar -> one value, list -> values)."""
+    if isinstance(grid, dict):
+        pairs = []
+        for k, v in grid.items():
+            values = [_value_text(x) for x in (list(v) if isinstance(v, (list, tuple, range)) else [v])]
+            if not values:
+                raise UserError(f"{k}= has an empty value list")
+            if any("," in x for x in values):
+                raise UserError(f"{k}: a value contains a comma; give the values as separate list items")
+            pairs.append(f"{k}=" + ",".join(values))
+        return parse_grid(pairs)
+    return parse_grid(list(grid))
+
+
+SECTIONS = ("gating", "prefetch", "cache", "placement")
+
+
+def _registry(sec: str) -> Any:
+    from policies import registry
+
+    return {"gating": registry.GATING, "prefetch": registry.PREFETCH, "cache": registry.CACHE,
+            "placement": registry.PLACEMENT}[sec]
+
+
+def _knob_names(sec: str, name: str) -> set[str]:
+    """The keys a section accepts with policy `name` (empty if the policy does not exist)."""
+    import dataclasses
+
+    from sim.config import CACHE_SIZE_KEYS
+
+    try:
+        schema = getattr(_registry(sec).get(name), "Knobs", None)
+    except UserError:
+        return set()
+    names = {f.name for f in dataclasses.fields(schema)} if schema is not None else set()
+    return names | {"name"} | (set(CACHE_SIZE_KEYS) if sec == "cache" else set())
+
+
+def _check_knobs(cfg: Any) -> None:
+    from sim.config import split_knobs
+
+    for sec in SECTIONS:
+        name, knobs = split_knobs(getattr(cfg, sec))
+        _registry(sec).knobs(name, knobs)
+
+
+def _drop_inapplicable(pts: list[Point], log: Callable[[str], None] | None) -> None:
+    """A policy knob that another point's policy accepts is dropped where it does not apply (a
+    product grid `policy=baseline,adapmoe gating.T=...` runs baseline once, with no `gating.T`); a
+    knob no point accepts stays, and fails the points (an unknown key: exit 2)."""
+    import dataclasses
+
+    accepts: dict[str, dict[str, set[str]]] = {sec: {} for sec in SECTIONS}  # sec -> policy -> keys
+    for p in pts:
+        if p.config is not None:
+            for sec in SECTIONS:
+                name = str(getattr(p.config, sec).get("name"))
+                if name not in accepts[sec]:
+                    accepts[sec][name] = _knob_names(sec, name)
+    somewhere = {sec: set().union(*accepts[sec].values()) for sec in SECTIONS}
+    notes: dict[str, None] = {}
+    for p in pts:
+        if p.config is None:
+            continue
+        changes = {}
+        for sec in SECTIONS:
+            section = getattr(p.config, sec)
+            drop = [k for k in section if k not in accepts[sec][str(section.get("name"))] and k in somewhere[sec]]
+            if drop:
+                changes[sec] = {k: v for k, v in section.items() if k not in drop}
+                for k in drop:
+                    notes.setdefault(f"{sec}.{k} does not apply to {sec} policy {section.get('name')!r} "
+                                     f"(policy={p.config.policy}): ignored at those points")
+        if changes:
+            p.config = dataclasses.replace(p.config, **changes)
+    if log:
+        for note in notes:
+            log(f"note: {note}")
+
+
+def plan(grid: dict[str, list[str]], log: Callable[[str], None] | None = None) -> list[Point]:
+    """Resolve every point's config and key; raise UserError for the bad inputs listed above."""
+    from sim.config import parse_run_config
+
+    pts = [Point(i, args) for i, args in enumerate(points(grid))]
+    first = pts[0]
+    first_cfg = parse_run_config(first.args)  # an unknown key or a badly typed value: exit 2 here
+    for p in pts:
+        try:
+            p.config = first_cfg if p is first else parse_run_config(p.args)
+        except UserError as err:
+            p.error = f"UserError: {err}"
+    _drop_inapplicable(pts, log)
+    for p in pts:
+        if p.config is not None:
+            try:
+                _check_knobs(p.config)
+            except UserError as err:
+                p.error = f"UserError: {err}"
+                p.config = None
+    _refuse_values_no_point_can_use(grid, pts)
+    fingerprints: dict[tuple[str, str], dict[str, str]] = {}
+    for p in pts:
+        if p.error is not None:
+            p.key = point_key({"args": p.args}, {}, SWEEP_FORMAT)
+            continue
+        p.flat = flat_config(p.config)
+        ident = (p.config.trace, p.config.hw)
+        if ident not in fingerprints:
+            fingerprints[ident] = _inputs(p.config)
+        p.key = point_key(p.flat, fingerprints[ident], SWEEP_FORMAT)
+    return pts
+
+
+def _inputs(cfg: Any) -> dict[str, str]:
+    from sim.runner import resolve_trace_path
+
+    if not resolve_trace_path(cfg.trace).is_dir():
+        raise UserError(f"trace={cfg.trace}: trace folder not found")
+    return input_fingerprint(cfg)  # loads the hardware profile: UserError if it does not exist
+
+
+def _refuse_values_no_point_can_use(grid: dict[str, list[str]], pts: list[Point]) -> None:
+    for key, values in grid.items():
+        for value in values:
+            arg = f"{key}={value}"
+            holders = [p for p in pts if arg in p.args]
+            if holders and all(p.error is not None for p in holders):
+                msg = holders[0].error.removeprefix("UserError: ")
+                raise UserError(msg if len(values) == 1 else f"{arg}: {msg}")
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def _record(p: Point, outcome: dict[str, Any]) -> dict[str, Any]:
+    return {"format": SWEEP_FORMAT, "key": p.key, "args": p.args, "config": p.flat,
+            "summary": outcome["summary"], "layers": outcome["layers"], "error": outcome["error"],
+            "wall_s": outcome.get("wall_s")}
+
+
+def _row(p: Point, rec: dict[str, Any] | None) -> dict[str, Any]:
+    if rec is None:  # invalid config: the grid values, typed
+        config = {a.partition("=")[0]: _typed(a.partition("=")[2]) for a in p.args}
+        return {"point": p.key, "error": p.error, **config}
+    return {"point": p.key, "error": rec["error"], **rec["config"], **(rec["summary"] or {})}
+
+
+def _typed(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if low in ("null", "none") else text
+
+
+def tables(pts: list[Point], records: dict[str, dict[str, Any]]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(sweep table, layers table) of the points finished so far (and the invalid ones), grid order.
+
+    Columns: `point`, `error`, the config keys (in order of first appearance), the summary keys.
+    """
+    rows, recs = [], []
+    config_cols: dict[str, None] = {}
+    summary_cols: dict[str, None] = {}
+    for p in pts:
+        rec = records.get(p.key)
+        if p.error is None and rec is None:
+            continue
+        row = _row(p, rec)
+        rows.append(row)
+        if rec is not None:
+            recs.append(rec)
+            config_cols.update(dict.fromkeys(rec["config"]))
+            summary_cols.update(dict.fromkeys(rec["summary"] or {}))
+        else:
+            config_cols.update(dict.fromkeys(k for k in row if k not in ("point", "error")))
+    columns = ["point", "error", *config_cols, *(k for k in summary_cols if k not in config_cols)]
+    return rows_to_frame(rows, columns), layers_frame(recs)
+
+
+def default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_sweep(grid: dict[str, Any] | Iterable[str], out: str | Path, *, executor: str = "local",
+              jobs: int | None = None, ray_address: str = "", progress: bool = True, report: bool = True,
+              baseline: str = "", extend: bool = False,
+              log: Callable[[str], None] | None = None) -> SweepResult:
+    """Run (or finish) the sweep of `grid` into folder `out`; see the module docstring."""
+    t0 = time.perf_counter()
+    if executor not in EXECUTORS:
+        raise UserError(f"unknown executor {executor!r}; known: {', '.join(EXECUTORS)}")
+    jobs = default_jobs() if jobs is None or jobs == 0 else jobs
+    if jobs < 1:
+        raise UserError(f"jobs must be >= 1 (0: one per CPU), got {jobs}")
+    if executor == "ray":
+        from sim.sweep_exec import import_ray
+
+        import_ray()  # refuse before any work when Ray is not installed
+    g = normalise_grid(grid)
+    pts = plan(g, log)
+    store = SweepStore(Path(out))
+    resumed = store.open(g, grid_size(g), extend=extend)
+    try:
+        return _run(pts, store, executor, jobs, ray_address, progress, report, baseline, resumed, t0, log)
+    finally:
+        store.close()
+
+
+def _run(pts, store, executor, jobs, ray_address, progress, report, baseline, resumed, t0, log) -> SweepResult:
+    from tqdm import tqdm
+
+    from sim import sweep_exec
+
+    wanted = {p.key for p in pts}
+    records = {k: r for k, r in store.load_points().items() if k in wanted and r.get("error") is None}
+    by_key: dict[str, Point] = {}
+    for p in pts:
+        if p.error is None and p.key not in records:
+            by_key.setdefault(p.key, p)  # the same config twice in a grid runs once
+    todo = [(k, p.config) for k, p in by_key.items()]
+    skipped = sum(1 for p in pts if p.key in records)
+    if log and resumed:
+        log(f"resuming {store.out}: {skipped} of {len(pts)} points already done")
+    if executor == "ray":  # before the bar, so that a bad address is refused with nothing started
+        ray = sweep_exec.import_ray()
+        started = sweep_exec.start_ray(ray, jobs, ray_address)
+    bar = tqdm(total=len(pts), initial=len(pts) - len(todo), desc="sweep", unit="pt", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    state = {"failed": 0, "saved": time.monotonic()}
+
+    def on_result(key: str, outcome: dict[str, Any]) -> None:
+        records[key] = store.save_point(_record(by_key[key], outcome))
+        if outcome["error"] is not None:
+            state["failed"] += 1
+            bar.set_postfix(failed=state["failed"])
+        bar.update(1)
+        if time.monotonic() - state["saved"] > SAVE_EVERY_S:
+            store.write_tables(*tables(pts, records))
+            state["saved"] = time.monotonic()
+
+    try:
+        if executor == "ray":
+            sweep_exec.run_ray(todo, jobs, ray_address, on_result)
+        else:
+            sweep_exec.run_local(todo, jobs, on_result)
+    finally:
+        bar.close()
+        if executor == "ray" and started:
+            ray.shutdown()
+        table, layers = tables(pts, records)
+        store.write_tables(table, layers)
+    if report:
+        from sim.sweep_report import write_report
+
+        write_report([store.out], store.out / "report.html", baseline=baseline)
+    n_failed = int(table["error"].is_not_null().sum()) if "error" in table.columns else 0
+    return SweepResult(out=store.out, table=table, layers=layers, points=len(pts), ran=len(todo),
+                       skipped=skipped, failed=n_failed, wall_s=time.perf_counter() - t0)
