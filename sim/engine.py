@@ -431,8 +431,13 @@ class Engine:
             while todo or outstanding:
                 while todo and len(outstanding) < self.opt.staging_buffers:
                     key = todo.pop(0)
-                    if key in self.inflight:
+                    self.link.advance(self.t)
+                    if key in self.inflight:  # already on its way (e.g. a prefetch from the last token)
                         outstanding.append(self.inflight[key])
+                        continue
+                    if cache.state[key] == RESIDENT:  # arrived meanwhile
+                        self.t += cost.expert_compute_s(counts[key])
+                        self.cache_policy.on_access(key, prompt[0])
                         continue
                     cache.pinned.update(tr_.key for tr_ in outstanding)
                     outstanding.append(self._load(key, DEMAND, prompt[0], layer))

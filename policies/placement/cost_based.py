@@ -21,6 +21,9 @@ class CostBased(PlacementPolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
+        from policies.placement.cpu_on_miss import require_host_experts
+
+        require_host_experts(ctx, "cost_based")
         cost = ctx.cost
         self.load_total_s = cost.load_s(cost.expert_bytes) + cost.expert_s
         self.cpu_s = cost.expert_compute_s(1, on_cpu=True)

@@ -3,13 +3,27 @@
 The CPU stream runs it with the profile's CPU figures (`hw.cpu`: memory bandwidth, FLOPs,
 overhead), in parallel with the device's work on resident experts; the layer ends when both are
 done. Activations moved to and from the host are small at batch 1 and are not modelled.
+Needs the offloaded experts in host memory (`expert_tier: host`); refused otherwise.
 """
 
-from policies.base import CPU, PlacementPolicy
+from policies.base import CPU, Context, PlacementPolicy
 from policies.registry import PLACEMENT
+from sim.errors import UserError
+
+
+def require_host_experts(ctx: Context, name: str) -> None:
+    """CPU placement computes an expert where it lives: that must be host memory, not storage."""
+    tier = getattr(ctx.hw, "expert_tier", "host")
+    if tier != "host":
+        raise UserError(f"placement {name!r} computes missed experts in host memory, but this hardware "
+                        f"profile keeps offloaded experts in {tier!r}; use placement.name=load")
 
 
 @PLACEMENT.register("cpu_on_miss")
 class CpuOnMiss(PlacementPolicy):
+    def __init__(self, knobs: object, ctx: Context):
+        super().__init__(knobs, ctx)
+        require_host_experts(ctx, "cpu_on_miss")
+
     def place(self, key: int, t: int, weight: float) -> str:
         return CPU
