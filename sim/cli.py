@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fisher-check": ("sim.commands.fisher_check", "validate Fisher sensitivities by really dropping experts"),
     "train-toy": ("sim.commands.train_toy", "train the bundled toy Mixtral-shaped MoE on CPU"),
     "stats": ("sim.commands.stats", "routing statistics of a trace (entropy, reuse, pre-gating accuracy)"),
+    "realrun": ("sim.commands.realrun", "replay a trace with real tensors and real copies (or a live checkpoint)"),
+    "calibrate": ("sim.commands.calibrate", "measure this machine and write a hardware profile"),
+    "confirm": ("sim.commands.confirm", "realrun beside run per policy arm: simulator error and ranking"),
     "sweep": ("sim.commands.sweep", "simulate a grid of configurations in parallel, resumably; table + report"),
     "report": ("sim.commands.report", "plotly HTML report of sweep and run folders (Pareto, speedup, timelines)"),
 }

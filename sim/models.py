@@ -126,6 +126,11 @@ PRESETS: dict[str, ModelPreset] = {
         _mk(name="gpt-oss-20b", layers=24, experts=32, top_k=4, hidden=2880, expert_width=2880, heads=64,
             kv_heads=8, head_dim=64, vocab=201088, expert_bias=True, bits=4.25, attn_bits=16,
             source="gpt-oss-20b config.json; MXFP4 experts (4 bits + one 8-bit scale per 32 = 4.25 bits)"),
+        _mk(name="mixtral-mini", layers=32, experts=8, top_k=2, hidden=512, expert_width=768, heads=8,
+            kv_heads=2, head_dim=64, vocab=32000, bits=32, attn_bits=32,
+            source="ours: Mixtral-8x7B's routing shape (32 layers, 8 experts, top-2) at hidden 512, expert "
+                   "width 768, float32 (4.7 MB per expert): what `confirm` replays on a small CPU machine, "
+                   "where a load from disk takes milliseconds (docs/fidelity.md)"),
         _mk(name="toy-mixtral", layers=32, experts=8, top_k=2, hidden=64, expert_width=128, heads=4,
             kv_heads=2, head_dim=16, vocab=256, source="this project's toy model (models/toy-mixtral)"),
     ]

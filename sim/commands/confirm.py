@@ -1,0 +1,104 @@
+"""`python -m sim confirm [profile=FILE | calibrate] [arms=a,b,...] [trace=DIR] [model=PRESET]
+[device=cpu|cuda] [store=disk|host] [slots=N] [tokens=N] [repeats=N] [out=DIR]`.
+
+Calibrates this machine (or uses `profile=`), then runs every policy arm for real and in the
+simulator on the same trace and prints, per arm, measured and simulated mean and p90 TPOT, stall
+share, hit rate and the errors; then the median and max absolute error over arms and whether the
+ranking agrees (Kendall tau). Writes `confirm.parquet`, `confirm.json`, `confirm.html`
+(simulated vs measured, with the y = x line), the profile used and each arm's results folders.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.1f}%"
+
+
+def print_table(rows: list[dict], v: dict) -> None:
+    head = (f"{'arm':28} {'TPOT mean meas/sim (ms)':>24} {'err':>7} {'TPOT p90 meas/sim (ms)':>24} {'err':>7} "
+            f"{'stall share meas/sim':>21} {'hit rate meas/sim':>18}")
+    print(head)
+    for r in rows:
+        print(f"{r['arm']:28} {r['measured_tpot_mean_s'] * 1e3:11.2f} / {r['simulated_tpot_mean_s'] * 1e3:9.2f} "
+              f"{_pct(r['error_tpot_mean_s']):>7} {r['measured_tpot_p90_s'] * 1e3:11.2f} / "
+              f"{r['simulated_tpot_p90_s'] * 1e3:9.2f} {_pct(r['error_tpot_p90_s']):>7} "
+              f"{r['measured_stall_share']:9.3f} / {r['simulated_stall_share']:9.3f} "
+              f"{r['measured_hit_rate']:8.3f} / {r['simulated_hit_rate']:7.3f}")
+    tau = "-" if v["kendall_tau"] is None else f"{v['kendall_tau']:.3f}"
+    print(f"mean TPOT error over {len(rows)} arms: median {v['median_abs_error_tpot_mean'] * 100:.1f}%, "
+          f"max {v['max_abs_error_tpot_mean'] * 100:.1f}%; p90 median {v['median_abs_error_tpot_p90'] * 100:.1f}%")
+    print(f"ranking by mean TPOT: Kendall tau {tau}, identical: {str(v['ranking_identical']).lower()}")
+    print(f"  measured : {' < '.join(v['ranking_measured'])}")
+    print(f"  simulated: {' < '.join(v['ranking_simulated'])}")
+
+
+def main(argv: list[str]) -> int:
+    import polars as pl
+    import yaml
+    from tqdm import tqdm
+
+    from sim import atomic
+    from sim.args import parse_args
+    from sim.commands.calibrate import write_profile
+    from sim.hardware import load_profile
+    from sim.realrun.build import RealOptions, check_options
+    from sim.realrun.confirm import ConfirmOptions, default_trace, figure_html, parse_arms, run_arms, verdict
+    from sim.results import default_out
+
+    argv = ["calibrate=true" if a == "calibrate" else a for a in argv]
+    opts = parse_args(ConfirmOptions, argv, allow_config_file=False)
+    check_options(RealOptions(device=opts.device, store=opts.store, threads=opts.threads))
+    arms = parse_arms(opts.arms, opts)
+    out = Path(opts.out) if opts.out else default_out("confirm")
+    atomic.check_new_dir(out)
+    trace, trace_desc = default_trace(opts)
+    t0 = time.perf_counter()
+    with atomic.new_dir(out) as tmp:
+        if opts.profile and not opts.calibrate:
+            hw = load_profile(opts.profile)
+            prof_note = f"given: {opts.profile}"
+        else:
+            from sim.realrun.calibrate import CalibrateOptions, calibrate
+
+            copts = CalibrateOptions(device=opts.device, store=opts.store, out=str(out / "profile.yaml"),
+                                     model=opts.model, repeats=opts.cal_repeats, store_dir=opts.store_dir,
+                                     threads=opts.threads, quick=opts.quick, progress=opts.progress)
+            cmd = "python -m sim confirm " + " ".join(argv) + " (calibrate step)"
+            prof, cal_rows = calibrate(copts, cmd)
+            write_profile(prof, tmp / "profile.yaml", f"# Measured by `{cmd}`.\n")
+            hw = load_profile(str(tmp / "profile.yaml"))
+            prof_note = "calibrated now (profile.yaml)"
+            for what, value, spread in cal_rows:
+                print(f"  {what:48} {value:30} {spread}", file=sys.stderr)
+        with tqdm(total=len(arms) * opts.repeats, desc="confirm arms", unit="run",
+                  disable=None if opts.progress else True) as bar:
+            results = run_arms(opts, arms, hw, trace, bar)
+        rows = [r for r, _, _ in results]
+        frame = pl.DataFrame(rows)
+        v = verdict(frame)
+        frame.write_parquet(tmp / "confirm.parquet")
+        from sim.realrun.run import write_real_results
+        from sim.results import write_results
+
+        for (row, real, sim) in results:
+            write_real_results(real, RealOptions(device=opts.device, store=row["store"]), tmp / row["arm"] / "realrun",
+                               report=False)
+            write_results(sim, tmp / row["arm"] / "sim", report=False)
+        meta = {"verdict": v, "profile": prof_note, "trace": trace_desc, "model": opts.model,
+                "device": opts.device, "store": opts.store, "slots": opts.slots, "tokens": opts.tokens,
+                "layers": opts.layers, "repeats": opts.repeats, "command": "python -m sim confirm " + " ".join(argv),
+                "wall_s": time.perf_counter() - t0}
+        (tmp / "confirm.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "confirm.html").write_text(figure_html(frame, f"confirm: simulated vs measured TPOT ({hw.name})"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump({"confirm": vars(opts)}, sort_keys=False))
+    print(f"confirm: {len(arms)} arms, model {opts.model}, trace {trace_desc}, {opts.tokens} decode tokens, "
+          f"profile {prof_note}, {time.perf_counter() - t0:.0f} s")
+    print_table(rows, v)
+    print(f"results: {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,55 @@
+"""`python -m sim realrun trace=DIR model=PRESET policy=... device=cpu|cuda store=disk|host [layers=N]
+[tokens=N] out=DIR [key=value ...]`: replay a trace with real tensors and real data movement.
+
+With `model=DIR` (a Mixtral-architecture checkpoint folder) it runs the live model instead: the
+real forward pass over held-out text with experts served from the offloaded store, and reports
+perplexity under the gating policy (`sim/realrun/live.py`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from sim.metrics import SUMMARY_KEYS
+
+REAL_KEYS = ("realrun_device", "realrun_store", "page_cache_cold_s", "page_cache_warm_s",
+             "page_cache_cold_again_s", "page_cache_not_a_page_cache_hit", "realrun_wall_s")
+
+
+def main(argv: list[str]) -> int:
+    from sim.atomic import check_new_dir
+    from sim.realrun.build import parse_realrun
+    from sim.results import default_out, summary_table
+
+    cfg, opts = parse_realrun(argv)
+    live = opts.live or Path(cfg.model).is_dir()
+    if live and not Path(cfg.model).is_dir():
+        from sim.errors import UserError
+        from sim.realrun.live import DEFAULT_MODEL
+
+        if not DEFAULT_MODEL.is_dir():
+            raise UserError(f"live=true needs model=DIR of a checkpoint (the toy model {DEFAULT_MODEL.name} is not built)")
+        cfg.model = str(DEFAULT_MODEL)
+    name = cfg.name or f"realrun-{cfg.policy}-{opts.device}-{opts.store}"
+    out = Path(cfg.out) if cfg.out else default_out(name)
+    check_new_dir(out)
+    t0 = time.perf_counter()
+    if live:
+        from sim.realrun.live import live_run, print_live, write_live
+
+        res = live_run(cfg, opts)
+        write_live(res, opts, out)
+        print_live(res)
+    else:
+        from sim.realrun.run import real_run, write_real_results
+
+        res = real_run(cfg, opts)
+        write_real_results(res, opts, out, report=cfg.report)
+        s = res.summary
+        print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
+              f"{s['expert_bytes'] / 1e6:.1f} MB, measured in {time.perf_counter() - t0:.1f} s")
+        print(summary_table(s, list(SUMMARY_KEYS) + [k for k in REAL_KEYS if k in s]))
+    print(f"results: {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,105 @@
+"""The compute device of a real run: the CPU, or one CUDA GPU.
+
+CPU: expert slots are ordinary tensors in RAM, the copy worker is a thread, compute runs on the
+main thread with `threads` intra-op threads (1 by default, so the copy worker keeps a core).
+CUDA: slots are device tensors, the store's host tier is pinned, copies run on their own stream
+and signal completion with events; compute runs on the default stream and is synchronised at
+the end of each token (and wherever a measured duration needs it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from sim.errors import UserError
+
+DEVICES = ("cpu", "cuda")
+
+
+def dtype_for(bits: float) -> torch.dtype:
+    """The float type that stores a weight of `bits` bits (the real run computes in floats)."""
+    if bits == 32:
+        return torch.float32
+    if bits == 16:
+        return torch.bfloat16
+    raise UserError(f"realrun computes with float weights: the preset's bits must be 32 or 16, got {bits:g} "
+                    "(use quant.bits=32 quant.group_size=0, or a float preset such as model=mixtral-mini)")
+
+
+class Backend:
+    """One device. `sync()` waits for queued device work (a no-op on the CPU)."""
+
+    def __init__(self, device: str, threads: int = 1):
+        if device not in DEVICES:
+            raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("device=cuda was requested but no CUDA GPU is available on this machine "
+                            "(use device=cpu)")
+        if threads < 1:
+            raise UserError(f"threads must be >= 1, got {threads}")
+        self.name = device
+        self.device = torch.device(device)
+        self.cuda = device == "cuda"
+        self.threads = threads
+        torch.set_num_threads(threads)
+        # the copy and CPU workers need the GIL promptly when a copy or a CPU expert ends
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
+        self.copy_stream = torch.cuda.Stream() if self.cuda else None
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Host memory for the offloaded tier (pinned on CUDA, so copies are real DMA)."""
+        return torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def describe(self) -> str:
+        if self.cuda:
+            return f"cuda: {torch.cuda.get_device_name(0)}"
+        return f"cpu: {cpu_name()}, {os.cpu_count()} logical CPUs, {self.threads} compute thread(s)"
+
+    def memory_bytes(self) -> float:
+        if self.cuda:
+            return float(torch.cuda.get_device_properties(0).total_memory)
+        return float(meminfo()["MemTotal"])
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (Linux); an empty dict elsewhere."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts:
+                    out[name] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    except OSError:
+        pass
+    return out
+
+
+def check_memory(nbytes: float, what: str) -> None:
+    """Refuse to allocate more than 80% of the memory the OS says is available."""
+    avail = meminfo().get("MemAvailable")
+    if avail is not None and nbytes > 0.8 * avail:
+        raise UserError(f"{what} needs {nbytes / 1e9:.2f} GB of memory but only {avail / 1e9:.2f} GB is "
+                        "available; use fewer cache.slots, fewer layers= or a smaller model preset")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

@@ -1,0 +1,121 @@
+"""Configuration of a real run: `RunConfig` (as `run`) plus the backend's own keys.
+
+`python -m sim realrun device=cpu store=disk layers=8 tokens=32 policy=adapmoe cache.slots=64`:
+the keys of `RealOptions` are taken out first, every other key is a `run` key validated by
+`parse_run_config`. Policies are built by the simulator's own `sim.runner.build_engine`, so a
+real run and a simulated run of one config use the very same policy classes, knobs and checks
+(trace/preset mismatch, a cache smaller than one layer's top-k, staging buffers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from sim import REPO_ROOT
+from sim.args import parse_args, split_pairs
+from sim.config import RunConfig, parse_run_config
+from sim.errors import UserError
+from sim.models import PRESETS, ModelPreset
+from sim.trace import ModelInfo, Trace
+
+STORES = ("disk", "host")
+
+
+@dataclass
+class RealOptions:
+    device: str = "cpu"  # cpu | cuda
+    store: str = "disk"  # disk (safetensors, page cache dropped) | host (host memory; pinned on CUDA)
+    layers: int = 0  # replay only the first N MoE layers (0: all)
+    tokens: int = 0  # decode at most N tokens (0: all; same as engine.max_tokens)
+    store_dir: str = ""  # where store=disk keeps its files (default results/realrun-store/<shape>)
+    threads: int = 1  # compute threads (CPU); 1 leaves a core to the copy worker
+    channels: int = 1  # copy workers (a link's channels)
+    weights_seed: int = 0  # random expert weights (synthetic runs)
+    progress: bool = True
+    # live-model mode (model=DIR of a checkpoint; live=true: the bundled toy model unless model= is a folder)
+    live: bool = False
+    text: str = ""  # held-out text file (default: the toy corpus's held-out split)
+    seqs: int = 4  # windows of held-out text
+    seq_len: int = 64  # tokens per window (teacher-forced, one token per forward, KV cache)
+    reference: bool = True  # also run the plain transformers model and compare logits bit for bit
+
+
+OWN_KEYS = {f.name for f in dataclasses.fields(RealOptions)}
+
+
+def parse_realrun(argv: list[str]) -> tuple[RunConfig, RealOptions]:
+    """Split `key=value` pairs into RealOptions and a resolved RunConfig."""
+    pairs = split_pairs(argv)
+    own = [p for p in pairs if p.split("=", 1)[0] in OWN_KEYS]
+    rest = [p for p in pairs if p.split("=", 1)[0] not in OWN_KEYS]
+    opts = parse_args(RealOptions, own, allow_config_file=False)
+    if not any(p.startswith("hw=") for p in rest) and (REPO_ROOT / "hwprofiles" / "local.yaml").is_file():
+        rest = ["hw=local", *rest]  # this machine's calibrated profile, when there is one
+    cfg = parse_run_config(rest)
+    check_options(opts)
+    if opts.tokens:
+        cfg.engine.max_tokens = opts.tokens
+    return cfg, opts
+
+
+def check_options(opts: RealOptions) -> None:
+    if opts.store not in STORES:
+        raise UserError(f"store must be one of {', '.join(STORES)}, got {opts.store!r}")
+    for name in ("layers", "tokens", "seqs", "seq_len"):
+        if getattr(opts, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(opts, name)}")
+    if opts.channels < 1:
+        raise UserError(f"channels must be >= 1, got {opts.channels}")
+    from sim.realrun.backend import Backend  # torch: only now
+
+    Backend(opts.device, opts.threads)  # device=cuda without a GPU is refused here
+
+
+def register_preset(preset: ModelPreset) -> str:
+    """Make `preset` loadable by name in this process (a sliced or checkpoint-derived preset)."""
+    have = PRESETS.get(preset.name)
+    if have is not None and have != preset:
+        raise UserError(f"model preset {preset.name!r} already exists with other sizes")
+    PRESETS[preset.name] = preset
+    return preset.name
+
+
+def slice_layers(trace: Trace, preset: ModelPreset, n: int) -> tuple[Trace, ModelPreset]:
+    """The first `n` MoE layers of a trace and the preset with `layers=n` (named `<preset>@L<n>`)."""
+    L = trace.model.layers
+    if n >= L:
+        return trace, preset
+    cut = lambda a: None if a is None else a[:, :n]  # noqa: E731
+    model = dataclasses.replace(trace.model, layers=n, moe_layer_ids=tuple(trace.model.moe_layer_ids[:n]))
+    sliced = dataclasses.replace(
+        trace, model=model, experts=cut(trace.experts), weights=cut(trace.weights), logits=cut(trace.logits),
+        pregate={d: a[:, :n] for d, a in trace.pregate.items()}, fisher=cut(trace.fisher),
+        sensitivity=None if trace.sensitivity is None else trace.sensitivity[:n])
+    return sliced, preset.with_overrides(name=f"{preset.name}@L{n}", layers=n)
+
+
+def with_layers(cfg: RunConfig, trace: Trace, preset: ModelPreset, layers: int) -> tuple[RunConfig, Trace]:
+    """cfg and trace restricted to `layers` MoE layers (0: unchanged)."""
+    if not layers or layers >= trace.model.layers:
+        return cfg, trace
+    trace, sliced = slice_layers(trace, preset, layers)
+    return dataclasses.replace(cfg, model=register_preset(sliced), quant=type(cfg.quant)()), trace
+
+
+def preset_of(cfg: RunConfig) -> ModelPreset:
+    from sim.models import load_preset
+
+    quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
+    return load_preset(cfg.model, **quant)
+
+
+def default_store_dir(tag: str) -> Path:
+    return Path("results") / "realrun-store" / tag
+
+
+def model_info_for(preset: ModelPreset) -> ModelInfo:
+    return ModelInfo(name=preset.name, layers=preset.layers, experts=preset.experts, top_k=preset.top_k,
+                     hidden=preset.hidden, expert_width=preset.expert_width,
+                     moe_layer_ids=tuple(range(preset.layers)))

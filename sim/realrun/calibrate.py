@@ -1,0 +1,424 @@
+"""`calibrate`: measure what a hardware profile needs on this machine, with the real-run code.
+
+Every figure is timed through the very code `realrun` executes, so the profile describes the
+machine as the real run sees it:
+  links      a copy of an expert-shaped transfer (3 matrices) by the copy worker, from submit to
+             the main thread waking up on its completion, for several sizes: fitted as
+             `latency_s + bytes / bandwidth_Bps` (least squares on relative error); disk reads
+             drop the page cache first, exactly as `realrun store=disk` does;
+  device     a batch-1 SwiGLU expert (4 kernels in the cost model) and the non-expert stand-in
+             GEMV (8 kernels), cold weights (cycled through more memory than the CPU caches hold),
+             several sizes, fitted jointly as `kernels * kernel_overhead_s + bytes / bandwidth`;
+             `matmul_flops` from a prefill-sized GEMM;
+  cpu        the same SwiGLU run by the CPU worker thread from host memory (placement=cpu),
+             submit-to-wake-up included;
+  contention the expert compute time while the copy worker copies without pause, over the time
+             alone: `shares_memory_bandwidth` is true when copies slow compute by more than 3%;
+  memory     /proc/meminfo (CPU) or the CUDA device's total and free memory.
+Each point is measured `repeats` times; the median is used and the spread (p10-p90 over the
+median) is printed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sim.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS
+from sim.errors import UserError
+from sim.realrun.backend import Backend, cpu_name, meminfo
+from sim.realrun.compute import CpuWorker, SlotPool
+from sim.realrun.link import DEMAND, CopyWorker
+from sim.realrun.store import HostStore, Layout, open_disk_store, random_fill
+
+CONTENTION_THRESHOLD = 1.03
+COLD_BYTES = 192 * 2**20  # cycle weights through this much memory (more than any CPU cache here)
+
+
+@dataclass
+class Series:
+    """Repeated timings of one operation at several sizes (bytes)."""
+
+    sizes: list[float] = field(default_factory=list)
+    runs: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, nbytes: float, times: list[float]) -> None:
+        self.sizes.append(float(nbytes))
+        self.runs.append(np.asarray(times, dtype=float))
+
+    @property
+    def medians(self) -> np.ndarray:
+        return np.array([np.median(r) for r in self.runs])
+
+    def spread(self) -> float:
+        """Largest (p90 - p10) / median over the sizes."""
+        return max(float((np.percentile(r, 90) - np.percentile(r, 10)) / np.median(r)) for r in self.runs)
+
+
+def fit_affine(groups: list[tuple[Series, float]]) -> tuple[float, float]:
+    """Fit t = k * a + bytes * b over series with per-series multipliers k (relative least squares).
+
+    Returns (a, b), a >= 0 (a fixed cost per kernel or per transfer), b > 0 (seconds per byte)."""
+    rows, rhs = [], []
+    for s, k in groups:
+        for x, t in zip(s.sizes, s.medians, strict=True):
+            rows.append([k / t, x / t])
+            rhs.append(1.0)
+    A, y = np.asarray(rows), np.asarray(rhs)
+    (a, b), *_ = np.linalg.lstsq(A, y, rcond=None)
+    if a < 0:  # no measurable fixed cost: slope only
+        a = 0.0
+        b = float(np.sum(A[:, 1] * y) / np.sum(A[:, 1] ** 2))
+    if not b > 0:
+        raise UserError("calibration failed: timings do not grow with size (is the machine overloaded?)")
+    return float(a), float(b)
+
+
+def expert_layout(nbytes: float, hidden: int, dtype: str, experts: int) -> Layout:
+    item = 4 if dtype == "float32" else 2
+    width = max(1, round(nbytes / (3 * hidden * item)))
+    return Layout(1, experts, ((width, hidden), (width, hidden), (hidden, width)), dtype)
+
+
+def _cold_copies(layout: Layout, backend: Backend) -> list[list[torch.Tensor]]:
+    n = int(min(512, max(4, math.ceil(COLD_BYTES / layout.expert_bytes))))
+    return [[torch.randn(s, dtype=torch.float32).mul_(0.02).to(layout.torch_dtype).to(backend.device)
+             for s in layout.shapes] for _ in range(n)]
+
+
+def _swiglu(x: torch.Tensor, m: list[torch.Tensor]) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.linear(F.silu(F.linear(x, m[0])) * F.linear(x, m[1]), m[2])
+
+
+def time_calls(fn: Callable[[int], None], repeats: int, backend: Backend, warm: int = 3) -> list[float]:
+    for i in range(warm):
+        fn(i)
+    backend.sync()
+    out = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(i)
+        backend.sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+class Calibrator:
+    """Runs the measurements; `bar` is a tqdm bar advanced once per measured point."""
+
+    def __init__(self, backend: Backend, sizes: list[float], hidden: int, dtype: str, repeats: int,
+                 store_dir: Path, bar):
+        self.b, self.sizes, self.H, self.dtype, self.repeats = backend, sizes, hidden, dtype, repeats
+        self.store_dir, self.bar = store_dir, bar
+
+    def _step(self, what: str) -> None:
+        self.bar.set_postfix_str(what)
+        self.bar.update()
+
+    # ------------------------------------------------------------------ links
+    def link(self, kind: str) -> Series:
+        s = Series()
+        for nbytes in self.sizes:
+            layout = expert_layout(nbytes, self.H, self.dtype, experts=8)
+            fill = random_fill(layout, 0)
+            if kind == "disk":
+                tag = f"calibrate-{layout.shapes[0][0]}x{self.H}-{self.dtype}"
+                store = open_disk_store(self.store_dir / tag, layout, self.b, fill, "random seed 0", progress=False)
+            else:
+                store = HostStore(layout, self.b, fill)
+            pool = SlotPool(self.b, layout, 1)
+            worker = CopyWorker(store, pool, time.perf_counter)
+
+            def copy(i: int, worker=worker, layout=layout) -> None:
+                tr = worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, None, 0)
+                worker.wait(tr)
+                worker.advance()
+
+            s.add(layout.expert_bytes, time_calls(copy, self.repeats, self.b))
+            worker.close()
+            store.close()
+            self._step(f"{kind} {layout.expert_bytes / 1e6:.2f} MB")
+        return s
+
+    # ------------------------------------------------------------------ compute
+    def expert(self) -> Series:
+        s = Series()
+        x = torch.randn((1, self.H)).to(self.b.device, Layout(1, 1, (), self.dtype).torch_dtype)
+        for nbytes in self.sizes:
+            layout = expert_layout(nbytes, self.H, self.dtype, 1)
+            copies = _cold_copies(layout, self.b)
+            s.add(layout.expert_bytes, time_calls(lambda i, c=copies: _swiglu(x, c[i % len(c)]), self.repeats, self.b))
+            del copies
+            self._step(f"expert {layout.expert_bytes / 1e6:.2f} MB")
+        return s
+
+    def stand_in(self) -> Series:
+        import torch.nn.functional as F
+
+        s = Series()
+        dtype = Layout(1, 1, (), self.dtype).torch_dtype
+        x = torch.randn((1, self.H)).to(self.b.device, dtype)
+        for nbytes in self.sizes:
+            rows = max(1, round(nbytes / (self.H * x.element_size())))
+            n = int(min(512, max(4, math.ceil(COLD_BYTES / nbytes))))
+            ws = [torch.randn((rows, self.H)).to(self.b.device, dtype) for _ in range(n)]
+            s.add(rows * self.H * x.element_size(),
+                  time_calls(lambda i, ws=ws: F.linear(x, ws[i % len(ws)]), self.repeats, self.b))
+            del ws
+            self._step(f"stand-in {nbytes / 1e6:.2f} MB")
+        return s
+
+    def matmul_flops(self, on_cpu: bool = False, tokens: int = 256, width: int = 2048) -> tuple[float, float]:
+        import torch.nn.functional as F
+
+        dtype = Layout(1, 1, (), self.dtype).torch_dtype
+        dev = torch.device("cpu") if on_cpu else self.b.device
+        x = torch.randn((tokens, self.H)).to(dev, dtype)
+        w = torch.randn((width, self.H)).to(dev, dtype)
+        t = time_calls(lambda i: F.linear(x, w), max(5, self.repeats // 2), _CPU if on_cpu else self.b)
+        self._step("matmul")
+        med = float(np.median(t))
+        return 2.0 * tokens * self.H * width / med, float((np.percentile(t, 90) - np.percentile(t, 10)) / med)
+
+    def cpu_expert(self) -> Series:
+        s = Series()
+        worker = CpuWorker()
+        x = torch.randn((1, self.H)).to(Layout(1, 1, (), self.dtype).torch_dtype)
+        for nbytes in self.sizes:
+            layout = expert_layout(nbytes, self.H, self.dtype, 1)
+            copies = _cold_copies(layout, _CPU)  # host memory, where the CPU worker computes
+
+            def job(i: int, c=copies) -> None:
+                worker.submit([(0, lambda: _swiglu(x, c[i % len(c)]))])
+                worker.wait()
+
+            s.add(layout.expert_bytes, time_calls(job, self.repeats, self.b))
+            del copies
+            self._step(f"cpu expert {layout.expert_bytes / 1e6:.2f} MB")
+        worker.close()
+        return s
+
+    # ------------------------------------------------------------------ contention
+    def contention(self, kind: str, nbytes: float) -> tuple[float, float, float]:
+        """(slowdown of expert compute while the copy worker is busy, its spread, copy slowdown)."""
+        layout = expert_layout(nbytes, self.H, self.dtype, experts=8)
+        fill = random_fill(layout, 0)
+        if kind == "disk":
+            tag = f"calibrate-{layout.shapes[0][0]}x{self.H}-{self.dtype}"
+            store = open_disk_store(self.store_dir / tag, layout, self.b, fill, "random seed 0", progress=False)
+        else:
+            store = HostStore(layout, self.b, fill)
+        pool = SlotPool(self.b, layout, 2)
+        worker = CopyWorker(store, pool, time.perf_counter)
+        copies = _cold_copies(expert_layout(nbytes, self.H, self.dtype, 1), self.b)
+        x = torch.randn((1, self.H)).to(self.b.device, layout.torch_dtype)
+        n = max(20, self.repeats * 2)
+
+        def compute(i: int) -> None:
+            _swiglu(x, copies[i % len(copies)])
+
+        alone = np.median(time_calls(compute, n, self.b))
+        copy_alone = self._copy_time(worker, layout, busy=None)
+        queued = [worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, None, i % 2) for i in range(2)]
+        together = []
+        for i in range(n):
+            if len(queued) < 2 or queued[-2].done:  # keep the copy worker busy without pause
+                queued.append(worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, None, i % 2))
+            t0 = time.perf_counter()
+            compute(i)
+            self.b.sync()
+            together.append(time.perf_counter() - t0)
+        for tr in queued:
+            worker.wait(tr)
+        copy_busy = self._copy_time(worker, layout, busy=lambda i: compute(i))
+        worker.close()
+        store.close()
+        self._step("contention")
+        t = np.asarray(together)
+        return (float(np.median(t) / alone), float((np.percentile(t, 90) - np.percentile(t, 10)) / np.median(t)),
+                float(copy_busy / copy_alone))
+
+    def _copy_time(self, worker: CopyWorker, layout: Layout, busy: Callable[[int], None] | None) -> float:
+        """Median copy duration, alone or with the main thread computing without pause."""
+        times = []
+        for r in range(max(5, self.repeats // 2)):
+            tr = worker.submit(r % layout.experts, layout.expert_bytes, DEMAND, None, 0)
+            i = 0
+            while busy is not None and not tr.done:
+                busy(i)
+                i += 1
+            worker.wait(tr)
+            worker.advance()
+            times.append(tr.done_s - tr.start_s)
+        return float(np.median(times))
+
+
+class _CpuBackend:
+    device = torch.device("cpu")
+    cuda = False
+
+    def sync(self) -> None:
+        pass
+
+
+_CPU = _CpuBackend()
+
+
+def memory_facts(backend: Backend) -> dict[str, float]:
+    mi = meminfo()
+    host = float(mi.get("MemTotal", 0))
+    if backend.cuda:
+        free, total = torch.cuda.mem_get_info()
+        return {"device": float(total), "host": host, "reserve": float(total - free)}
+    return {"device": host, "host": host, "reserve": float(host - mi.get("MemAvailable", host))}
+
+
+def describe_machine(backend: Backend) -> str:
+    return f"{backend.describe()}; {cpu_name()}"
+
+
+def today() -> str:
+    return dt.date.today().isoformat()
+
+
+# ------------------------------------------------------------------ the profile
+@dataclass
+class CalibrateOptions:
+    device: str = "cpu"  # cpu | cuda
+    store: str = "disk"  # disk: measure the disk and host memory; host: host memory only
+    out: str = "hwprofiles/local.yaml"
+    name: str = "local"
+    model: str = ""  # a model preset: its expert size is among the measured sizes, its hidden is used
+    hidden: int = 512  # SwiGLU hidden size of the measured experts (without model=)
+    sizes: str = ""  # expert sizes in bytes, comma-separated (default 0.25, 1, 4, 16 MB)
+    repeats: int = 15
+    store_dir: str = ""  # disk calibration files (default results/realrun-store/)
+    threads: int = 1
+    quick: bool = False  # small sizes, few repeats (tests)
+    progress: bool = True
+
+
+def plan_sizes(opts: CalibrateOptions) -> tuple[list[float], int, str]:
+    """(expert sizes in bytes, hidden, dtype) to measure."""
+    hidden, dtype, extra = opts.hidden, "float32", []
+    if opts.model:
+        from sim.models import load_preset
+        from sim.realrun.run import synthetic_layout
+
+        preset = load_preset(opts.model)
+        layout = synthetic_layout(preset)
+        hidden, dtype, extra = preset.hidden, layout.dtype, [float(layout.expert_bytes)]
+    if opts.sizes:
+        try:
+            sizes = [float(x) for x in opts.sizes.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"sizes must be numbers of bytes separated by commas, got {opts.sizes!r}") from None
+    elif opts.quick:
+        sizes = [64e3, 256e3, 1e6]
+    else:
+        sizes = [0.25e6, 1e6, 4e6, 16e6]
+    sizes = sorted(set(sizes + extra))
+    if len(sizes) < 2 or min(sizes) <= 0:
+        raise UserError("calibrate needs at least two positive sizes")
+    if opts.repeats < 3:
+        raise UserError(f"repeats must be >= 3, got {opts.repeats}")
+    return sizes, hidden, dtype
+
+
+def calibrate(opts: CalibrateOptions, command: str) -> tuple[dict, list[tuple[str, str, str]]]:
+    """Measure; returns (profile mapping ready for YAML, printable rows (what, value, spread))."""
+    from tqdm import tqdm
+
+    from sim.realrun.build import RealOptions, check_options, default_store_dir
+
+    check_options(RealOptions(device=opts.device, store=opts.store, threads=opts.threads))
+    backend = Backend(opts.device, opts.threads)
+    sizes, hidden, dtype = plan_sizes(opts)
+    repeats = min(opts.repeats, 5) if opts.quick else opts.repeats
+    kinds = ["disk", "host"] if opts.store == "disk" else ["host"]
+    store_dir = Path(opts.store_dir) if opts.store_dir else default_store_dir("").parent
+    ref = max(s for s in sizes if s <= 16e6) if any(s <= 16e6 for s in sizes) else sizes[0]
+    total = len(kinds) * (len(sizes) + 1) + 3 * len(sizes) + 1 + int(backend.cuda)
+    with tqdm(total=total, desc="calibrate", unit="point", disable=None if opts.progress else True) as bar:
+        cal = Calibrator(backend, sizes, hidden, dtype, repeats, store_dir, bar)
+        links = {k: cal.link(k) for k in kinds}
+        expert, stand_in = cal.expert(), cal.stand_in()
+        flops, flops_spread = cal.matmul_flops()
+        cpu_flops = cal.matmul_flops(on_cpu=True)[0] if backend.cuda else flops
+        cpu = cal.cpu_expert()
+        contention = {k: cal.contention(k, ref) for k in kinds}
+    src = f"measured: {command}, {today()}"
+    rows: list[tuple[str, str, str]] = []
+    ovh, spb = fit_affine([(expert, N_EXPERT_KERNELS), (stand_in, N_ATTN_KERNELS)])
+    c_ovh, c_spb = fit_affine([(cpu, N_EXPERT_KERNELS)])
+
+    def num(value: float, detail: str) -> dict:
+        return {"value": float(value), "source": f"{src}; {detail}"}
+
+    prof: dict = {
+        "name": opts.name,
+        "description": (f"this machine as calibrate measured it ({describe_machine(backend)}); device={opts.device}, "
+                        f"experts offloaded to {'disk (page cache dropped before each read)' if opts.store == 'disk' else 'host memory'}; "
+                        f"copies by one copy worker"),
+        "unified_memory": not backend.cuda,
+        "expert_tier": "storage" if opts.store == "disk" else "host",
+    }
+    sz = ", ".join(f"{s / 1e6:.3g}" for s in sizes)
+    prof["device"] = {
+        "memory_bandwidth_Bps": num(1 / spb, f"batch-1 SwiGLU expert and stand-in GEMV, cold weights, {sz} MB, "
+                                             f"{repeats} repeats each, medians fitted jointly (spread up to "
+                                             f"{max(expert.spread(), stand_in.spread()):.0%})"),
+        "matmul_flops": num(flops, f"GEMM 256 x {hidden} x 2048, median (spread {flops_spread:.0%})"),
+        "kernel_overhead_s": num(ovh, f"fixed cost of the same fit, per kernel ({N_EXPERT_KERNELS} per expert, "
+                                      f"{N_ATTN_KERNELS} per layer's non-expert work)"),
+    }
+    prof["cpu"] = {
+        "memory_bandwidth_Bps": num(1 / c_spb, f"SwiGLU expert run by the CPU worker thread from host memory, "
+                                               f"{sz} MB (spread up to {cpu.spread():.0%})"),
+        "matmul_flops": num(cpu_flops, f"GEMM 256 x {hidden} x 2048 on the host CPU, median"),
+        "kernel_overhead_s": num(c_ovh, f"fixed cost of the same fit per kernel ({N_EXPERT_KERNELS} per expert), "
+                                        "thread hand-off included"),
+    }
+    mem = memory_facts(backend)
+    prof["device_memory_bytes"] = num(mem["device"], "/proc/meminfo MemTotal" if not backend.cuda
+                                      else "torch.cuda.mem_get_info total")
+    prof["host_memory_bytes"] = num(mem["host"], "/proc/meminfo MemTotal")
+    prof["memory_reserve_bytes"] = num(mem["reserve"], "memory in use by others when calibrated "
+                                                       "(MemTotal - MemAvailable; CUDA: total - free)")
+    prof["expert_cache_bytes"] = None
+    prof["links"] = {}
+    rows.append(("device GEMV bandwidth", f"{1 / spb / 1e9:.2f} GB/s", f"{max(expert.spread(), stand_in.spread()):.0%}"))
+    rows.append(("device kernel overhead", f"{ovh * 1e6:.1f} us", ""))
+    rows.append(("device matmul", f"{flops / 1e9:.1f} GFLOP/s", f"{flops_spread:.0%}"))
+    rows.append(("cpu-worker GEMV bandwidth", f"{1 / c_spb / 1e9:.2f} GB/s", f"{cpu.spread():.0%}"))
+    rows.append(("cpu-worker overhead", f"{c_ovh * 1e6:.1f} us", ""))
+    for kind, series in links.items():
+        lat, spb_l = fit_affine([(series, 1.0)])
+        name = "storage_to_device" if kind == "disk" else "host_to_device"
+        what = ("safetensors reads after posix_fadvise(DONTNEED), by the copy worker thread" if kind == "disk"
+                else "host -> slot copies by the copy worker" + (" (pinned, own CUDA stream)" if backend.cuda else ""))
+        prof["links"][name] = {
+            "bandwidth_Bps": num(1 / spb_l, f"{what}; expert-shaped copies of {sz} MB, {repeats} repeats, "
+                                            f"medians fitted as latency + bytes / bandwidth (spread up to {series.spread():.0%})"),
+            "latency_s": num(lat, "fixed cost of the same fit: submit to wake-up of the waiting thread"),
+            "channels": num(1, "one copy worker (channels = 1 by construction of realrun)"),
+            "shares_memory_bandwidth": bool(contention[kind][0] > CONTENTION_THRESHOLD),
+        }
+        rows.append((f"{name} bandwidth", f"{1 / spb_l / 1e9:.3f} GB/s", f"{series.spread():.0%}"))
+        rows.append((f"{name} latency", f"{lat * 1e6:.0f} us", ""))
+        for s, m in zip(series.sizes, series.medians, strict=True):
+            rows.append((f"  {name} {s / 1e6:.3g} MB", f"{m * 1e3:.3f} ms", ""))
+        slow, slow_spread, copy_slow = contention[kind]
+        rows.append((f"compute slowdown while {name} copies", f"{slow:.3f}x -> shares_memory_bandwidth="
+                     f"{str(slow > CONTENTION_THRESHOLD).lower()}", f"{slow_spread:.0%}"))
+        rows.append((f"{name} copy slowdown while computing", f"{copy_slow:.3f}x", ""))
+    return prof, rows

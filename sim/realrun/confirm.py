@@ -1,0 +1,182 @@
+"""`confirm`: run each policy arm for real (`realrun`) and in the simulator (`run`) on the same
+trace, preset, cache size and calibrated profile; report the simulator's error and whether it
+ranks the arms as the machine does.
+
+Arms (`arms=a,b,...`): a policy preset name (`policy=<name>`), or one of
+    half          the first arm's policy with half the cache (`cache.slots / 2`)
+    cpu_on_miss   baseline (top-k, global LRU, no prefetch) with missed experts computed by the
+                  CPU from host memory (Fiddler); it runs with `store=host`, where such a
+                  system keeps its experts (the profile's host_to_device link describes it)
+Decode only (`engine.prefill=false`): each arm starts with an empty cache and decodes `tokens`
+tokens. With `repeats` > 1 the real runs go round-robin over the arms and each arm's measured
+figures are the medians over its repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from sim import REPO_ROOT
+from sim.config import parse_run_config
+from sim.errors import UserError
+from sim.hardware import HardwareProfile
+
+DEFAULT_ARMS = "baseline,mixtral_offloading,adapmoe,half,cpu_on_miss"
+METRICS = ("tpot_mean_s", "tpot_p90_s", "stall_share", "hit_rate")
+
+
+@dataclass
+class ConfirmOptions:
+    profile: str = ""  # a profile to use; empty: calibrate first (or calibrate=true)
+    calibrate: bool = False
+    arms: str = DEFAULT_ARMS
+    trace: str = ""  # default: traces/toy when bundled, else a seeded synthetic Mixtral-shaped trace
+    model: str = "mixtral-mini"
+    device: str = "cpu"
+    store: str = "disk"
+    slots: int = 64  # cache.slots of the arms (half: slots / 2)
+    tokens: int = 64  # decode tokens per arm
+    layers: int = 0  # replay only the first N MoE layers (0: all)
+    repeats: int = 1
+    seed: int = 0
+    out: str = ""
+    store_dir: str = ""
+    threads: int = 1
+    quick: bool = False  # a quick calibration (tests)
+    cal_repeats: int = 15
+    progress: bool = True
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: list[str]
+    store: str
+
+
+def parse_arms(spec: str, opts: ConfirmOptions) -> list[Arm]:
+    from policies.presets import PRESETS
+
+    names = [a.strip() for a in spec.split(",") if a.strip()]
+    if len(names) < 2:
+        raise UserError("confirm needs at least two arms (arms=a,b,...) to compare a ranking")
+    out, first = [], None
+    for name in names:
+        if name == "half":
+            base = first or "baseline"
+            out.append(Arm(f"{base}_half_cache", [f"policy={base}", f"cache.slots={max(1, opts.slots // 2)}"],
+                           opts.store))
+        elif name == "cpu_on_miss":
+            out.append(Arm("cpu_on_miss", ["policy=baseline", "placement.name=cpu_on_miss"], "host"))
+        elif name in PRESETS:
+            out.append(Arm(name, [f"policy={name}"], opts.store))
+            first = first or name
+        else:
+            raise UserError(f"unknown arm {name!r}; arms are policy presets ({', '.join(sorted(PRESETS))}), "
+                            "half or cpu_on_miss")
+    if len({a.name for a in out}) != len(out):
+        raise UserError("the same arm is listed twice")
+    return out
+
+
+def profile_for(hw: HardwareProfile, store: str) -> HardwareProfile:
+    """The profile with its expert tier set to where the arm keeps its experts."""
+    tier = "storage" if store == "disk" else "host"
+    if f"{tier}_to_device" not in hw.links:
+        raise UserError(f"profile {hw.name} has no {tier}_to_device link, needed for store={store} "
+                        "(calibrate with store=disk measures both the disk and host memory)")
+    return dataclasses.replace(hw, expert_tier=tier)
+
+
+def default_trace(opts: ConfirmOptions):
+    """(trace, description): traces/toy when bundled, else a synthetic Mixtral-shaped trace."""
+    from sim.runner import load_trace
+
+    if opts.trace:
+        return load_trace(opts.trace), opts.trace
+    if (REPO_ROOT / "traces" / "toy" / "meta.yaml").is_file():
+        return load_trace("traces/toy"), "traces/toy"
+    from sim.synthetic import random_trace
+
+    tr = random_trace(np.random.default_rng(opts.seed), tokens=max(opts.tokens, 1), layers=32, experts=8,
+                      top_k=2, locality=0.5, pregate_depth=2, name="synthetic-mixtral")
+    return tr, f"synthetic (sim.synthetic.random_trace, seed {opts.seed}, locality 0.5)"
+
+
+def run_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace, bar=None) -> list[dict[str, Any]]:
+    """Simulate and really run every arm; one row of figures per arm."""
+    from sim.realrun.build import RealOptions, preset_of, with_layers
+    from sim.realrun.run import real_run
+    from sim.runner import simulate
+
+    base = [f"model={opts.model}", "engine.prefill=false", f"engine.max_tokens={opts.tokens}",
+            f"cache.slots={opts.slots}", f"seed={opts.seed}", "report=false"]
+    plans = []
+    for arm in arms:
+        cfg = parse_run_config(base + arm.overrides)
+        hw_arm = profile_for(hw, arm.store)
+        cfg2, tr = with_layers(cfg, trace, preset_of(cfg), opts.layers)
+        sim = simulate(cfg2, trace=tr, hw=hw_arm)
+        ropts = RealOptions(device=opts.device, store=arm.store, threads=opts.threads, store_dir=opts.store_dir,
+                            progress=opts.progress)
+        plans.append((arm, cfg2, tr, hw_arm, sim, ropts))
+    measured: dict[str, list] = {arm.name: [] for arm in arms}
+    for _ in range(opts.repeats):
+        for arm, cfg2, tr, hw_arm, _sim, ropts in plans:
+            measured[arm.name].append(real_run(cfg2, ropts, trace=tr, hw=hw_arm))
+            if bar is not None:
+                bar.update()
+    rows = []
+    for arm, _cfg2, _tr, _hw, sim, _ropts in plans:
+        runs = measured[arm.name]
+        row: dict[str, Any] = {"arm": arm.name, "store": arm.store, "config": " ".join(arm.overrides),
+                               "cache_slots": sim.summary["cache_slots"], "tokens": sim.summary["tokens_decode"]}
+        for m in METRICS:
+            real_v = float(np.median([r.summary[m] for r in runs]))
+            sim_v = float(sim.summary[m])
+            row[f"measured_{m}"] = real_v
+            row[f"simulated_{m}"] = sim_v
+            row[f"error_{m}"] = (sim_v - real_v) / real_v if m.startswith("tpot") else sim_v - real_v
+        row["measured_tpot_mean_s_spread"] = (float(np.ptp([r.summary["tpot_mean_s"] for r in runs]) / row["measured_tpot_mean_s"])
+                                              if len(runs) > 1 else None)
+        row["measured_demand_loads_per_token"] = float(np.median([r.summary["demand_loads_per_token"] for r in runs]))
+        row["simulated_demand_loads_per_token"] = float(sim.summary["demand_loads_per_token"])
+        rows.append((row, runs[-1], sim))
+    return rows
+
+
+def verdict(frame: pl.DataFrame) -> dict[str, Any]:
+    from scipy.stats import kendalltau
+
+    err = np.abs(frame["error_tpot_mean_s"].to_numpy())
+    meas, sim = frame["measured_tpot_mean_s"].to_numpy(), frame["simulated_tpot_mean_s"].to_numpy()
+    tau = float(kendalltau(meas, sim).statistic) if len(meas) > 1 else float("nan")
+    same = list(np.argsort(meas, kind="stable")) == list(np.argsort(sim, kind="stable"))
+    return {"median_abs_error_tpot_mean": float(np.median(err)), "max_abs_error_tpot_mean": float(err.max()),
+            "median_abs_error_tpot_p90": float(np.median(np.abs(frame["error_tpot_p90_s"].to_numpy()))),
+            "kendall_tau": tau if not math.isnan(tau) else None, "ranking_identical": bool(same),
+            "ranking_measured": [frame["arm"][int(i)] for i in np.argsort(meas, kind="stable")],
+            "ranking_simulated": [frame["arm"][int(i)] for i in np.argsort(sim, kind="stable")]}
+
+
+def figure_html(frame: pl.DataFrame, title: str) -> str:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    hi = 0.0
+    for m, sym in (("tpot_mean_s", "circle"), ("tpot_p90_s", "diamond")):
+        x = frame[f"measured_{m}"].to_numpy() * 1e3
+        y = frame[f"simulated_{m}"].to_numpy() * 1e3
+        hi = max(hi, float(x.max()), float(y.max()))
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers+text", text=frame["arm"].to_list(), textposition="top center",
+                                 marker={"symbol": sym, "size": 10}, name=m.replace("_s", " (ms)")))
+    fig.add_trace(go.Scatter(x=[0, hi * 1.1], y=[0, hi * 1.1], mode="lines", name="y = x",
+                             line={"dash": "dash", "color": "gray"}))
+    fig.update_layout(title=title, xaxis_title="measured (ms)", yaxis_title="simulated (ms)", template="plotly_white")
+    return fig.to_html(include_plotlyjs="cdn", full_html=True)

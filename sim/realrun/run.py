@@ -1,0 +1,140 @@
+"""`realrun` on a trace: random weights of the preset's shapes, real copies, real compute.
+
+`real_run(cfg, opts)` returns a `sim.runner.RunResult` with the simulator's frames and summary
+keys (plus `realrun_*` facts: device, store, the page-cache check), so `run` and `realrun` results
+folders read the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim import atomic
+from sim.config import RunConfig
+from sim.errors import UserError
+from sim.hardware import HardwareProfile, load_profile
+from sim.metrics import summarize
+from sim.realrun.backend import Backend, check_memory, dtype_for
+from sim.realrun.build import RealOptions, default_store_dir, preset_of, with_layers
+from sim.realrun.compute import CpuWorker, RandomKernels, SlotPool
+from sim.realrun.engine import RealEngine
+from sim.realrun.store import DiskStore, HostStore, Layout, open_disk_store, random_fill
+from sim.runner import RunResult, build_engine, load_trace
+from sim.trace import Trace
+
+
+def synthetic_layout(preset) -> Layout:
+    dtype = dtype_for(preset.bits)
+    if preset.group_size or preset.expert_bias:
+        raise UserError(f"realrun needs plain float experts; preset {preset.name!r} has quantisation groups "
+                        "or biases (use quant.group_size=0, or model=mixtral-mini)")
+    if preset.attn_bits != preset.bits:
+        raise UserError(f"realrun computes everything in one float type: the preset's attn_bits "
+                        f"({preset.attn_bits:g}) must equal its bits ({preset.bits:g})")
+    H, W = preset.hidden, preset.expert_width
+    names = {32: "float32", 16: "bfloat16"}
+    layout = Layout(preset.layers, preset.experts, ((W, H), (W, H), (H, W)), names[int(preset.bits)])
+    assert layout.expert_bytes == preset.expert_bytes and dtype == layout.torch_dtype
+    return layout
+
+
+def open_store(opts: RealOptions, layout: Layout, backend: Backend, fill, fill_id: str, tag: str):
+    if opts.store == "host":
+        check_memory(layout.total_bytes, "store=host (every expert in host memory)")
+        return HostStore(layout, backend, fill)
+    folder = Path(opts.store_dir) if opts.store_dir else default_store_dir(tag)
+    return open_disk_store(folder, layout, backend, fill, fill_id, progress=opts.progress)
+
+
+def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
+             hw: HardwareProfile | None = None) -> RunResult:
+    backend = Backend(opts.device, opts.threads)
+    hw = hw if hw is not None else load_profile(cfg.hw)
+    trace = trace if trace is not None else load_trace(cfg.trace)
+    cfg, trace = with_layers(cfg, trace, preset_of(cfg), opts.layers)
+    sim_engine, info = build_engine(cfg, trace, hw)  # the simulator's policies, plan and checks
+    preset = sim_engine.ctx.preset
+    layout = synthetic_layout(preset)
+    placement = sim_engine.placement
+    if not placement.always_load and opts.store != "host":
+        raise UserError(f"placement {placement.name!r} computes missed experts on the CPU where they live: "
+                        "use store=host (experts in host memory, as Fiddler keeps them)")
+    slots, staging = info["cache_slots"], sim_engine.opt.staging_buffers
+    n_buf = slots + 2 * staging  # + spare buffers for dropped staged prefetches still in flight
+    if not backend.cuda:
+        check_memory(n_buf * layout.expert_bytes, f"a cache of {slots} slots + {2 * staging} staging buffers")
+    tag = f"{preset.name}-{layout.layers}x{layout.experts}-{preset.hidden}x{preset.expert_width}-{layout.dtype}"
+    tag += f"-seed{opts.weights_seed}"
+    store = open_store(opts, layout, backend, random_fill(layout, opts.weights_seed),
+                       f"random seed {opts.weights_seed}", tag)
+    pool = SlotPool(backend, layout, n_buf)
+    max_ctx = int(trace.pos.max()) + 2 if trace.num_tokens else 2
+    kernels = RandomKernels(backend, preset, layout.torch_dtype, max_ctx)
+    facts: dict[str, Any] = {"realrun_device": backend.describe(), "realrun_store": store.kind,
+                             "realrun_threads": opts.threads}
+    if isinstance(store, DiskStore):
+        check = store.page_cache_check(0, pool.matrices(0))
+        facts.update({f"page_cache_{k}": v for k, v in check.items()})
+    _warm_up(kernels, pool, trace)
+    cpu = CpuWorker() if not placement.always_load else None
+    real = RealEngine(sim_engine, backend, store, pool, kernels, cpu, channels=opts.channels)
+    wall0 = time.perf_counter()
+    try:
+        real.warm_start()
+        rec = real.run_trace()
+    finally:
+        real.close()
+        store.close()
+    facts["realrun_wall_s"] = time.perf_counter() - wall0
+    return result_of(cfg, real, rec, info, hw, preset, facts)
+
+
+def _warm_up(kernels: RandomKernels, pool: SlotPool, trace: Trace) -> None:
+    """First calls of each op allocate and pick kernels: done before the clock starts."""
+    for _ in range(3):
+        kernels.attention(0, 0)
+        kernels.expert(pool.matrices(0), 1.0, 1)
+        kernels.cpu_expert([m.cpu() for m in pool.matrices(0)], 1.0)
+    kernels.backend.sync()
+
+
+def result_of(cfg: RunConfig, real: RealEngine, rec, info: dict, hw, preset, facts: dict) -> RunResult:
+    tokens, layers = rec.tokens_frame(), rec.layers_frame()
+    events = rec.events_frame(real.E)
+    end = real.t_end
+    extra = dict(info)
+    extra.update({"prefetch_skipped": real.prefetch_skipped, "prefetch_cancelled": real.prefetch_cancelled,
+                  "makespan_s": end, "tokens_prefill": int(sum(rec.prefill["tokens"])),
+                  "cpu_wait_s_per_token": float(tokens["cpu_wait_s"].mean()) if tokens.height else None,
+                  "link_max_concurrent": real.link.max_active, "cache_peak_bytes": real.cache.peak_bytes})
+    extra.update(facts)
+    summary = summarize(tokens, layers, rec.prefill, n_layers=real.L, link_busy_s=real.link.busy_s,
+                        link_channels=real.link.channels, compute_busy_s=real.compute_busy_s, end_s=end,
+                        extra=extra)
+    return RunResult(cfg, summary, tokens, layers, events, hw, preset)
+
+
+def write_real_results(res: RunResult, opts: RealOptions, out: Path, report: bool = True) -> Path:
+    """The `run` results folder layout, plus `realrun.yaml` (the backend's options)."""
+    from sim.results import resolved_config
+
+    with atomic.new_dir(out) as tmp:
+        cfg = resolved_config(res)
+        cfg["realrun"] = dataclasses.asdict(opts)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (tmp / "summary.json").write_text(json.dumps(res.summary, indent=2))
+        res.tokens.write_parquet(tmp / "tokens.parquet")
+        res.layers.write_parquet(tmp / "layers.parquet")
+        res.events.write_parquet(tmp / "events.parquet")
+        if report:
+            from sim.report import run_report, write_html
+
+            write_html(run_report(res.summary, res.tokens, res.layers, res.events, f"realrun {out.name}"),
+                       tmp / "report.html")
+    return out

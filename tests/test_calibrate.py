@@ -1,0 +1,57 @@
+"""`python -m sim calibrate`: a quick calibration writes a profile that loads, every number measured."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+yaml = pytest.importorskip("yaml")
+
+from sim.cli import main  # noqa: E402
+from sim.hardware import load_profile  # noqa: E402
+
+
+def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
+    out = tmp_path / "local.yaml"
+    rc = main(["calibrate", "quick=true", "repeats=3", f"out={out}", f"store_dir={tmp_path / 'store'}",
+               "progress=false"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    hw = load_profile(str(out))
+    assert hw.expert_tier == "storage" and {"storage_to_device", "host_to_device"} <= set(hw.links)
+    assert hw.sources and all(s.startswith("measured: python -m sim calibrate quick=true") for s in hw.sources.values())
+    assert hw.device.memory_bandwidth_Bps > 1e8 and hw.expert_link.bandwidth_Bps > 1e6
+    assert hw.device.kernel_overhead_s >= 0 and hw.expert_link.latency_s >= 0
+    assert isinstance(hw.expert_link.shares_memory_bandwidth, bool)
+    for what in ("storage_to_device bandwidth", "device GEMV bandwidth", "spread"):
+        assert what in stdout
+    assert not list(tmp_path.glob(".local*"))  # no temporary file left behind
+
+
+def test_calibrate_host_store_only(tmp_path, capsys):
+    out = tmp_path / "host.yaml"
+    rc = main(["calibrate", "store=host", "sizes=50000,200000", "repeats=3", f"out={out}", "progress=false",
+               "name=hostonly"])
+    assert rc == 0, capsys.readouterr().err
+    hw = load_profile(str(out))
+    assert hw.name == "hostonly" and hw.expert_tier == "host" and set(hw.links) == {"host_to_device"}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["device=cuda"], "cuda"),
+    (["repeats=1"], "repeats must be >= 3"),
+    (["sizes=1e5"], "at least two"),
+    (["sizes=a,b"], "sizes must be numbers"),
+    (["store=tape"], "store must be one of"),
+    (["model=mixtral-8x7b"], "bits must be 32 or 16"),
+])
+def test_calibrate_bad_inputs(tmp_path, capsys, args, needle):
+    import torch
+
+    if args == ["device=cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "p.yaml"
+    rc = main(["calibrate", *args, f"out={out}", "progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()

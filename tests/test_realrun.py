@@ -1,0 +1,153 @@
+"""`python -m sim realrun` end to end on a small synthetic trace, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sim.cli import main  # noqa: E402
+from sim.config import parse_run_config  # noqa: E402
+from sim.metrics import SUMMARY_KEYS  # noqa: E402
+from sim.synthetic import random_trace  # noqa: E402
+from sim.trace import write_trace  # noqa: E402
+
+# toy-mixtral: 32 layers x 8 experts, top-2, bf16 experts of 49 KB: fast on any CPU
+SMALL = ["model=toy-mixtral", "layers=4", "tokens=10", "cache.slots=12", "hw=rtx4090", "progress=false",
+         "report=false"]
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("rr") / "synth"
+    write_trace(random_trace(np.random.default_rng(1), tokens=12, prefill=4, sequences=1, layers=32,
+                             locality=0.4), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("store") / "experts"
+
+
+def cli(args, capsys):
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_realrun_writes_results(trace_dir, store_dir, tmp_path, capsys):
+    out = tmp_path / "res"
+    rc, stdout, err = cli(["realrun", f"trace={trace_dir}", *SMALL, "policy=mixtral_offloading",
+                           f"store_dir={store_dir}", f"out={out}"], capsys)
+    assert rc == 0, err
+    for f in ("config.yaml", "summary.json", "tokens.parquet", "layers.parquet", "events.parquet"):
+        assert (out / f).is_file(), f
+    s = json.loads((out / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(s)
+    assert s["tokens_decode"] == 10 and s["realrun_store"] == "disk"
+    assert s["ttft_s"] > 0  # the 4-token prompt was prefilled for real
+    assert s["page_cache_cold_s"] > 0 and "page_cache_not_a_page_cache_hit" in s
+    tokens = pl.read_parquet(out / "tokens.parquet")
+    assert tokens.height == 10 and (tokens["latency_s"] > 0).all()
+    assert (tokens["start_s"][1:] - tokens["end_s"][:-1]).abs().max() < 1e-9  # contiguous decode tokens
+    ev = pl.read_parquet(out / "events.parquet").filter(pl.col("lane") == "link")
+    assert (ev["end_s"] >= ev["start_s"]).all() and (ev["start_s"] >= ev["issued_s"]).all()
+    assert pl.read_parquet(out / "layers.parquet").height == 4
+    assert "tpot_mean_s" in stdout
+
+
+@pytest.mark.parametrize("policy,store", [("baseline", "disk"), ("lfu", "host"), ("fiddler", "host")])
+def test_counters_equal_the_simulators(trace_dir, store_dir, policy, store):
+    """Without prefetch every decision is independent of timing: same hits and loads as `run`."""
+    from sim.realrun.build import parse_realrun, preset_of, with_layers
+    from sim.realrun.run import real_run
+    from sim.runner import load_trace, simulate
+
+    cfg, opts = parse_realrun([f"trace={trace_dir}", *SMALL, f"policy={policy}", f"store={store}",
+                               f"store_dir={store_dir}"])
+    real = real_run(cfg, opts)
+    cfg2, tr = with_layers(cfg, load_trace(cfg.trace), preset_of(cfg), opts.layers)
+    sim = simulate(cfg2, trace=tr)
+    for k in ("hit_rate", "demand_loads_per_token", "bytes_loaded_per_token", "experts_per_token_layer"):
+        assert real.summary[k] == pytest.approx(sim.summary[k]), k
+    assert real.layers["hits"].to_list() == sim.layers["hits"].to_list()
+    if policy == "fiddler":
+        assert real.layers["cpu_experts"].sum() == sim.layers["cpu_experts"].sum() > 0
+
+
+def test_adapmoe_staged_prefetches_run(trace_dir, store_dir):
+    """AdapMoE's staged, waited-for prefetches and DP cache; pipelining and yielding prefetches."""
+    from sim.realrun.build import parse_realrun
+    from sim.realrun.run import real_run
+
+    for extra in (["policy=adapmoe", "gating.sensitivity=trace"], ["policy=adapmoe_yield", "engine.pipelining=true"]):
+        cfg, opts = parse_realrun([f"trace={trace_dir}", *SMALL, f"store_dir={store_dir}", *extra])
+        s = real_run(cfg, opts).summary
+        assert s["tokens_decode"] == 10 and s["prefetch_issued"] > 0
+        assert s["prefetch_used"] + s["prefetch_wasted"] <= s["prefetch_issued"]
+        assert s["cache_peak_bytes"] <= s["cache_bytes"] + 1e-6
+
+
+def test_same_run_config_as_run(trace_dir):
+    """realrun's keys are run's keys plus its own; unknown keys are refused the same way."""
+    from sim.realrun.build import parse_realrun
+
+    cfg, opts = parse_realrun([f"trace={trace_dir}", "policy=adapmoe", "gating.T=0.01", "device=cpu", "store=host"])
+    assert cfg == parse_run_config([f"trace={trace_dir}", "policy=adapmoe", "gating.T=0.01",
+                                    *(["hw=local"] if cfg.hw == "local" else [])])
+    assert (opts.device, opts.store) == ("cpu", "host")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["device=cuda"], "cuda"),
+    (["store=tape"], "store must be one of"),
+    (["cache.slots=1"], "one layer needs 2"),
+    (["hw=README.md"], "README.md"),
+    (["placement.name=cpu_on_miss"], "store=host"),
+    (["model=olmoe-1b-7b"], "does not match model preset"),
+    (["model=mixtral-8x7b"], "bits must be 32 or 16"),
+    (["bogus=1"], "unknown key"),
+])
+def test_bad_inputs(trace_dir, store_dir, tmp_path, capsys, extra, needle):
+    if extra == ["device=cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "res"
+    args = ["realrun", f"trace={trace_dir}", *SMALL, f"store_dir={store_dir}", f"out={out}", *extra]
+    if extra == ["hw=README.md"]:
+        args[args.index("hw=rtx4090")] = f"hw={Path(__file__).resolve().parents[1] / 'hwprofiles' / 'README.md'}"
+        args.remove("hw=README.md")
+    rc, _, err = cli(args, capsys)
+    assert rc == 2
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_store_folder_not_writable(trace_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    rc, _, err = cli(["realrun", f"trace={trace_dir}", *SMALL, f"store_dir={blocker / 'sub'}",
+                      f"out={tmp_path / 'res'}"], capsys)
+    assert rc == 2 and "not writable" in err and err.count("\n") == 1
+    assert not (tmp_path / "res").exists()
+
+
+def test_store_folder_without_space(trace_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import sim.realrun.store as store
+
+    class Tiny:
+        free = 1000
+
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: Tiny)
+    rc, _, err = cli(["realrun", f"trace={trace_dir}", *SMALL, f"store_dir={tmp_path / 'full'}",
+                      f"out={tmp_path / 'res'}"], capsys)
+    assert rc == 2 and "GB free" in err and err.count("\n") == 1
+    assert not list((tmp_path / "full").glob("*.safetensors"))  # refused before writing anything
+    assert shutil.disk_usage is not Tiny
