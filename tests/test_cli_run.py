@@ -102,3 +102,13 @@ def test_no_traceback_via_subprocess(trace_dir, tmp_path):
 def test_list(capsys):
     rc, out, _ = run_cli(["list"], capsys)
     assert rc == 0 and "jetson" in out and "pregate" in out and "mixtral-8x7b" in out
+
+
+def test_default_run_on_bundled_trace(tmp_path, capsys):
+    """The README's main job: only `hw` given; the bundled trace, preset and policy are defaults."""
+    out = tmp_path / "default"
+    rc, stdout, _ = run_cli(["run", "hw=jetson.yaml", f"out={out}", "report=false"], capsys)
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["tokens_decode"] == 2048 and s["cache_slots"] == 84 and 0 < s["hit_rate"] < 1
+    assert s["ttft_s"] > 0 and s["tpot_mean_s"] > 0
