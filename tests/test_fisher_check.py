@@ -66,9 +66,9 @@ def test_report_keys(report):
         assert key in r, key
     assert r["samples"] == 9 and len(r["pairs"]) == 9 and len(r["layers"]) == 3
     assert [row["pairs"] for row in r["layers"]] == [3, 3, 3]
-    for key in ("second_order", "first_order", "both"):
+    for key in ("second_order", "first_order", "both", "second_order_abs"):
         assert set(r["per_pair"][key]) == {"pearson", "spearman"}
-    assert set(r["per_layer"]) == {"spearman", "pearson", "layers"}
+    assert set(r["per_layer"]) == {"spearman", "pearson", "layers", "abs", "taylor"}
     for p in r["pairs"]:
         assert p["second_order"] == pytest.approx(0.5 * p["w2"] ** 2 * p["fisher"])
         assert p["first_order"] == pytest.approx(p["w2"] * p["first_order_term"])

@@ -111,24 +111,27 @@ def main(argv: list[str]) -> int:
 
 
 def _print(r: dict) -> None:
-    print(f"{'layer':>5} {'S_l':>10} {'mean w2^2':>10} {'predicted':>11} {'measured':>11} {'pairs':>6}")
+    head = f"{'layer':>5} {'S_l':>10} {'mean w2^2':>10} {'predicted':>11} {'measured':>11} {'|measured|':>11} {'pairs':>6}"
+    print(head)
     for row in r["layers"]:
         print(
             f"{row['layer']:>5} {row['S_l']:>10.4g} {row['mean_w2_sq']:>10.4f} {row['predicted_mean']:>11.4g} "
-            f"{_fmt(row['measured_mean'], '.4g'):>11} {row['pairs']:>6}"
+            f"{_fmt(row['measured_mean'], '.4g'):>11} {_fmt(row['measured_abs_mean'], '.4g'):>11} {row['pairs']:>6}"
         )
     pl, pp = r["per_layer"], r["per_pair"]
+    print(f"per layer ({pl['layers']} layers), Spearman with the mean measured change:")
+    print(f"  predicted = 1/2 mean(w2^2) S_l      {_fmt(pl['spearman'])}")
+    print(f"  predicted vs mean |measured|        {_fmt(pl['abs']['spearman'])}")
+    print(f"  mean(first + second) on the pairs   {_fmt(pl['taylor']['spearman'])}")
     print(
-        f"per layer ({pl['layers']} layers): Spearman(1/2 mean(w2^2) S_l, measured mean) = {_fmt(pl['spearman'])}"
+        f"per pair ({pp['pairs']} pairs)             Pearson   Spearman   mean (measured {pp['means']['measured']:.4g})"
     )
-    print(
-        f"per pair ({pp['pairs']} pairs):       Pearson   Spearman   mean estimate (measured mean "
-        f"{pp['means']['measured']:.4g})"
+    rows = (
+        ("second_order", "1/2 w2^2 fisher", "second_order"),
+        ("first_order", "w2 g.(E1-E2)", "first_order"),
+        ("both", "sum of both", "both"),
+        ("second_order_abs", "1/2 w2^2 fisher vs |dL|", "measured_abs"),
     )
-    for key, name in (
-        ("second_order", "1/2 w2^2 fisher"),
-        ("first_order", "w2 g.(E1-E2)"),
-        ("both", "sum of both"),
-    ):
+    for key, name, mean in rows:
         c = pp[key]
-        print(f"  {name:<22} {_fmt(c['pearson']):>9} {_fmt(c['spearman']):>10}   {pp['means'][key]:.4g}")
+        print(f"  {name:<27} {_fmt(c['pearson']):>9} {_fmt(c['spearman']):>10}   {pp['means'][mean]:.4g}")

@@ -106,38 +106,47 @@ def analyse(flat: Flat, pairs: np.ndarray, measured: np.ndarray) -> dict[str, An
     layers = []
     for layer in range(L):
         m = lay == layer
+        mean = lambda a, m=m: float(a[m].mean()) if m.any() else None  # noqa: E731
         layers.append(
             {
                 "layer": layer,
                 "S_l": float(S_l[layer]),
                 "mean_w2_sq": float(w2_sq[layer]),
                 "predicted_mean": float(predicted[layer]),
-                "measured_mean": float(measured[m].mean()) if m.any() else None,
-                "second_order_mean": float(second[m].mean()) if m.any() else None,
-                "first_order_mean": float(first[m].mean()) if m.any() else None,
+                "measured_mean": mean(measured),
+                "measured_abs_mean": mean(np.abs(measured)),
+                "second_order_mean": mean(second),
+                "first_order_mean": mean(first),
                 "pairs": int(m.sum()),
             }
         )
-    have = np.array([row["measured_mean"] is not None for row in layers])
-    meas_l = np.array([row["measured_mean"] or 0.0 for row in layers])
-    per_layer = _corr(predicted[have], meas_l[have])
+    have = np.array([row["pairs"] > 0 for row in layers])
+    col = lambda key: np.array([row[key] if row[key] is not None else 0.0 for row in layers])[have]  # noqa: E731
+    taylor = col("first_order_mean") + col("second_order_mean")
     return {
         "layers": layers,
         "per_layer": {
-            "spearman": per_layer["spearman"],
-            "pearson": per_layer["pearson"],
             "layers": int(have.sum()),
+            # AdapMoE's model, signed: 1/2 mean(w2^2) S_l vs the mean measured change
+            **_corr(predicted[have], col("measured_mean")),
+            # the same prediction vs the mean SIZE of the change, mean |dL|
+            "abs": _corr(predicted[have], col("measured_abs_mean")),
+            # the Taylor expansion on the same pairs (first + second order) vs the mean measured change
+            "taylor": _corr(taylor, col("measured_mean")),
         },
         "per_pair": {
             "pairs": int(len(pairs)),
             "second_order": _corr(second, measured),
             "first_order": _corr(first, measured),
             "both": _corr(first + second, measured),
+            # the second-order estimate as a predictor of the size of the change |dL|
+            "second_order_abs": _corr(second, np.abs(measured)),
             "means": {
                 "measured": float(measured.mean()),
                 "second_order": float(second.mean()),
                 "first_order": float(first.mean()),
                 "both": float((first + second).mean()),
+                "measured_abs": float(np.abs(measured).mean()),
             },
         },
         "pairs": [
@@ -158,32 +167,28 @@ def analyse(flat: Flat, pairs: np.ndarray, measured: np.ndarray) -> dict[str, An
 
 
 def figure_html(report: dict[str, Any], title: str) -> str:
-    """A self-contained plotly page: per-layer measured vs predicted, and the per-pair scatter."""
+    """A self-contained plotly page: per layer (size, then signed mean) and the per-pair scatter."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    rows = report["layers"]
+    rows = [r for r in report["layers"] if r["pairs"]]
     fig = make_subplots(
         rows=1,
-        cols=2,
+        cols=3,
         subplot_titles=(
-            "per layer: mean loss change of dropping e2",
+            "per layer: size of the change (log)",
+            "per layer: mean signed change",
             "per (token, layer): measured vs estimated",
         ),
     )
     xs = [r["layer"] for r in rows]
-    fig.add_trace(
-        go.Scatter(x=xs, y=[r["measured_mean"] for r in rows], mode="lines+markers", name="measured mean dL"),
-        row=1,
-        col=1,
+    line = lambda y, name, col: fig.add_trace(  # noqa: E731
+        go.Scatter(x=xs, y=y, mode="lines+markers", name=name), row=1, col=col
     )
-    fig.add_trace(
-        go.Scatter(
-            x=xs, y=[r["predicted_mean"] for r in rows], mode="lines+markers", name="1/2 mean(w2^2) S_l"
-        ),
-        row=1,
-        col=1,
-    )
+    line([r["predicted_mean"] for r in rows], "1/2 mean(w2^2) S_l", 1)
+    line([r["measured_abs_mean"] for r in rows], "mean |measured dL|", 1)
+    line([r["measured_mean"] for r in rows], "mean measured dL", 2)
+    line([r["first_order_mean"] + r["second_order_mean"] for r in rows], "mean (first + second order)", 2)
     pairs = report["pairs"]
     meas = [p["measured"] for p in pairs]
     text = [f"seq {p['seq']} pos {p['pos']} layer {p['layer']}" for p in pairs]
@@ -195,20 +200,22 @@ def figure_html(report: dict[str, Any], title: str) -> str:
                 mode="markers",
                 name=name,
                 text=text,
-                marker={"size": 5, "opacity": 0.6},
+                marker={"size": 4, "opacity": 0.5},
             ),
             row=1,
-            col=2,
+            col=3,
         )
     lo, hi = min(meas + [0.0]), max(meas + [0.0])
     fig.add_trace(
         go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line={"dash": "dot", "color": "grey"}),
         row=1,
-        col=2,
+        col=3,
     )
-    fig.update_xaxes(title_text="MoE layer", row=1, col=1)
-    fig.update_yaxes(title_text="dL (nats, summed NLL)", row=1, col=1)
-    fig.update_xaxes(title_text="estimate (nats)", row=1, col=2)
-    fig.update_yaxes(title_text="measured dL (nats)", row=1, col=2)
-    fig.update_layout(title=title, width=1200, height=520)
+    fig.update_yaxes(type="log", title_text="nats (summed NLL)", row=1, col=1)
+    fig.update_yaxes(title_text="nats", row=1, col=2)
+    for col in (1, 2):
+        fig.update_xaxes(title_text="MoE layer", row=1, col=col)
+    fig.update_xaxes(title_text="estimate (nats)", row=1, col=3)
+    fig.update_yaxes(title_text="measured dL (nats)", row=1, col=3)
+    fig.update_layout(title=title, width=1500, height=520)
     return fig.to_html(include_plotlyjs=True, full_html=True)
