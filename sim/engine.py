@@ -63,6 +63,7 @@ class Engine:
         self.staging_in_use = 0
         self.prefetch_skipped = 0
         self.prefetch_cancelled = 0
+        self.bytes_issued = 0.0
         #: prefetch only onto an idle channel (never queue a prefetch), if the prefetch policy says so
         self.prefetch_idle_only = bool(getattr(prefetch, "idle_only", False))
         #: demand loads cut in-flight prefetches short at a chunk boundary, if the prefetch policy says so
@@ -127,6 +128,7 @@ class Engine:
         if priority == DEMAND and self.yield_chunk_bytes:
             self._preempt_prefetch()
         tr = self.link.submit(key, nbytes, priority, self.t, tag=(kind, t, layer, staging))
+        self.bytes_issued += nbytes
         self.inflight[key] = tr
         self.rec.loads.append(tr)
         if priority == PREFETCH:
@@ -208,10 +210,7 @@ class Engine:
 
     def _copies_now(self) -> int:
         """Copies in flight at `self.t` on a link that shares device memory bandwidth (else 0)."""
-        if not self.cost.shared_link:
-            return 0
-        self.link.advance(self.t)
-        return self.link.active_at(self.t)
+        return self.link.in_flight_at(self.t) if self.cost.shared_link else 0
 
     def _compute_loaded(self, tr: Transfer, tokens: int, rec_ops: bool, t_index: int, layer: int) -> float:
         """Compute an expert whose transfer has started; returns the stall it caused."""
@@ -274,11 +273,15 @@ class Engine:
         shared = cost.shared_link
         pl_ = self.rec.per_layer
         p_used, p_late, p_stall, p_demand = pl_["prefetch_used"], pl_["prefetch_late"], pl_["stall_s"], pl_["demand_loads"]
-        start, stall0, cpuw0, loads0 = self.t, self.stall_s, self.cpu_wait_s, len(self.rec.loads)
+        start, stall0, cpuw0, bytes0 = self.t, self.stall_s, self.cpu_wait_s, self.bytes_issued
         pos = int(self.ctx.trace.pos[t])
         needed = hits = single = 0
         dL_tok = 0.0
         demand = 0
+        p_needed, p_hits, p_run, p_single, p_dL = (pl_[k] for k in ("needed", "hits", "experts_run", "single_pairs", "dL"))
+        always_load = self.placement.always_load
+        on_layer, on_access = self.prefetch.on_layer, self.cache_policy.on_access
+        expert_s = cost.expert_s
         wait_prefetch = self.prefetch.wait_for_prefetch
         stop_on_skip = getattr(self.prefetch, "stop_at_first_skip", False)
         for layer in range(self.L):
@@ -315,7 +318,7 @@ class Engine:
                         waiting.append(trn)
                         if key in unused:
                             p_late[layer] += 1
-                elif not self.placement.always_load and (where := self.placement.place(key, t, ws[j])) != LOAD:
+                elif not always_load and (where := self.placement.place(key, t, ws[j])) != LOAD:
                     if where == CPU:
                         cpu_keys.append(key)
                     else:  # LOW: a low-precision copy into a staging buffer, lossy
@@ -334,7 +337,7 @@ class Engine:
                     unused.discard(key)
                     p_used[layer] += 1
             # prefetch for later layers, issued after this layer's demand loads
-            for pk in self.prefetch.on_layer(t, layer):
+            for pk in on_layer(t, layer):
                 if state[pk] == ABSENT and pk not in inflight:
                     if self._load(pk, PREFETCH, t, layer, staging=self.prefetch_staging) is None and stop_on_skip:
                         break
@@ -350,9 +353,9 @@ class Engine:
             # compute: resident first, then loads in arrival order
             for key in ready:
                 c0 = self.t
-                self.t += cost.expert_s_contended[self._copies_now()] if shared else cost.expert_s
+                self.t += cost.expert_s_contended[self._copies_now()] if shared else expert_s
                 self.compute_busy_s += self.t - c0
-                self.cache_policy.on_access(key, t)
+                on_access(key, t)
                 if rec_ops:
                     self.rec.op("compute", t, layer, f"expert {key % E}", c0, self.t)
             if waiting:
@@ -379,12 +382,12 @@ class Engine:
             hits += layer_hits
             single += n == 1
             dL_tok += dL
-            pl_["needed"][layer] += n
-            pl_["hits"][layer] += layer_hits
-            pl_["experts_run"][layer] += n
-            pl_["single_pairs"][layer] += n == 1
-            pl_["dL"][layer] += dL
-        nbytes = float(sum(tr_.nbytes for tr_ in self.rec.loads[loads0:]))
+            p_needed[layer] += n
+            p_hits[layer] += layer_hits
+            p_run[layer] += n
+            p_single[layer] += n == 1
+            p_dL[layer] += dL
+        nbytes = self.bytes_issued - bytes0
         for name, v in (("seq", int(self.ctx.trace.seq[t])), ("pos", pos), ("start_s", start), ("end_s", self.t),
                         ("stall_s", self.stall_s - stall0), ("cpu_wait_s", self.cpu_wait_s - cpuw0),
                         ("demand_loads", demand), ("bytes_loaded", nbytes), ("needed", needed), ("hits", hits),

@@ -143,6 +143,17 @@ class Link:
     def queued(self) -> int:
         return len(self._queue)
 
+    def in_flight_at(self, t_s: float) -> int:
+        """`advance(t_s)`, then the transfers on a channel at `t_s` (the engine's hot path)."""
+        running = self._running
+        if running and running[0][0] <= t_s:
+            self.advance(t_s)
+        elif t_s > self.now_s:
+            self.now_s = t_s
+        if t_s >= self.now_s:
+            return len(running)
+        return sum(1 for _, _, tr in running if tr.start_s <= t_s)
+
     def active_at(self, t_s: float) -> int:
         """Transfers on a channel at `t_s` (call `advance(t_s)` first for an exact count)."""
         if t_s >= self.now_s:  # every running transfer started at or before the link's clock
