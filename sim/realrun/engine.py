@@ -116,7 +116,7 @@ class RealEngine:
         if priority == DEMAND and self.yield_chunk_bytes:
             self._preempt_prefetch()
         kind = "demand" if priority == DEMAND else "prefetch"
-        tr = self.link.submit(key, self.nbytes, priority, (kind, t, layer, staging), buf)
+        tr = self.link.submit(key, self.nbytes, priority, (kind, t, layer, staging), buf, after=self._slot_free_event())
         self.inflight[key] = tr
         self.rec.loads.append(tr)
         if priority == PREFETCH:
@@ -124,6 +124,17 @@ class RealEngine:
             self.prefetch_by_layer.setdefault(key // self.E, []).append(tr)
             self.rec.per_layer["prefetch_issued"][key // self.E] += 1
         return tr
+
+    def _slot_free_event(self):
+        """CUDA: kernels already queued may still read the evicted expert in this buffer; the copy
+        stream waits for them (an event recorded now on the compute stream). None on the CPU."""
+        if not self.backend.cuda:
+            return None
+        import torch
+
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
 
     def _on_loaded(self, tr) -> None:
         tr.applied = True

@@ -41,6 +41,7 @@ class RealTransfer:
     cancel_requested: bool = False
     progress: int = 0  # matrices fully copied
     applied: bool = False  # the owner has seen its completion (set by the owner's on_done)
+    after: Any = None  # CUDA: an event on the compute stream that the copy must wait for
 
     @property
     def started(self) -> bool:
@@ -85,6 +86,8 @@ class CopyWorker:
                 self.max_active = max(self.max_active, len(self._running))
             ok = False
             try:
+                if tr.after is not None:  # compute issued before the eviction must finish reading the slot
+                    self.store.backend.copy_stream.wait_event(tr.after)
                 ok = self.store.read_into(
                     tr.key, self.pool.matrices(tr.buf), progress=lambda i, tr=tr: self._progress(tr, i),
                     cancelled=lambda tr=tr: tr.cancel_requested,
@@ -107,10 +110,10 @@ class CopyWorker:
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ owner side
-    def submit(self, key: int, nbytes: float, priority: int, tag: Any, buf: int) -> RealTransfer:
+    def submit(self, key: int, nbytes: float, priority: int, tag: Any, buf: int, after: Any = None) -> RealTransfer:
         with self.cond:
             self._seq += 1
-            tr = RealTransfer(key, nbytes, priority, self.clock(), self._seq, tag, buf)
+            tr = RealTransfer(key, nbytes, priority, self.clock(), self._seq, tag, buf, after=after)
             heapq.heappush(self._queue, (priority, tr.seqno, tr))
             self.cond.notify_all()
         return tr

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -172,9 +173,7 @@ class DiskStore(Store):
             header = _header(fd)
             for e in range(layout.experts):
                 self.offsets.append([header[f"e{e}.m{i}"] for i in range(n)])
-        self.bounce = None
-        if backend.cuda:  # disk -> pinned bounce buffer -> device (one per matrix)
-            self.bounce = [backend.host_empty((nb,), torch.uint8) for nb in layout.matrix_bytes]
+        self._local = threading.local()  # CUDA: disk -> pinned bounce buffers (per copy thread) -> device
 
     def drop(self) -> None:
         """Drop every expert file from the page cache."""
@@ -184,10 +183,11 @@ class DiskStore(Store):
     def read_into(self, key, dests, progress=None, cancelled=None, chunk_bytes=0, drop: bool = True) -> bool:
         self.reads += 1
         fd = self.fds[key // self.layout.experts]
+        bounce = self._bounce() if self.backend.cuda else None
         for i, (dst, (off, nbytes)) in enumerate(zip(dests, self.offsets[key], strict=True)):
             if drop:
                 os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
-            host = self.bounce[i] if self.bounce is not None else _bytes_view(dst)
+            host = bounce[i] if bounce is not None else _bytes_view(dst)
             buf = host.numpy()
             for lo, hi in _chunks(nbytes, chunk_bytes):
                 if cancelled is not None and cancelled():
@@ -195,11 +195,16 @@ class DiskStore(Store):
                 got = os.preadv(fd, [memoryview(buf[lo:hi])], off + lo)
                 if got != hi - lo:
                     raise OSError(f"short read of expert {key} from {self.folder}: {got} of {hi - lo} bytes")
-            if self.bounce is not None:
+            if bounce is not None:
                 self._device_copy(_bytes_view(dst), host)
             if progress is not None:
                 progress(i + 1)
         return True
+
+    def _bounce(self) -> list[torch.Tensor]:
+        if getattr(self._local, "bufs", None) is None:
+            self._local.bufs = [self.backend.host_empty((nb,), torch.uint8) for nb in self.layout.matrix_bytes]
+        return self._local.bufs
 
     def close(self) -> None:
         for fd in self.fds:
