@@ -280,7 +280,7 @@ def speedup_figure(table: pl.DataFrame, baseline: str) -> go.Figure:
               if p != baseline] or [baseline]
     rows, cols = _grid(len(others), 2)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{p} vs {baseline}" for p in others],
-                        vertical_spacing=0.12)
+                        vertical_spacing=min(0.3, 0.45 / rows))
     if sp.height == 0:
         return fig
     slots = sorted(sp["cache_slots"].unique().to_list())
@@ -298,9 +298,11 @@ def speedup_figure(table: pl.DataFrame, baseline: str) -> go.Figure:
             texttemplate="%{text}", hovertemplate="hw %{y}<br>cache %{x} slots<br>speedup %{customdata:.3f}x"
                                                   "<extra></extra>",
             colorbar={"title": "log2 speedup"}), row=r, col=c)
-        fig.update_xaxes(title_text="expert cache (slots)", type="category", row=r, col=c)
+        last_in_column = i + cols >= len(others)
+        fig.update_xaxes(title_text="expert cache (slots)" if last_in_column else None, type="category",
+                         row=r, col=c)
     fig.update_layout(title=f"Speedup over {baseline} (baseline TPOT / policy TPOT; best point of each policy "
-                            f"per cell)", height=max(300, 80 + 60 * len(hws)) * rows)
+                            f"per cell)", height=max(320, 120 + 60 * len(hws)) * rows)
     return fig
 
 

@@ -34,7 +34,7 @@ def trace_dir(tmp_path_factory) -> Path:
 
 def test_ray_table_equals_local_table(local_ray, trace_dir, tmp_path):
     grid = {"trace": str(trace_dir), "hw": ["jetson.yaml", "rtx4090.yaml"],
-            "policy": ["mixtral_offloading", "adapmoe", "fiddler"], "cache.slots": [32, 64],
+            "policy": ["mixtral_offloading", "adapmoe", "hobbit"], "cache.slots": [32, 64],
             "gating.T": [0.001, 0.01]}
     local = run_sweep(grid, tmp_path / "local", executor="local", jobs=2, progress=False, report=False)
     remote = run_sweep(grid, tmp_path / "ray", executor="ray", progress=False, report=False)
