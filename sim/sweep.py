@@ -32,7 +32,7 @@ from typing import Any
 import polars as pl
 
 from sim.errors import UserError
-from sim.sweep_grid import flat_config, grid_size, input_fingerprint, parse_grid, point_key, points
+from sim.sweep_grid import flat_config, input_fingerprint, parse_grid, point_key, points
 from sim.sweep_store import SWEEP_FORMAT, SweepStore, layers_frame, rows_to_frame
 
 EXECUTORS = ("local", "ray")
@@ -288,7 +288,7 @@ def run_sweep(grid: dict[str, Any] | Iterable[str], out: str | Path, *, executor
     g = normalise_grid(grid)
     pts = plan(g, log)
     store = SweepStore(Path(out))
-    resumed = store.open(g, grid_size(g), extend=extend)
+    resumed = store.open(g, [p.key for p in pts], extend=extend)
     try:
         return _run(pts, store, executor, jobs, ray_address, progress, report, baseline, resumed, t0, log)
     finally:

@@ -1,7 +1,8 @@
 """The folder of a sweep, written so that a sweep killed at any moment leaves only whole rows.
 
     DIR/
-        sweep.yaml       format_version, the grid (key -> values) and the number of points
+        sweep.yaml       format_version, the grid (key -> values), the number of points and a
+                         digest of their keys (a rerun must have the same set of points)
         points/KEY.json  one finished point: its flat config, summary, per-layer table, error
         sweep.parquet    one row per point, in grid order (rebuilt from points/)
         layers.parquet   one row per (point, layer): the per-layer tables of the finished points
@@ -18,6 +19,7 @@ removed when the folder is opened again.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -46,11 +48,12 @@ class SweepStore:
         self._lock_fh: Any = None
 
     # ------------------------------------------------------------------ opening and the spec
-    def open(self, grid: dict[str, list[str]], n_points: int, *, extend: bool = False) -> bool:
-        """Create or reopen the folder for `grid`. Returns True when it already held this sweep.
+    def open(self, grid: dict[str, list[str]], keys: list[str], *, extend: bool = False) -> bool:
+        """Create or reopen the folder for `grid`, whose points have `keys`. Returns True when it
+        already held this sweep (the same set of point keys, however the grid was spelled).
 
         UserError: the path is a file; the folder is not empty and not a sweep folder; it was
-        written by another sweep format version; it holds a different grid (unless `extend`);
+        written by another sweep format version; it holds a different sweep (unless `extend`);
         another sweep holds its lock.
         """
         out = self.out
@@ -60,9 +63,10 @@ class SweepStore:
         resumed = False
         if spec_path.is_file():
             old = self._read_spec(spec_path)
-            if old.get("grid") != grid and not extend:
-                raise UserError(f"{out} holds a different sweep (grid {_short(old.get('grid'))}); use another "
-                                f"out= folder, or extend=true to reuse its finished points for this grid")
+            if old.get("points_digest") != points_digest(keys) and not extend:
+                raise UserError(f"{out} holds a different sweep (grid {_short(old.get('grid'))}, or its trace or "
+                                f"hardware files changed since); use another out= folder, or extend=true to reuse "
+                                f"its finished points")
             resumed = True
         elif out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
             raise UserError(f"out={out} is not empty and holds no {SPEC_FILE}: not a sweep folder of this "
@@ -73,8 +77,8 @@ class SweepStore:
             raise UserError(f"cannot create {self.points_dir}: {err.strerror}") from None
         self._lock()
         self._remove_stale_temps()
-        spec = {"format_version": SWEEP_FORMAT, "sim_version": __version__, "points": n_points,
-                "grid": grid}
+        spec = {"format_version": SWEEP_FORMAT, "sim_version": __version__, "points": len(keys),
+                "points_digest": points_digest(keys), "grid": grid}
         atomic.write_text(spec_path, yaml.safe_dump(spec, sort_keys=False))
         return resumed
 
@@ -133,6 +137,11 @@ class SweepStore:
     def write_tables(self, table: pl.DataFrame, layers: pl.DataFrame) -> None:
         _write_parquet(self.out / LAYERS_FILE, layers)
         _write_parquet(self.out / TABLE_FILE, table)
+
+
+def points_digest(keys: list[str]) -> str:
+    """Identifies the set of points of a sweep (order and repeats do not matter)."""
+    return hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:16]
 
 
 def _write_parquet(path: Path, frame: pl.DataFrame) -> None:

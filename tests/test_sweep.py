@@ -174,8 +174,19 @@ def test_changed_trace_is_not_a_finished_point(trace_dir, tmp_path):
     g = [f"trace={d}", "cache.slots=32"]
     a = run_sweep(g, tmp_path / "sw", jobs=1, progress=False, report=False)
     write_trace(random_trace(np.random.default_rng(6), tokens=8, layers=32), d, overwrite=True)
-    b = run_sweep(g, tmp_path / "sw", jobs=1, progress=False, report=False)
+    with pytest.raises(UserError, match="trace or hardware files changed"):
+        run_sweep(g, tmp_path / "sw", jobs=1, progress=False, report=False)
+    b = run_sweep(g, tmp_path / "sw", jobs=1, progress=False, report=False, extend=True)
     assert b.ran == 1 and a.table["point"][0] != b.table["point"][0]
+
+
+def test_same_points_spelled_differently_resume(trace_dir, tmp_path):
+    a = run_sweep([f"trace={trace_dir}", "cache.slots=32,64"], tmp_path / "sw", jobs=1, progress=False,
+                  report=False)
+    b = run_sweep([f"trace={trace_dir}", "hw=jetson.yaml", "cache.slots=32:64:32"], tmp_path / "sw", jobs=1,
+                  progress=False, report=False)  # hw=jetson.yaml is the default
+    assert b.ran == 0 and b.skipped == 2
+    assert a.table["point"].to_list() == b.table["point"].to_list()
 
 
 # ------------------------------------------------------------------------------- bad inputs
