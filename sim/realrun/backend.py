@@ -86,9 +86,9 @@ def meminfo() -> dict[str, int]:
     return out
 
 
-def check_memory(nbytes: float, what: str) -> None:
-    """Refuse to allocate more than 80% of the memory the OS says is available."""
-    avail = meminfo().get("MemAvailable")
+def check_memory(nbytes: float, what: str, device: bool = False) -> None:
+    """Refuse to allocate more than 80% of the memory available (host, or the CUDA device's)."""
+    avail = torch.cuda.mem_get_info()[0] if device else meminfo().get("MemAvailable")
     if avail is not None and nbytes > 0.8 * avail:
         raise UserError(f"{what} needs {nbytes / 1e9:.2f} GB of memory but only {avail / 1e9:.2f} GB is "
                         "available; use fewer cache.slots, fewer layers= or a smaller model preset")

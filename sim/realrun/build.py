@@ -119,3 +119,12 @@ def model_info_for(preset: ModelPreset) -> ModelInfo:
     return ModelInfo(name=preset.name, layers=preset.layers, experts=preset.experts, top_k=preset.top_k,
                      hidden=preset.hidden, expert_width=preset.expert_width,
                      moe_layer_ids=tuple(range(preset.layers)))
+
+
+def tier_for(hw, store: str):
+    """The profile with its expert tier set to where the real run keeps experts (`store`), when the
+    profile has that link; else unchanged (the profile then only feeds cost-aware policies)."""
+    tier = "storage" if store == "disk" else "host"
+    if hw.expert_tier == tier or f"{tier}_to_device" not in hw.links:
+        return hw
+    return dataclasses.replace(hw, expert_tier=tier)

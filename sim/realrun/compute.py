@@ -33,7 +33,8 @@ class SlotPool:
 
     def __init__(self, backend: Backend, layout: Layout, n: int):
         self.n = n
-        self.pools = [backend.empty((n, r, c), layout.torch_dtype) for r, c in layout.shapes]
+        # zero-filled, so every page is mapped now: a first copy into a fresh page would fault
+        self.pools = [backend.empty((n, r, c), layout.torch_dtype).zero_() for r, c in layout.shapes]
         self.free = list(range(n - 1, -1, -1))
 
     def matrices(self, buf: int) -> list[torch.Tensor]:

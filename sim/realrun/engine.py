@@ -401,8 +401,13 @@ class RealEngine:
             while todo or outstanding:
                 while todo and len(outstanding) < self.opt.staging_buffers:
                     key = todo.pop(0)
-                    if key in self.inflight:
+                    self.link.advance()
+                    if key in self.inflight:  # already on its way (e.g. a prefetch from the last token)
                         outstanding.append(self.inflight[key])
+                        continue
+                    if cache.state[key] == RESIDENT:  # arrived meanwhile
+                        self.k.expert(self.pool.matrices(self.buf_of[key]), 1.0, counts[key])
+                        self.cache_policy.on_access(key, prompt[0])
                         continue
                     cache.pinned.update(x.key for x in outstanding)
                     outstanding.append(self._load(key, DEMAND, prompt[0], layer))

@@ -39,7 +39,7 @@ from sim.errors import UserError
 from sim.hardware import load_profile
 from sim.models import ModelPreset
 from sim.realrun.backend import Backend
-from sim.realrun.build import RealOptions, default_store_dir, register_preset
+from sim.realrun.build import RealOptions, default_store_dir, register_preset, tier_for
 from sim.realrun.compute import CpuWorker, SlotPool
 from sim.realrun.engine import RealEngine
 from sim.realrun.store import HostStore, Layout, open_disk_store
@@ -279,7 +279,7 @@ def live_run(cfg: RunConfig, opts: RealOptions) -> LiveResult:
     backend = Backend(opts.device, opts.threads)
     loaded = load(cfg.model, dtype="float32", device=opts.device)
     check_model(loaded)
-    hw = load_profile(cfg.hw)
+    hw = tier_for(load_profile(cfg.hw), opts.store)
     windows = heldout_windows(loaded.tokenizer, opts)
     T = windows.size
     preset = live_preset(loaded)

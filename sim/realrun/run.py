@@ -21,7 +21,7 @@ from sim.errors import UserError
 from sim.hardware import HardwareProfile, load_profile
 from sim.metrics import summarize
 from sim.realrun.backend import Backend, check_memory, dtype_for
-from sim.realrun.build import RealOptions, default_store_dir, preset_of, with_layers
+from sim.realrun.build import RealOptions, default_store_dir, preset_of, tier_for, with_layers
 from sim.realrun.compute import CpuWorker, RandomKernels, SlotPool
 from sim.realrun.engine import RealEngine
 from sim.realrun.store import DiskStore, HostStore, Layout, open_disk_store, random_fill
@@ -55,7 +55,7 @@ def open_store(opts: RealOptions, layout: Layout, backend: Backend, fill, fill_i
 def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
              hw: HardwareProfile | None = None) -> RunResult:
     backend = Backend(opts.device, opts.threads)
-    hw = hw if hw is not None else load_profile(cfg.hw)
+    hw = tier_for(hw if hw is not None else load_profile(cfg.hw), opts.store)
     trace = trace if trace is not None else load_trace(cfg.trace)
     cfg, trace = with_layers(cfg, trace, preset_of(cfg), opts.layers)
     sim_engine, info = build_engine(cfg, trace, hw)  # the simulator's policies, plan and checks
@@ -67,8 +67,8 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
                         "use store=host (experts in host memory, as Fiddler keeps them)")
     slots, staging = info["cache_slots"], sim_engine.opt.staging_buffers
     n_buf = slots + 2 * staging  # + spare buffers for dropped staged prefetches still in flight
-    if not backend.cuda:
-        check_memory(n_buf * layout.expert_bytes, f"a cache of {slots} slots + {2 * staging} staging buffers")
+    check_memory(n_buf * layout.expert_bytes, f"a cache of {slots} slots + {2 * staging} staging buffers",
+                 device=backend.cuda)
     tag = f"{preset.name}-{layout.layers}x{layout.experts}-{preset.hidden}x{preset.expert_width}-{layout.dtype}"
     tag += f"-seed{opts.weights_seed}"
     store = open_store(opts, layout, backend, random_fill(layout, opts.weights_seed),
