@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import uniform_sizes
+from policies.cache.partition import room_in_partition, uniform_sizes
 from policies.registry import CACHE
 from sim.errors import UserError
 
@@ -68,7 +68,7 @@ class Belady(CachePolicy):
         cache = self.ctx.cache
         layer = key // self.E
         if self.per_layer:
-            if cache.per_layer[layer] < self.sizes[layer] and cache.free_bytes() >= nbytes:
+            if room_in_partition(cache, layer, self.sizes[layer], nbytes):
                 return []
         elif cache.free_bytes() >= nbytes:
             return []

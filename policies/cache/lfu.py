@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, uniform_sizes
+from policies.cache.partition import check_sizes, room_in_partition, uniform_sizes
 from policies.registry import CACHE
 from sim.errors import UserError
 
@@ -55,7 +55,7 @@ class LFU(CachePolicy):
         cache = self.ctx.cache
         if self.per_layer:
             layer = key // self.ctx.experts
-            if cache.per_layer[layer] < self.sizes[layer] and cache.free_bytes() >= nbytes:
+            if room_in_partition(cache, layer, self.sizes[layer], nbytes):
                 return []
         elif cache.free_bytes() >= nbytes:
             return []

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, uniform_sizes
+from policies.cache.partition import check_sizes, room_in_partition, uniform_sizes
 from policies.registry import CACHE
 
 
@@ -54,7 +54,7 @@ class LRU(CachePolicy):
         cache = self.ctx.cache
         if self.per_layer:
             layer = key // self.ctx.experts
-            if cache.per_layer[layer] < self.sizes[layer] and cache.free_bytes() >= nbytes:
+            if room_in_partition(cache, layer, self.sizes[layer], nbytes):
                 return []
             for k in self.order[layer]:
                 if cache.evictable(k):

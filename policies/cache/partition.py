@@ -23,3 +23,8 @@ def check_sizes(sizes: list[int], capacity_slots: int, layers: int, experts: int
     if sum(sizes) > capacity_slots:
         raise UserError(f"cache.sizes sum to {sum(sizes)} slots, more than the cache's {capacity_slots}")
     return sizes
+
+
+def room_in_partition(cache, layer: int, size: int, nbytes: float) -> bool:
+    """True if layer `layer`'s partition of `size` slots (and the cache's bytes) can take one more."""
+    return cache.per_layer[layer] < size and cache.free_bytes() >= nbytes

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from policies.base import Context, PrefetchPolicy
+from policies.prefetch.pick import first_absent
 from policies.registry import PREFETCH
 from sim.errors import UserError
 
@@ -53,15 +54,6 @@ class History(PrefetchPolicy):
                 sim = len(self.ids[j][layer] & now) + 1e-3
                 for e in self.ids[j][target]:
                     score[e] += sim
-            ranked = sorted(range(E), key=lambda e: (-score[e], e))
-            n = 0
-            for e in ranked:
-                if score[e] <= 0:
-                    break
-                key = target * E + e
-                if not present(key):
-                    out.append(key)
-                    n += 1
-                    if n == self.knobs.count:
-                        break
+            ranked = sorted((e for e in range(E) if score[e] > 0), key=lambda e: (-score[e], e))
+            out += first_absent((target * E + e for e in ranked), present, self.knobs.count)
         return out

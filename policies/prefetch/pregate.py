@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import Context, PrefetchPolicy
+from policies.prefetch.pick import first_absent
 from policies.published import published
 from policies.registry import PREFETCH
 from sim.errors import UserError
@@ -132,11 +133,5 @@ class Pregate(PrefetchPolicy):
         for d in range(1, self.knobs.depth + 1):
             if layer + d > last:
                 break
-            n = 0
-            for key in self.pred[d][t][layer]:
-                if not present(key):
-                    out.append(key)
-                    n += 1
-                    if n == self.knobs.count:
-                        break
+            out += first_absent(self.pred[d][t][layer], present, self.knobs.count)
         return out
