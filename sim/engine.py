@@ -282,6 +282,7 @@ class Engine:
         always_load = self.placement.always_load
         on_layer, on_access = self.prefetch.on_layer, self.cache_policy.on_access
         expert_s = cost.expert_s
+        plan_ids, plan_w, plan_dL = self.plan_ids, self.plan_w, self.plan_dL
         wait_prefetch = self.prefetch.wait_for_prefetch
         stop_on_skip = getattr(self.prefetch, "stop_at_first_skip", False)
         for layer in range(self.L):
@@ -293,7 +294,10 @@ class Engine:
             gate_t = self.t
             ctx.now_layer = layer
             link.advance(self.t)  # transfers' states as of now (queued ones may have started and ended)
-            ids, ws, dL = self._decide(t, layer)
+            if plan_ids is not None:
+                ids, ws, dL = plan_ids[t][layer], plan_w[t][layer], plan_dL[t][layer]
+            else:
+                ids, ws, dL = self.gating.decide(t, layer)
             base = layer * E
             keys = [base + e for e in ids if e >= 0]
             n = len(keys)

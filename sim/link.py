@@ -152,7 +152,10 @@ class Link:
             self.now_s = t_s
         if t_s >= self.now_s:
             return len(running)
-        return sum(1 for _, _, tr in running if tr.start_s <= t_s)
+        n = 0
+        for _, _, tr in running:
+            n += tr.start_s <= t_s
+        return n
 
     def active_at(self, t_s: float) -> int:
         """Transfers on a channel at `t_s` (call `advance(t_s)` first for an exact count)."""
