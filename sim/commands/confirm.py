@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
 
             copts = CalibrateOptions(device=opts.device, store=opts.store, out=str(out / "profile.yaml"),
                                      model=opts.model, repeats=opts.cal_repeats, store_dir=opts.store_dir,
-                                     threads=opts.threads, quick=opts.quick, progress=opts.progress)
+                                     threads=opts.threads, quick=opts.quick, progress=opts.progress, pin=opts.pin)
             cmd = "python -m sim confirm " + " ".join(argv) + " (calibrate step)"
             prof, cal_rows = calibrate(copts, cmd)
             write_profile(prof, tmp / "profile.yaml", f"# Measured by `{cmd}`.\n")

@@ -9,8 +9,10 @@ the end of each token (and wherever a measured duration needs it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -32,7 +34,7 @@ def dtype_for(bits: float) -> torch.dtype:
 class Backend:
     """One device. `sync()` waits for queued device work (a no-op on the CPU)."""
 
-    def __init__(self, device: str, threads: int = 1):
+    def __init__(self, device: str, threads: int = 1, pin: bool = True):
         if device not in DEVICES:
             raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -48,6 +50,29 @@ class Backend:
         # the copy and CPU workers need the GIL promptly when a copy or a CPU expert ends
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
         self.copy_stream = torch.cuda.Stream() if self.cuda else None
+        self.main_cpus, self.worker_cpus = cpu_split(threads) if pin else (None, None)
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Run the block with the calling (main) thread on its own CPUs; restored afterwards.
+
+        Without pinning, Linux tends to wake a worker on the CPU of the thread that woke it, so a
+        copy issued before a compute only starts when that compute ends: a queueing delay that no
+        copy engine has. Pinned, the copy worker has a core of its own, like a DMA engine."""
+        if self.main_cpus is None:
+            yield
+            return
+        saved = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.main_cpus)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, saved)
+
+    def pin_worker(self) -> None:
+        """Called by a worker thread when it starts: the CPUs the main thread does not use."""
+        if self.worker_cpus is not None:
+            os.sched_setaffinity(0, self.worker_cpus)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)
@@ -69,6 +94,18 @@ class Backend:
         if self.cuda:
             return float(torch.cuda.get_device_properties(0).total_memory)
         return float(meminfo()["MemTotal"])
+
+
+def cpu_split(threads: int) -> tuple[set[int] | None, set[int] | None]:
+    """(main thread CPUs, worker CPUs), or (None, None) with fewer than two CPUs (or no affinity API)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None, None
+    if len(cpus) < 2:
+        return None, None
+    main = set(cpus[: min(threads, len(cpus) - 1)])
+    return main, set(cpus) - main
 
 
 def meminfo() -> dict[str, int]:

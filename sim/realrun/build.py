@@ -32,6 +32,7 @@ class RealOptions:
     store_dir: str = ""  # where store=disk keeps its files (default results/realrun-store/<shape>)
     threads: int = 1  # compute threads (CPU); 1 leaves a core to the copy worker
     channels: int = 1  # copy workers (a link's channels)
+    pin: bool = True  # main thread and workers on separate CPUs (when there are two or more)
     weights_seed: int = 0  # random expert weights (synthetic runs)
     progress: bool = True
     # live-model mode (model=DIR of a checkpoint; live=true: the bundled toy model unless model= is a folder)

@@ -211,17 +211,18 @@ class Calibrator:
 
     def cpu_expert(self) -> Series:
         s = Series()
-        worker = CpuWorker()
+        worker = CpuWorker(self.b)
         x = torch.randn((1, self.H)).to(Layout(1, 1, (), self.dtype).torch_dtype)
         for nbytes in self.sizes:
             layout = expert_layout(nbytes, self.H, self.dtype, 1)
             copies = _cold_copies(layout, _CPU)  # host memory, where the CPU worker computes
 
-            def job(i: int, c=copies) -> None:
-                worker.submit([(0, lambda: _swiglu(x, c[i % len(c)]))])
+            def job(i: int, c=copies) -> None:  # two experts per hand-off, as a top-2 layer hands them over
+                worker.submit([(j, lambda j=j: _swiglu(x, c[(2 * i + j) % len(c)])) for j in range(2)])
                 worker.wait()
 
-            s.add(layout.expert_bytes, time_calls(job, self.repeats, self.b))
+            per_job = time_calls(job, self.repeats, self.b)
+            s.add(layout.expert_bytes, [t / 2 for t in per_job])
             del copies
             self._step(f"cpu expert {layout.expert_bytes / 1e6:.2f} MB")
         worker.close()
@@ -247,7 +248,8 @@ class Calibrator:
         out: dict[str, float] = {}
         for what, extra in (("device", ["cache.slots=64"]), ("cpu", ["cache.slots=2", "placement.name=cpu_on_miss"])):
             cfg = parse_run_config([f"model={preset}", "policy=baseline", "engine.prefill=false", *extra])
-            opts = RealOptions(device=self.b.name, store="host", threads=threads, progress=False)
+            opts = RealOptions(device=self.b.name, store="host", threads=threads, progress=False,
+                               pin=self.b.main_cpus is not None)
             res = real_run(cfg, opts, trace=trace, hw=stub_profile())
             tok = res.tokens.filter(res.tokens["demand_loads"] == 0)
             out[what] = float(np.median(tok["latency_s"].to_numpy()[-4 * self.repeats:])) / 8
@@ -372,6 +374,7 @@ class CalibrateOptions:
     repeats: int = 15
     store_dir: str = ""  # disk calibration files (default results/realrun-store/)
     threads: int = 1
+    pin: bool = True  # main thread and workers on separate CPUs, as realrun runs them
     quick: bool = False  # small sizes, few repeats (tests)
     progress: bool = True
 
@@ -412,14 +415,15 @@ def calibrate(opts: CalibrateOptions, command: str) -> tuple[dict, list[tuple[st
     from sim.realrun.build import RealOptions, check_options, default_store_dir
 
     check_options(RealOptions(device=opts.device, store=opts.store, threads=opts.threads))
-    backend = Backend(opts.device, opts.threads)
+    backend = Backend(opts.device, opts.threads, opts.pin)
     sizes, hidden, dtype, anchors = plan_sizes(opts)
     repeats = min(opts.repeats, 5) if opts.quick else opts.repeats
     kinds = ["disk", "host"] if opts.store == "disk" else ["host"]
     store_dir = Path(opts.store_dir) if opts.store_dir else default_store_dir("").parent
     ref = anchors[0] if anchors else min(sizes, key=lambda x: abs(x - 4e6))  # contention at the expert size
     total = len(kinds) * (len(sizes) + 1) + 3 * len(sizes) + 3 + int(backend.cuda)
-    with tqdm(total=total, desc="calibrate", unit="point", disable=None if opts.progress else True) as bar:
+    with tqdm(total=total, desc="calibrate", unit="point", disable=None if opts.progress else True) as bar, \
+            backend.pinned():
         cal = Calibrator(backend, sizes, hidden, dtype, repeats, store_dir, bar)
         links = {k: cal.link(k) for k in kinds}
         expert, stand_in = cal.expert(), cal.stand_in()

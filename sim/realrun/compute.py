@@ -101,7 +101,8 @@ class CpuWorker:
     `submit(jobs)` queues a layer's CPU experts (each a zero-argument callable returning its
     output); `wait()` blocks until they are done and returns {key: output}."""
 
-    def __init__(self):
+    def __init__(self, backend: Backend | None = None):
+        self.backend = backend
         self.q: queue.Queue = queue.Queue()
         self.results: dict[int, torch.Tensor] = {}
         self.error: BaseException | None = None
@@ -112,6 +113,8 @@ class CpuWorker:
         self.th.start()
 
     def _loop(self) -> None:
+        if self.backend is not None:
+            self.backend.pin_worker()
         while True:
             jobs = self.q.get()
             if jobs is None:

@@ -48,6 +48,7 @@ class ConfirmOptions:
     out: str = ""
     store_dir: str = ""
     threads: int = 1
+    pin: bool = True  # main thread and workers on separate CPUs
     quick: bool = False  # a quick calibration (tests)
     cal_repeats: int = 15
     progress: bool = True
@@ -124,7 +125,7 @@ def run_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace, 
         cfg2, tr = with_layers(cfg, trace, preset_of(cfg), opts.layers)
         sim = simulate(cfg2, trace=tr, hw=hw_arm)
         ropts = RealOptions(device=opts.device, store=arm.store, threads=opts.threads, store_dir=opts.store_dir,
-                            progress=opts.progress)
+                            progress=opts.progress, pin=opts.pin)
         plans.append((arm, cfg2, tr, hw_arm, sim, ropts))
     measured: dict[str, list] = {arm.name: [] for arm in arms}
     for _ in range(opts.repeats):

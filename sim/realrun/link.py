@@ -74,6 +74,9 @@ class CopyWorker:
 
     # ------------------------------------------------------------------ worker side
     def _loop(self) -> None:
+        pin = getattr(getattr(self.store, "backend", None), "pin_worker", None)
+        if pin is not None:
+            pin()
         while True:
             with self.cond:
                 while not self._queue and not self._stop:

@@ -276,7 +276,7 @@ def live_run(cfg: RunConfig, opts: RealOptions) -> LiveResult:
     from sim.realrun.run import result_of
     from sim.tracer.loader import load
 
-    backend = Backend(opts.device, opts.threads)
+    backend = Backend(opts.device, opts.threads, opts.pin)
     loaded = load(cfg.model, dtype="float32", device=opts.device)
     check_model(loaded)
     hw = tier_for(load_profile(cfg.hw), opts.store)
@@ -346,7 +346,7 @@ def offloaded_pass(cfg, opts, loaded, backend, sim_engine, binfo, windows, route
         layer.experts.down_proj = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     pool = SlotPool(backend, layout, binfo["cache_slots"] + 2 * sim_engine.opt.staging_buffers)
     kernels = LiveKernels(ex0.act_fn)
-    cpu = CpuWorker() if not sim_engine.placement.always_load else None
+    cpu = CpuWorker(backend) if not sim_engine.placement.always_load else None
     engine = RealEngine(sim_engine, backend, store, pool, kernels, cpu, channels=opts.channels)
     state: dict[str, Any] = {"t": 0, "tally": None}
     plan_ids, plan_w = np.asarray(sim_engine.plan_ids), np.asarray(sim_engine.plan_w)
@@ -373,9 +373,10 @@ def offloaded_pass(cfg, opts, loaded, backend, sim_engine, binfo, windows, route
         engine.end_token(t, state["tally"])
 
     try:
-        engine.warm_start()
-        engine.t_end = engine.now()
-        logits = decode_pass(loaded, windows, before=before, after=after)
+        with backend.pinned():
+            engine.warm_start()
+            engine.t_end = engine.now()
+            logits = decode_pass(loaded, windows, before=before, after=after)
     finally:
         engine.close()
         store.close()

@@ -54,7 +54,7 @@ def open_store(opts: RealOptions, layout: Layout, backend: Backend, fill, fill_i
 
 def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
              hw: HardwareProfile | None = None) -> RunResult:
-    backend = Backend(opts.device, opts.threads)
+    backend = Backend(opts.device, opts.threads, opts.pin)
     hw = tier_for(hw if hw is not None else load_profile(cfg.hw), opts.store)
     trace = trace if trace is not None else load_trace(cfg.trace)
     cfg, trace = with_layers(cfg, trace, preset_of(cfg), opts.layers)
@@ -82,12 +82,13 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
         check = store.page_cache_check(0, pool.matrices(0))
         facts.update({f"page_cache_{k}": v for k, v in check.items()})
     _warm_up(kernels, pool, trace)
-    cpu = CpuWorker() if not placement.always_load else None
+    cpu = CpuWorker(backend) if not placement.always_load else None
     real = RealEngine(sim_engine, backend, store, pool, kernels, cpu, channels=opts.channels)
     wall0 = time.perf_counter()
     try:
-        real.warm_start()
-        rec = real.run_trace()
+        with backend.pinned():
+            real.warm_start()
+            rec = real.run_trace()
     finally:
         real.close()
         store.close()
