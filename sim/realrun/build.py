@@ -29,7 +29,7 @@ class RealOptions:
     store: str = "disk"  # disk (safetensors, page cache dropped) | host (host memory; pinned on CUDA)
     layers: int = 0  # replay only the first N MoE layers (0: all)
     tokens: int = 0  # decode at most N tokens (0: all; same as engine.max_tokens)
-    store_dir: str = ""  # where store=disk keeps its files (default results/realrun-store/<shape>)
+    store_dir: str = ""  # where store=disk keeps its stores, one folder per shape (default results/realrun-store)
     threads: int = 1  # compute threads (CPU); 1 leaves a core to the copy worker
     channels: int = 1  # copy workers (a link's channels)
     pin: bool = True  # main thread and workers on separate CPUs (when there are two or more)
@@ -112,8 +112,9 @@ def preset_of(cfg: RunConfig) -> ModelPreset:
     return load_preset(cfg.model, **quant)
 
 
-def default_store_dir(tag: str) -> Path:
-    return Path("results") / "realrun-store" / tag
+def store_folder(store_dir: str, tag: str) -> Path:
+    """Where the store `tag` lives: `<store_dir>/<tag>` (default store_dir: results/realrun-store)."""
+    return (Path(store_dir) if store_dir else Path("results") / "realrun-store") / tag
 
 
 def model_info_for(preset: ModelPreset) -> ModelInfo:

@@ -136,38 +136,57 @@ class Calibrator:
     """Runs the measurements; `bar` is a tqdm bar advanced once per measured point."""
 
     def __init__(self, backend: Backend, sizes: list[float], hidden: int, dtype: str, repeats: int,
-                 store_dir: Path, bar):
+                 store_dir: Path, bar, anchors: tuple[float, ...] = (), model_store=None):
         self.b, self.sizes, self.H, self.dtype, self.repeats = backend, sizes, hidden, dtype, repeats
         self.store_dir, self.bar = store_dir, bar
+        self.anchors = anchors
+        self.model_store = model_store  # (layout, () -> DiskStore) of the model's own expert store
 
     def _step(self, what: str) -> None:
         self.bar.set_postfix_str(what)
         self.bar.update()
 
     # ------------------------------------------------------------------ links
+    def _store(self, kind: str, nbytes: float):
+        """A store of `nbytes` experts to copy from: the model's own store for its expert size (the
+        very files realrun reads), else one of enough experts (>= 128 MB) to read them in random
+        order, as a run does (re-reading a handful of experts in turn is slower on some disks)."""
+        if kind == "disk" and self.model_store is not None:
+            layout = self.model_store[0]
+            if layout.expert_bytes == round(nbytes):
+                return self.model_store[1](), layout.layers * layout.experts
+        n = int(min(256, max(8, math.ceil(128e6 / nbytes))))
+        layout = expert_layout(nbytes, self.H, self.dtype, experts=n)
+        fill = random_fill(layout, 0)
+        if kind == "disk":
+            tag = f"calibrate-{n}x{layout.shapes[0][0]}x{self.H}-{self.dtype}"
+            return open_disk_store(self.store_dir / tag, layout, self.b, fill, "random seed 0", progress=False), n
+        return HostStore(layout, self.b, fill), n
+
     def link(self, kind: str) -> Series:
         s = Series()
+        rng = np.random.default_rng(0)
         for nbytes in self.sizes:
-            layout = expert_layout(nbytes, self.H, self.dtype, experts=8)
-            fill = random_fill(layout, 0)
-            if kind == "disk":
-                tag = f"calibrate-{layout.shapes[0][0]}x{self.H}-{self.dtype}"
-                store = open_disk_store(self.store_dir / tag, layout, self.b, fill, "random seed 0", progress=False)
-            else:
-                store = HostStore(layout, self.b, fill)
+            store, n = self._store(kind, nbytes)
+            layout = store.layout
             pool = SlotPool(self.b, layout, 1)
             worker = CopyWorker(store, pool, time.perf_counter)
+            order = rng.permutation(np.arange(n).repeat(math.ceil(4 * (BATCH * self.repeats + 3) / n)))
 
-            def copy(i: int, worker=worker, layout=layout) -> None:
-                tr = worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, None, 0)
+            def copy(i: int, worker=worker, layout=layout, order=order) -> None:
+                tr = worker.submit(int(order[i % len(order)]), layout.expert_bytes, DEMAND, None, 0)
                 worker.wait(tr)
                 worker.advance()
 
-            s.add(layout.expert_bytes, time_calls(copy, self.repeats, self.b))
+            s.add(layout.expert_bytes, time_calls(copy, self.repeats * self.anchor_factor(nbytes), self.b))
             worker.close()
             store.close()
             self._step(f"{kind} {layout.expert_bytes / 1e6:.2f} MB")
         return s
+
+    def anchor_factor(self, nbytes: float) -> int:
+        """Sizes the run really uses are measured 3 times as often."""
+        return 3 if any(abs(nbytes - a) <= 1e-6 * a for a in self.anchors) else 1
 
     # ------------------------------------------------------------------ compute
     def expert(self) -> Series:
@@ -176,7 +195,8 @@ class Calibrator:
         for nbytes in self.sizes:
             layout = expert_layout(nbytes, self.H, self.dtype, 1)
             copies = _cold_copies(layout, self.b)
-            s.add(layout.expert_bytes, time_calls(lambda i, c=copies: _swiglu(x, c[i % len(c)]), self.repeats, self.b))
+            s.add(layout.expert_bytes, time_calls(lambda i, c=copies: _swiglu(x, c[i % len(c)]),
+                                                  self.repeats * self.anchor_factor(nbytes), self.b))
             del copies
             self._step(f"expert {layout.expert_bytes / 1e6:.2f} MB")
         return s
@@ -192,7 +212,8 @@ class Calibrator:
             n = int(min(512, max(4, math.ceil(COLD_BYTES / nbytes))))
             ws = [torch.randn((rows, self.H)).to(self.b.device, dtype) for _ in range(n)]
             s.add(rows * self.H * x.element_size(),
-                  time_calls(lambda i, ws=ws: F.linear(x, ws[i % len(ws)]), self.repeats, self.b))
+                  time_calls(lambda i, ws=ws: F.linear(x, ws[i % len(ws)]),
+                             self.repeats * self.anchor_factor(nbytes), self.b))
             del ws
             self._step(f"stand-in {nbytes / 1e6:.2f} MB")
         return s
@@ -221,7 +242,7 @@ class Calibrator:
                 worker.submit([(j, lambda j=j: _swiglu(x, c[(2 * i + j) % len(c)])) for j in range(2)])
                 worker.wait()
 
-            per_job = time_calls(job, self.repeats, self.b)
+            per_job = time_calls(job, self.repeats * self.anchor_factor(nbytes), self.b)
             s.add(layout.expert_bytes, [t / 2 for t in per_job])
             del copies
             self._step(f"cpu expert {layout.expert_bytes / 1e6:.2f} MB")
@@ -372,7 +393,7 @@ class CalibrateOptions:
     hidden: int = 512  # SwiGLU hidden size of the measured experts (without model=)
     sizes: str = ""  # expert sizes in bytes, comma-separated (default 0.25, 1, 4, 16 MB)
     repeats: int = 15
-    store_dir: str = ""  # disk calibration files (default results/realrun-store/)
+    store_dir: str = ""  # where the disk stores live (default results/realrun-store), as for realrun
     threads: int = 1
     pin: bool = True  # main thread and workers on separate CPUs, as realrun runs them
     quick: bool = False  # small sizes, few repeats (tests)
@@ -412,19 +433,25 @@ def calibrate(opts: CalibrateOptions, command: str) -> tuple[dict, list[tuple[st
     """Measure; returns (profile mapping ready for YAML, printable rows (what, value, spread))."""
     from tqdm import tqdm
 
-    from sim.realrun.build import RealOptions, check_options, default_store_dir
+    from sim.realrun.build import RealOptions, check_options, store_folder
 
     check_options(RealOptions(device=opts.device, store=opts.store, threads=opts.threads))
     backend = Backend(opts.device, opts.threads, opts.pin)
     sizes, hidden, dtype, anchors = plan_sizes(opts)
     repeats = min(opts.repeats, 5) if opts.quick else opts.repeats
     kinds = ["disk", "host"] if opts.store == "disk" else ["host"]
-    store_dir = Path(opts.store_dir) if opts.store_dir else default_store_dir("").parent
+    store_dir = store_folder(opts.store_dir, "")
     ref = anchors[0] if anchors else min(sizes, key=lambda x: abs(x - 4e6))  # contention at the expert size
     total = len(kinds) * (len(sizes) + 1) + 3 * len(sizes) + 3 + int(backend.cuda)
     with tqdm(total=total, desc="calibrate", unit="point", disable=None if opts.progress else True) as bar, \
             backend.pinned():
-        cal = Calibrator(backend, sizes, hidden, dtype, repeats, store_dir, bar)
+        model_store = None
+        if opts.model and "disk" in kinds:
+            from sim.models import load_preset
+            from sim.realrun.run import model_disk_store
+
+            model_store = model_disk_store(load_preset(opts.model), backend, opts.store_dir, progress=opts.progress)
+        cal = Calibrator(backend, sizes, hidden, dtype, repeats, store_dir, bar, anchors, model_store)
         links = {k: cal.link(k) for k in kinds}
         expert, stand_in = cal.expert(), cal.stand_in()
         flops, flops_spread = cal.matmul_flops()

@@ -39,7 +39,7 @@ from sim.errors import UserError
 from sim.hardware import load_profile
 from sim.models import ModelPreset
 from sim.realrun.backend import Backend
-from sim.realrun.build import RealOptions, default_store_dir, register_preset, tier_for
+from sim.realrun.build import RealOptions, register_preset, store_folder, tier_for
 from sim.realrun.compute import CpuWorker, SlotPool
 from sim.realrun.engine import RealEngine
 from sim.realrun.store import HostStore, Layout, open_disk_store
@@ -336,7 +336,7 @@ def offloaded_pass(cfg, opts, loaded, backend, sim_engine, binfo, windows, route
     if opts.store == "host":
         store = HostStore(layout, backend, fill)
     else:
-        folder = Path(opts.store_dir) if opts.store_dir else default_store_dir(f"live-{loaded.name}")
+        folder = store_folder(opts.store_dir, f"live-{loaded.name}")
         store = open_disk_store(folder, layout, backend, fill, fill_id(Path(loaded.model.name_or_path)),
                                 progress=opts.progress)
     if not sim_engine.placement.always_load and opts.store != "host":

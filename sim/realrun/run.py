@@ -21,7 +21,7 @@ from sim.errors import UserError
 from sim.hardware import HardwareProfile, load_profile
 from sim.metrics import summarize
 from sim.realrun.backend import Backend, check_memory, dtype_for
-from sim.realrun.build import RealOptions, default_store_dir, preset_of, tier_for, with_layers
+from sim.realrun.build import RealOptions, preset_of, store_folder, tier_for, with_layers
 from sim.realrun.compute import CpuWorker, RandomKernels, SlotPool
 from sim.realrun.engine import RealEngine
 from sim.realrun.store import DiskStore, HostStore, Layout, open_disk_store, random_fill
@@ -44,11 +44,24 @@ def synthetic_layout(preset) -> Layout:
     return layout
 
 
+def store_tag(preset, layout: Layout, seed: int) -> str:
+    return (f"{preset.name}-{layout.layers}x{layout.experts}-{preset.hidden}x{preset.expert_width}-{layout.dtype}"
+            f"-seed{seed}")
+
+
+def model_disk_store(preset, backend: Backend, store_dir: str, seed: int = 0, progress: bool = True):
+    """(layout, opener) of the disk store `realrun model=<preset>` reads (`store_dir` or the default)."""
+    layout = synthetic_layout(preset)
+    folder = store_folder(store_dir, store_tag(preset, layout, seed))
+    return layout, lambda: open_disk_store(folder, layout, backend, random_fill(layout, seed), f"random seed {seed}",
+                                           progress=progress)
+
+
 def open_store(opts: RealOptions, layout: Layout, backend: Backend, fill, fill_id: str, tag: str):
     if opts.store == "host":
         check_memory(layout.total_bytes, "store=host (every expert in host memory)")
         return HostStore(layout, backend, fill)
-    folder = Path(opts.store_dir) if opts.store_dir else default_store_dir(tag)
+    folder = store_folder(opts.store_dir, tag)
     return open_disk_store(folder, layout, backend, fill, fill_id, progress=opts.progress)
 
 
@@ -69,8 +82,7 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     n_buf = slots + 2 * staging  # + spare buffers for dropped staged prefetches still in flight
     check_memory(n_buf * layout.expert_bytes, f"a cache of {slots} slots + {2 * staging} staging buffers",
                  device=backend.cuda)
-    tag = f"{preset.name}-{layout.layers}x{layout.experts}-{preset.hidden}x{preset.expert_width}-{layout.dtype}"
-    tag += f"-seed{opts.weights_seed}"
+    tag = store_tag(preset, layout, opts.weights_seed)
     store = open_store(opts, layout, backend, random_fill(layout, opts.weights_seed),
                        f"random seed {opts.weights_seed}", tag)
     pool = SlotPool(backend, layout, n_buf)
