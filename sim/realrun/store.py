@@ -169,6 +169,7 @@ class DiskStore(Store):
         for layer in range(layout.layers):
             path = self.folder / f"layer{layer:03d}.safetensors"
             fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: read exactly the expert
             self.fds.append(fd)
             header = _header(fd)
             for e in range(layout.experts):
