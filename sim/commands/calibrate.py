@@ -44,7 +44,8 @@ def write_profile(prof: dict, out: Path, header: str) -> None:
 
 def main(argv: list[str]) -> int:
     from sim.args import parse_args
-    from sim.realrun.calibrate import CalibrateOptions, calibrate
+    from sim.realrun.calibrate import CalibrateOptions
+    from sim.realrun.profile import calibrate
 
     opts = parse_args(CalibrateOptions, argv, allow_config_file=False)
     cmd = command_line(argv)

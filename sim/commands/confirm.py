@@ -48,7 +48,16 @@ def main(argv: list[str]) -> int:
     from sim.commands.calibrate import write_profile
     from sim.hardware import load_profile
     from sim.realrun.build import RealOptions, check_options
-    from sim.realrun.confirm import ConfirmOptions, default_trace, figure_html, parse_arms, run_arms, verdict
+    from sim.realrun.confirm import (
+        ConfirmOptions,
+        compare,
+        default_trace,
+        figure_html,
+        parse_arms,
+        plan_arms,
+        real_rounds,
+        verdict,
+    )
     from sim.results import default_out
 
     argv = ["calibrate=true" if a == "calibrate" else a for a in argv]
@@ -60,25 +69,38 @@ def main(argv: list[str]) -> int:
     trace, trace_desc = default_trace(opts)
     t0 = time.perf_counter()
     with atomic.new_dir(out) as tmp:
+        sessions = []
         if opts.profile and not opts.calibrate:
             hw = load_profile(opts.profile)
             prof_note = f"given: {opts.profile}"
         else:
-            from sim.realrun.calibrate import CalibrateOptions, calibrate
+            from sim.realrun.calibrate import CalibrateOptions, measure, merge
+            from sim.realrun.profile import build_profile
 
-            copts = CalibrateOptions(device=opts.device, store=opts.store, out=str(out / "profile.yaml"),
-                                     model=opts.model, repeats=opts.cal_repeats, store_dir=opts.store_dir,
-                                     threads=opts.threads, quick=opts.quick, progress=opts.progress, pin=opts.pin)
+            copts = CalibrateOptions(device=opts.device, store=opts.store, model=opts.model, repeats=opts.cal_repeats,
+                                     store_dir=opts.store_dir, threads=opts.threads, quick=opts.quick,
+                                     progress=opts.progress, pin=opts.pin)
             cmd = "python -m sim confirm " + " ".join(argv) + " (calibrate step)"
-            prof, cal_rows = calibrate(copts, cmd)
-            write_profile(prof, tmp / "profile.yaml", f"# Measured by `{cmd}`.\n")
-            hw = load_profile(str(tmp / "profile.yaml"))
+
+            def calibrated() -> object:
+                prof, cal_rows = build_profile(merge(sessions), copts, cmd)
+                write_profile(prof, tmp / "profile.yaml", f"# Measured by `{cmd}`.\n")
+                return load_profile(str(tmp / "profile.yaml")), cal_rows
+
+            sessions.append(measure(copts))
+            hw, _ = calibrated()
             prof_note = "calibrated now (profile.yaml)"
-            for what, value, spread in cal_rows:
-                print(f"  {what:48} {value:30} {spread}", file=sys.stderr)
+        plans = plan_arms(opts, arms, hw, trace)
+        between = (lambda: sessions.append(measure(copts, sessions[0].backend))) if sessions and opts.bracket else None
         with tqdm(total=len(arms) * opts.repeats, desc="confirm arms", unit="run",
                   disable=None if opts.progress else True) as bar:
-            results = run_arms(opts, arms, hw, trace, bar)
+            measured = real_rounds(opts, plans, bar, between)
+        if sessions:
+            hw, cal_rows = calibrated()  # every calibration session of this confirm, pooled
+            prof_note = f"calibrated now, {len(sessions)} session(s) pooled (profile.yaml)"
+            for what, value, spread in cal_rows:
+                print(f"  {what:52} {value:34} {spread}", file=sys.stderr)
+        results = compare(plans, measured, hw)
         rows = [r for r, _, _ in results]
         frame = pl.DataFrame(rows)
         v = verdict(frame)
@@ -90,7 +112,7 @@ def main(argv: list[str]) -> int:
             write_real_results(real, RealOptions(device=opts.device, store=row["store"]), tmp / row["arm"] / "realrun",
                                report=False)
             write_results(sim, tmp / row["arm"] / "sim", report=False)
-        meta = {"verdict": v, "profile": prof_note, "trace": trace_desc, "model": opts.model,
+        meta = {"verdict": v, "profile": prof_note, "calibration_sessions": len(sessions), "trace": trace_desc, "model": opts.model,
                 "device": opts.device, "store": opts.store, "slots": opts.slots, "tokens": opts.tokens,
                 "layers": opts.layers, "repeats": opts.repeats, "command": "python -m sim confirm " + " ".join(argv),
                 "wall_s": time.perf_counter() - t0}

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sim.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS
 from sim.errors import UserError
 from sim.realrun.backend import Backend, cpu_name, meminfo
 from sim.realrun.compute import CpuWorker, SlotPool
@@ -429,14 +428,35 @@ def plan_sizes(opts: CalibrateOptions) -> tuple[list[float], int, str, tuple[flo
     return sizes, hidden, dtype, tuple(extra)
 
 
-def calibrate(opts: CalibrateOptions, command: str) -> tuple[dict, list[tuple[str, str, str]]]:
-    """Measure; returns (profile mapping ready for YAML, printable rows (what, value, spread))."""
+@dataclass
+class Measured:
+    """Raw calibration results (one session, or several merged: `merge`)."""
+
+    backend: Backend
+    sizes: list[float]
+    hidden: int
+    anchors: tuple[float, ...]
+    repeats: int
+    links: dict[str, Series]
+    expert: Series
+    stand_in: Series
+    cpu: Series
+    flops: list[float]
+    flops_spread: float
+    cpu_flops: list[float]
+    contention: dict[str, list[tuple[float, float, float]]]
+    fixed: list[dict[str, float]]
+    sessions: int = 1
+
+
+def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
+    """One calibration session (a progress bar; pinned as realrun runs)."""
     from tqdm import tqdm
 
     from sim.realrun.build import RealOptions, check_options, store_folder
 
     check_options(RealOptions(device=opts.device, store=opts.store, threads=opts.threads))
-    backend = Backend(opts.device, opts.threads, opts.pin)
+    backend = backend or Backend(opts.device, opts.threads, opts.pin)
     sizes, hidden, dtype, anchors = plan_sizes(opts)
     repeats = min(opts.repeats, 5) if opts.quick else opts.repeats
     kinds = ["disk", "host"] if opts.store == "disk" else ["host"]
@@ -457,84 +477,27 @@ def calibrate(opts: CalibrateOptions, command: str) -> tuple[dict, list[tuple[st
         flops, flops_spread = cal.matmul_flops()
         cpu_flops = cal.matmul_flops(on_cpu=True)[0] if backend.cuda else flops
         cpu = cal.cpu_expert()
-        contention = {k: cal.contention(k, ref) for k in kinds}
+        contention = {k: [cal.contention(k, ref)] for k in kinds}
         fixed = cal.engine_fixed(opts.threads)
-    src = f"measured: {command}, {today()}"
-    rows: list[tuple[str, str, str]] = []
-    op_ovh, spb = fit_affine([(expert, N_EXPERT_KERNELS), (stand_in, N_ATTN_KERNELS)], anchors)
-    op_c_ovh, c_spb = fit_affine([(cpu, N_EXPERT_KERNELS)], anchors)
-    # the fixed costs the simulator charges per layer (8 + 4k kernels) are the real run's own, measured
-    # on a tiny all-cached model: ops + policy calls + bookkeeping (the op-level intercepts miss the last two)
-    k = fixed["k"]
-    kernels = N_ATTN_KERNELS + k * N_EXPERT_KERNELS
-    ovh = max(0.0, (fixed["device"] - (fixed["layer_bytes"] + k * fixed["expert_bytes"]) * spb) / kernels)
-    c_ovh = max(0.0, (fixed["cpu"] - N_ATTN_KERNELS * ovh - fixed["layer_bytes"] * spb
-                      - k * fixed["expert_bytes"] * c_spb) / (k * N_EXPERT_KERNELS))
+    return Measured(backend, sizes, hidden, anchors, repeats, links, expert, stand_in, cpu, [flops], flops_spread,
+                    [cpu_flops], contention, [fixed])
 
-    def num(value: float, detail: str) -> dict:
-        return {"value": float(value), "source": f"{src}; {detail}"}
 
-    prof: dict = {
-        "name": opts.name,
-        "description": (f"this machine as calibrate measured it ({describe_machine(backend)}); device={opts.device}, "
-                        f"experts offloaded to {'disk (page cache dropped before each read)' if opts.store == 'disk' else 'host memory'}; "
-                        f"copies by one copy worker"),
-        "unified_memory": not backend.cuda,
-        "expert_tier": "storage" if opts.store == "disk" else "host",
-    }
-    sz = ", ".join(f"{s / 1e6:.3g}" for s in sizes)
-    prof["device"] = {
-        "memory_bandwidth_Bps": num(1 / spb, f"batch-1 SwiGLU expert and stand-in GEMV, cold weights, {sz} MB, "
-                                             f"{repeats} repeats each, medians fitted jointly (spread up to "
-                                             f"{max(expert.spread(), stand_in.spread()):.0%})"),
-        "matmul_flops": num(flops, f"GEMM 256 x {hidden} x 2048, median (spread {flops_spread:.0%})"),
-        "kernel_overhead_s": num(ovh, f"realrun's per-layer fixed time on a tiny all-cached model, "
-                                      f"{fixed['device'] * 1e6:.1f} us, over the {kernels} kernels the cost model "
-                                      f"charges a top-{k} layer ({N_ATTN_KERNELS} + {k} x {N_EXPERT_KERNELS}); the "
-                                      f"op-level fit alone gives {op_ovh * 1e6:.2f} us per kernel"),
-    }
-    prof["cpu"] = {
-        "memory_bandwidth_Bps": num(1 / c_spb, f"SwiGLU expert run by the CPU worker thread from host memory, "
-                                               f"{sz} MB (spread up to {cpu.spread():.0%})"),
-        "matmul_flops": num(cpu_flops, f"GEMM 256 x {hidden} x 2048 on the host CPU, median"),
-        "kernel_overhead_s": num(c_ovh, f"realrun's per-layer fixed time with every expert on the CPU worker, "
-                                        f"{fixed['cpu'] * 1e6:.1f} us, less the device's non-expert work, over "
-                                        f"{k} x {N_EXPERT_KERNELS} kernels (thread hand-off included); the op-level "
-                                        f"fit alone gives {op_c_ovh * 1e6:.2f} us"),
-    }
-    mem = memory_facts(backend)
-    prof["device_memory_bytes"] = num(mem["device"], "/proc/meminfo MemTotal" if not backend.cuda
-                                      else "torch.cuda.mem_get_info total")
-    prof["host_memory_bytes"] = num(mem["host"], "/proc/meminfo MemTotal")
-    prof["memory_reserve_bytes"] = num(mem["reserve"], "memory in use by others when calibrated "
-                                                       "(MemTotal - MemAvailable; CUDA: total - free)")
-    prof["expert_cache_bytes"] = None
-    prof["links"] = {}
-    rows.append(("device GEMV bandwidth", f"{1 / spb / 1e9:.2f} GB/s", f"{max(expert.spread(), stand_in.spread()):.0%}"))
-    rows.append(("realrun fixed time per layer (device / CPU experts)",
-                 f"{fixed['device'] * 1e6:.1f} / {fixed['cpu'] * 1e6:.1f} us", ""))
-    rows.append(("device kernel overhead", f"{ovh * 1e6:.2f} us (ops alone {op_ovh * 1e6:.2f})", ""))
-    rows.append(("device matmul", f"{flops / 1e9:.1f} GFLOP/s", f"{flops_spread:.0%}"))
-    rows.append(("cpu-worker GEMV bandwidth", f"{1 / c_spb / 1e9:.2f} GB/s", f"{cpu.spread():.0%}"))
-    rows.append(("cpu-worker overhead", f"{c_ovh * 1e6:.2f} us (ops alone {op_c_ovh * 1e6:.2f})", ""))
-    for kind, series in links.items():
-        lat, spb_l = fit_affine([(series, 1.0)], anchors)
-        name = "storage_to_device" if kind == "disk" else "host_to_device"
-        what = ("safetensors reads after posix_fadvise(DONTNEED), by the copy worker thread" if kind == "disk"
-                else "host -> slot copies by the copy worker" + (" (pinned, own CUDA stream)" if backend.cuda else ""))
-        prof["links"][name] = {
-            "bandwidth_Bps": num(1 / spb_l, f"{what}; expert-shaped copies of {sz} MB, {repeats} repeats, "
-                                            f"medians fitted as latency + bytes / bandwidth (spread up to {series.spread():.0%})"),
-            "latency_s": num(lat, "fixed cost of the same fit: submit to wake-up of the waiting thread"),
-            "channels": num(1, "one copy worker (channels = 1 by construction of realrun)"),
-            "shares_memory_bandwidth": bool(contention[kind][0] > CONTENTION_THRESHOLD),
-        }
-        rows.append((f"{name} bandwidth", f"{1 / spb_l / 1e9:.3f} GB/s", f"{series.spread():.0%}"))
-        rows.append((f"{name} latency", f"{lat * 1e6:.0f} us", ""))
-        for s, m in zip(series.sizes, series.medians, strict=True):
-            rows.append((f"  {name} {s / 1e6:.3g} MB", f"{m * 1e3:.3f} ms", ""))
-        slow, slow_spread, copy_slow = contention[kind]
-        rows.append((f"compute slowdown while {name} copies", f"{slow:.3f}x -> shares_memory_bandwidth="
-                     f"{str(slow > CONTENTION_THRESHOLD).lower()}", f"{slow_spread:.0%}"))
-        rows.append((f"{name} copy slowdown while computing", f"{copy_slow:.3f}x", ""))
-    return prof, rows
+def merge(ms: list[Measured]) -> Measured:
+    """Sessions pooled: every repeat of every session counts once (e.g. before and after a run)."""
+    first = ms[0]
+
+    def pool(get) -> Series:
+        out = Series()
+        for j, size in enumerate(get(first).sizes):
+            out.add(size, list(np.concatenate([get(m).runs[j] for m in ms])))
+        return out
+
+    return Measured(first.backend, first.sizes, first.hidden, first.anchors, first.repeats,
+                    {k: pool(lambda m, k=k: m.links[k]) for k in first.links}, pool(lambda m: m.expert),
+                    pool(lambda m: m.stand_in), pool(lambda m: m.cpu), [f for m in ms for f in m.flops],
+                    max(m.flops_spread for m in ms), [f for m in ms for f in m.cpu_flops],
+                    {k: [c for m in ms for c in m.contention[k]] for k in first.contention},
+                    [f for m in ms for f in m.fixed], sum(m.sessions for m in ms))
+
+

@@ -10,6 +10,12 @@ Arms (`arms=a,b,...`): a policy preset name (`policy=<name>`), or one of
 Decode only (`engine.prefill=false`): each arm starts with an empty cache and decodes `tokens`
 tokens. With `repeats` > 1 the real runs go round-robin over the arms and each arm's measured
 figures are the medians over its repeats.
+
+Calibration brackets the real runs (`bracket=true`): a session before the first round and one
+after each round, pooled into the profile the simulator then uses. A disk's speed drifts by
+several percent over minutes on a shared virtual machine; a profile measured only before the
+runs inherits whatever state the disk was in then, while one pooled over the session describes
+the machine the runs actually met. The simulator sees nothing of the real runs themselves.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class ConfirmOptions:
     threads: int = 1
     pin: bool = True  # main thread and workers on separate CPUs
     quick: bool = False  # a quick calibration (tests)
+    bracket: bool = True  # calibrate again after each round of arms; the profile pools every session
     cal_repeats: int = 15
     progress: bool = True
 
@@ -110,31 +117,45 @@ def default_trace(opts: ConfirmOptions):
     return tr, f"synthetic (sim.synthetic.random_trace, seed {opts.seed}, locality 0.5)"
 
 
-def run_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace, bar=None) -> list[dict[str, Any]]:
-    """Simulate and really run every arm; one row of figures per arm."""
-    from sim.realrun.build import RealOptions, preset_of, with_layers
-    from sim.realrun.run import real_run
-    from sim.runner import simulate
+def plan_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace) -> list[tuple]:
+    """(arm, config, trace, profile) per arm: the same configuration for `run` and `realrun`."""
+    from sim.realrun.build import preset_of, with_layers
 
     base = [f"model={opts.model}", "engine.prefill=false", f"engine.max_tokens={opts.tokens}",
             f"cache.slots={opts.slots}", f"seed={opts.seed}", "report=false"]
     plans = []
     for arm in arms:
         cfg = parse_run_config(base + arm.overrides)
-        hw_arm = profile_for(hw, arm.store)
         cfg2, tr = with_layers(cfg, trace, preset_of(cfg), opts.layers)
-        sim = simulate(cfg2, trace=tr, hw=hw_arm)
-        ropts = RealOptions(device=opts.device, store=arm.store, threads=opts.threads, store_dir=opts.store_dir,
-                            progress=opts.progress, pin=opts.pin)
-        plans.append((arm, cfg2, tr, hw_arm, sim, ropts))
-    measured: dict[str, list] = {arm.name: [] for arm in arms}
+        plans.append((arm, cfg2, tr, profile_for(hw, arm.store)))
+    return plans
+
+
+def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, between=None) -> dict[str, list]:
+    """`repeats` rounds over the arms, round-robin; `between()` runs after each round."""
+    from sim.realrun.build import RealOptions
+    from sim.realrun.run import real_run
+
+    measured: dict[str, list] = {arm.name: [] for arm, *_ in plans}
     for _ in range(opts.repeats):
-        for arm, cfg2, tr, hw_arm, _sim, ropts in plans:
-            measured[arm.name].append(real_run(cfg2, ropts, trace=tr, hw=hw_arm))
+        for arm, cfg, tr, hw_arm in plans:
+            ropts = RealOptions(device=opts.device, store=arm.store, threads=opts.threads, store_dir=opts.store_dir,
+                                progress=opts.progress, pin=opts.pin)
+            measured[arm.name].append(real_run(cfg, ropts, trace=tr, hw=hw_arm))
             if bar is not None:
                 bar.update()
+        if between is not None:
+            between()
+    return measured
+
+
+def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile) -> list[tuple]:
+    """Simulate every arm on `hw`; one row of measured and simulated figures per arm."""
+    from sim.runner import simulate
+
     rows = []
-    for arm, _cfg2, _tr, _hw, sim, _ropts in plans:
+    for arm, cfg, tr, _hw in plans:
+        sim = simulate(cfg, trace=tr, hw=profile_for(hw, arm.store))
         runs = measured[arm.name]
         row: dict[str, Any] = {"arm": arm.name, "store": arm.store, "config": " ".join(arm.overrides),
                                "cache_slots": sim.summary["cache_slots"], "tokens": sim.summary["tokens_decode"]}
@@ -144,8 +165,8 @@ def run_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace, 
             row[f"measured_{m}"] = real_v
             row[f"simulated_{m}"] = sim_v
             row[f"error_{m}"] = (sim_v - real_v) / real_v if m.startswith("tpot") else sim_v - real_v
-        row["measured_tpot_mean_s_spread"] = (float(np.ptp([r.summary["tpot_mean_s"] for r in runs]) / row["measured_tpot_mean_s"])
-                                              if len(runs) > 1 else None)
+        means = [r.summary["tpot_mean_s"] for r in runs]
+        row["measured_tpot_mean_s_spread"] = float(np.ptp(means) / row["measured_tpot_mean_s"]) if len(runs) > 1 else None
         row["measured_demand_loads_per_token"] = float(np.median([r.summary["demand_loads_per_token"] for r in runs]))
         row["simulated_demand_loads_per_token"] = float(sim.summary["demand_loads_per_token"])
         rows.append((row, runs[-1], sim))
