@@ -49,7 +49,7 @@ class ConfirmOptions:
     slots: int = 64  # cache.slots of the arms (half: slots / 2)
     tokens: int = 64  # decode tokens per arm
     layers: int = 0  # replay only the first N MoE layers (0: all)
-    repeats: int = 1
+    repeats: int = 2  # rounds of real runs (round-robin over the arms); medians over rounds
     seed: int = 0
     out: str = ""
     store_dir: str = ""
