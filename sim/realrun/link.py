@@ -146,6 +146,8 @@ class CopyWorker:
         """Block until `tr` is done (or has its first `matrices` matrices in)."""
         with self.cond:
             while not tr.done and (matrices is None or tr.progress < matrices):
+                if self._stop and not tr.started:
+                    raise RuntimeError(f"copy worker stopped while expert {tr.key}'s copy was still queued")
                 self.cond.wait(0.5)
                 self._check()
         self._check()

@@ -314,8 +314,7 @@ def live_run(cfg: RunConfig, opts: RealOptions) -> LiveResult:
             and np.array_equal(np.asarray(sim_engine.plan_w), routers.decided_w)):
         raise RuntimeError("the gating plan on the recorded trace differs from the per-row decisions")
     # pass 2: offloaded experts
-    run, engine = offloaded_pass(cfg2, opts, loaded, backend, sim_engine, binfo, windows, routers)
-    rec = engine.finish()
+    run, engine, rec = offloaded_pass(cfg2, opts, loaded, backend, sim_engine, binfo, windows, routers)
     res = result_of(cfg2, engine, rec, binfo, hw, preset, {"realrun_device": backend.describe(),
                                                            "realrun_store": engine.store.kind})
     metrics = live_metrics(cfg, windows, plain, reference, run, trace, sim_engine)
@@ -377,10 +376,11 @@ def offloaded_pass(cfg, opts, loaded, backend, sim_engine, binfo, windows, route
             engine.warm_start()
             engine.t_end = engine.now()
             logits = decode_pass(loaded, windows, before=before, after=after)
+            rec = engine.finish()  # waits for copies still queued, before the workers stop
     finally:
         engine.close()
         store.close()
-    return logits, engine
+    return logits, engine, rec
 
 
 def live_metrics(cfg, windows, plain, reference, run, trace, sim_engine) -> dict[str, Any]:
