@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import simpy
 
 from policies.base import CPU, LOAD, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
+from sim.admission import LoadAdmission
 from sim.cache import ABSENT, RESIDENT, ExpertCache
 from sim.cost import CostModel
 from sim.link import DEMAND, PREFETCH, Link, Transfer
@@ -44,7 +45,7 @@ class EngineOptions:
     max_tokens: int = 0  # simulate at most this many decode tokens (0: all)
 
 
-class Engine:
+class Engine(LoadAdmission):
     def __init__(self, ctx: Context, cost: CostModel, gating: GatingPolicy, prefetch: PrefetchPolicy,
                  cache_policy, placement: PlacementPolicy, link: Link, options: EngineOptions):
         self.ctx, self.cost, self.opt = ctx, cost, options
@@ -105,36 +106,16 @@ class Engine:
         `staging=True` loads into a transient staging buffer instead of a cache slot (AdapMoE's
         prefetches, low-precision copies); a demand load that gets no slot goes there too."""
         self.link.advance(self.t)  # apply completions first: they free slots and make experts evictable
-        if priority == PREFETCH and self.prefetch_idle_only and self.link.busy_channels() >= self.link.channels:
-            self.prefetch_skipped += 1
-            return None
         nbytes = self.nbytes if nbytes is None else nbytes
-        victims = None if staging else self.cache_policy.victims(key, nbytes, t, priority == DEMAND)
-        staging = victims is None
-        if staging:
-            if priority == PREFETCH and (not self.prefetch_staging
-                                         or self.staging_in_use >= self.opt.staging_buffers):
-                self.prefetch_skipped += 1
-                return None
-            self.staging_in_use += 1
-            assert self.staging_in_use <= self.opt.staging_buffers, (
-                f"{self.staging_in_use} staging buffers in use, only {self.opt.staging_buffers} exist")
-        else:
-            for v in victims:
-                self._evict(v)
-            self.cache.begin_load(key, nbytes)
-            self.cache_policy.on_insert(key, t)
-        kind = "demand" if priority == DEMAND else "prefetch"
+        staging = self._admit(key, priority, t, nbytes, staging, self.link.busy_channels() >= self.link.channels)
+        if staging is None:
+            return None
         if priority == DEMAND and self.yield_chunk_bytes:
             self._preempt_prefetch()
+        kind = "demand" if priority == DEMAND else "prefetch"
         tr = self.link.submit(key, nbytes, priority, self.t, tag=(kind, t, layer, staging))
         self.bytes_issued += nbytes
-        self.inflight[key] = tr
-        self.rec.loads.append(tr)
-        if priority == PREFETCH:
-            self.unused_prefetch.add(key)
-            self.prefetch_by_layer.setdefault(key // self.E, []).append(tr)
-            self.rec.per_layer["prefetch_issued"][key // self.E] += 1
+        self._note_issued(tr, key, priority)
         return tr
 
     def _on_loaded(self, tr: Transfer) -> None:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import time
 
 from policies.base import CPU, LOAD
+from sim.admission import LoadAdmission
 from sim.cache import ABSENT, RESIDENT
 from sim.errors import UserError
 from sim.realrun.link import DEMAND, PREFETCH, CopyWorker
 from sim.recorder import Recorder
 
 
-class RealEngine:
+class RealEngine(LoadAdmission):
     def __init__(self, sim_engine, backend, store, pool, kernels, cpu_worker=None, channels: int = 1):
         src = sim_engine  # a `sim.engine.Engine` built by the simulator's builder: its policies and plan
         self.ctx, self.opt = src.ctx, src.opt
@@ -92,37 +93,19 @@ class RealEngine:
         return self.gating.decide(t, layer)
 
     def _load(self, key: int, priority: int, t: int, layer: int, staging: bool = False):
+        """As `Engine._load`: the same admission (`sim.admission`), then a real copy into a buffer."""
         self.link.advance()
-        if priority == PREFETCH and self.prefetch_idle_only and self.link.busy_channels() >= self.link.channels:
-            self.prefetch_skipped += 1
+        staging = self._admit(key, priority, t, self.nbytes, staging, self.link.busy_channels() >= self.link.channels)
+        if staging is None:
             return None
-        victims = None if staging else self.cache_policy.victims(key, self.nbytes, t, priority == DEMAND)
-        staging = victims is None
-        if staging:
-            if priority == PREFETCH and (not self.prefetch_staging
-                                         or self.staging_in_use >= self.opt.staging_buffers):
-                self.prefetch_skipped += 1
-                return None
-            self.staging_in_use += 1
-            assert self.staging_in_use <= self.opt.staging_buffers, (
-                f"{self.staging_in_use} staging buffers in use, only {self.opt.staging_buffers} exist")
-            buf = self.pool.take()
-        else:
-            for v in victims:
-                self._evict(v)
-            self.cache.begin_load(key, self.nbytes)
-            self.cache_policy.on_insert(key, t)
-            self.buf_of[key] = buf = self.pool.take()
+        buf = self.pool.take()
+        if not staging:
+            self.buf_of[key] = buf
         if priority == DEMAND and self.yield_chunk_bytes:
             self._preempt_prefetch()
         kind = "demand" if priority == DEMAND else "prefetch"
         tr = self.link.submit(key, self.nbytes, priority, (kind, t, layer, staging), buf, after=self._slot_free_event())
-        self.inflight[key] = tr
-        self.rec.loads.append(tr)
-        if priority == PREFETCH:
-            self.unused_prefetch.add(key)
-            self.prefetch_by_layer.setdefault(key // self.E, []).append(tr)
-            self.rec.per_layer["prefetch_issued"][key // self.E] += 1
+        self._note_issued(tr, key, priority)
         return tr
 
     def _slot_free_event(self):
