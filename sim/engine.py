@@ -34,6 +34,7 @@ from sim.cache import ABSENT, RESIDENT, ExpertCache
 from sim.cost import CostModel
 from sim.link import DEMAND, PREFETCH, Link, Transfer
 from sim.recorder import Recorder
+from sim.replay import replay_steps
 
 
 @dataclass
@@ -226,27 +227,13 @@ class Engine(LoadAdmission):
 
     # ------------------------------------------------------------------ the run
     def _main(self):
-        tr = self.ctx.trace
-        seqs, is_decode = tr.seq.tolist(), tr.is_decode.tolist()
-        decoded = 0
-        i, T = 0, tr.num_tokens
-        while i < T:
-            j = i
-            while j < T and seqs[j] == seqs[i]:
-                j += 1
-            prompt = [t for t in range(i, j) if not is_decode[t]]
-            if prompt and self.opt.prefill:
-                self._prefill(prompt)
-                yield self.env.timeout(self.t - self.env.now)
-            for t in range(i, j):
-                if not is_decode[t]:
-                    continue
-                if self.opt.max_tokens and decoded >= self.opt.max_tokens:
-                    return
-                self._decode_token(t, decoded < self.opt.timeline_tokens)
-                decoded += 1
-                yield self.env.timeout(self.t - self.env.now)  # SimPy's clock: the end of this token
-            i = j
+        opt = self.opt
+        for step in replay_steps(self.ctx.trace, opt.prefill, opt.max_tokens, opt.timeline_tokens):
+            if step[0] == "prefill":
+                self._prefill(step[1])
+            else:
+                self._decode_token(step[1], step[2])
+            yield self.env.timeout(self.t - self.env.now)  # SimPy's clock: the end of this step
 
     def _decode_token(self, t: int, rec_ops: bool) -> None:
         cost, cache, E, link, ctx = self.cost, self.cache, self.E, self.link, self.ctx

@@ -27,6 +27,7 @@ from sim.cache import ABSENT, RESIDENT
 from sim.errors import UserError
 from sim.realrun.link import DEMAND, PREFETCH, CopyWorker
 from sim.recorder import Recorder
+from sim.replay import replay_steps
 
 
 class RealEngine(LoadAdmission):
@@ -408,24 +409,12 @@ class RealEngine(LoadAdmission):
         pf["end_s"].append(self.t_end)
 
     def run_trace(self) -> Recorder:
-        """Replay the trace as Engine._main does (prefill of each prompt, then its decode tokens)."""
-        tr = self.ctx.trace
-        seqs, is_decode = tr.seq.tolist(), tr.is_decode.tolist()
-        decoded, i, T = 0, 0, tr.num_tokens
+        """Replay the trace in the simulator's order (`sim.replay`)."""
+        opt = self.opt
         self.t_end = self.now()
-        while i < T:
-            j = i
-            while j < T and seqs[j] == seqs[i]:
-                j += 1
-            prompt = [t for t in range(i, j) if not is_decode[t]]
-            if prompt and self.opt.prefill:
-                self.prefill(prompt)
-            for t in range(i, j):
-                if not is_decode[t]:
-                    continue
-                if self.opt.max_tokens and decoded >= self.opt.max_tokens:
-                    return self.finish()
-                self.decode_token(t, decoded < self.opt.timeline_tokens)
-                decoded += 1
-            i = j
+        for step in replay_steps(self.ctx.trace, opt.prefill, opt.max_tokens, opt.timeline_tokens):
+            if step[0] == "prefill":
+                self.prefill(step[1])
+            else:
+                self.decode_token(step[1], step[2])
         return self.finish()
