@@ -6,7 +6,8 @@ victims) or else a transient staging buffer, and an issued prefetch is counted a
 mixin holds those decisions; each engine then submits the transfer to its own link (simulated or
 real). A host class provides: `cache`, `cache_policy`, `opt.staging_buffers`,
 `prefetch_idle_only`, `prefetch_staging`, `staging_in_use`, `prefetch_skipped`,
-`unused_prefetch`, `prefetch_by_layer`, `rec`, `E`, and `_evict(key)`.
+`unused_prefetch`, `prefetch_by_layer` (filled only if `track_prefetch_targets`: the policy waits for
+its prefetches or stages them), `rec`, `E`, and `_evict(key)`.
 """
 
 from __future__ import annotations
@@ -46,5 +47,6 @@ class LoadAdmission:
         self.rec.loads.append(tr)
         if priority == PREFETCH:
             self.unused_prefetch.add(key)
-            self.prefetch_by_layer.setdefault(key // self.E, []).append(tr)
+            if self.track_prefetch_targets:
+                self.prefetch_by_layer.setdefault(key // self.E, []).append(tr)
             self.rec.per_layer["prefetch_issued"][key // self.E] += 1

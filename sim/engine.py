@@ -24,8 +24,11 @@ TTFT; no prefetch during prefill.
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import simpy
 
 from policies.base import CPU, LOAD, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
@@ -35,6 +38,26 @@ from sim.cost import CostModel
 from sim.link import DEMAND, PREFETCH, Link, Transfer
 from sim.recorder import Recorder
 from sim.replay import replay_steps
+
+_KIND = {DEMAND: "demand", PREFETCH: "prefetch"}
+
+
+@contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector during a run. A run allocates a Transfer per load and
+    keeps them all (events table) but creates no reference cycles, so the collections that the
+    allocations trigger find nothing and cost a few percent of the run (`python -m sim bench`)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _done_s(tr: Transfer) -> float:
+    return tr.done_s
 
 
 @dataclass
@@ -75,11 +98,20 @@ class Engine(LoadAdmission):
         self.compute_busy_s = 0.0
         plan = ctx.gating_plan if ctx.gating_plan is not None else gating.plan()
         self.plan_ids = plan.ids.tolist() if plan is not None else None  # nested lists: fast scalar access
+        #: [t][layer] -> keys of the experts that run (ids of -1, "not run", dropped)
+        self.plan_keys = ([[[layer * self.E + e for e in ids if e >= 0] for layer, ids in enumerate(row)]
+                           for row in self.plan_ids] if plan is not None else None)
         self.plan_w = plan.weights.tolist() if plan is not None else None
         self.plan_dL = plan.dL.tolist() if plan is not None else None
+        #: the per-(token, layer) counts that only the plan decides (experts run, single-expert pairs, dL)
+        #: are summed from it after the run instead of on the hot path (`_counts_from_plan`)
+        self.plan = plan if plan is not None and self.placement.always_load else None
+        self.decoded: list[int] = []  # trace indices of the decoded tokens, in order
         self.nbytes = cost.expert_bytes
         #: prefetches go to staging buffers, not cache slots (AdapMoE), if the prefetch policy says so
         self.prefetch_staging = bool(getattr(prefetch, "admit_on_use", False))
+        #: in-flight prefetches are listed per target layer only when a layer must look at them
+        self.track_prefetch_targets = bool(prefetch.wait_for_prefetch or self.prefetch_staging)
 
     # ------------------------------------------------------------------ public
     def run(self) -> Recorder:
@@ -87,7 +119,10 @@ class Engine(LoadAdmission):
             self.cache.insert_resident(key, self.nbytes)
             self.cache_policy.on_insert(key, -1)
         self.env.process(self._main())
-        self.env.run()
+        with _gc_paused():
+            self.env.run()
+        if self.plan is not None:
+            self._counts_from_plan()
         self.link.advance(float("inf"))
         self.rec.loads.sort(key=lambda tr: tr.seqno)
         for key in self.unused_prefetch:  # prefetched and never used before the end
@@ -106,15 +141,18 @@ class Engine(LoadAdmission):
 
         `staging=True` loads into a transient staging buffer instead of a cache slot (AdapMoE's
         prefetches, low-precision copies); a demand load that gets no slot goes there too."""
-        self.link.advance(self.t)  # apply completions first: they free slots and make experts evictable
-        nbytes = self.nbytes if nbytes is None else nbytes
-        staging = self._admit(key, priority, t, nbytes, staging, self.link.busy_channels() >= self.link.channels)
+        link, now = self.link, self.t
+        heap = link.running_heap
+        if heap and heap[0][0] <= now:
+            link.advance(now)  # apply completions first: they free slots and make experts evictable
+        if nbytes is None:
+            nbytes = self.nbytes
+        staging = self._admit(key, priority, t, nbytes, staging, len(heap) >= link.channels)
         if staging is None:
             return None
         if priority == DEMAND and self.yield_chunk_bytes:
             self._preempt_prefetch()
-        kind = "demand" if priority == DEMAND else "prefetch"
-        tr = self.link.submit(key, nbytes, priority, self.t, tag=(kind, t, layer, staging))
+        tr = link.submit(key, nbytes, priority, now, (_KIND[priority], t, layer, staging))
         self.bytes_issued += nbytes
         self._note_issued(tr, key, priority)
         return tr
@@ -135,9 +173,10 @@ class Engine(LoadAdmission):
             self.prefetch_cancelled += 1
             return
         if not tr.tag[3]:  # a cache load (a staging buffer is released after its compute)
-            if self.inflight.get(tr.key) is tr:
-                del self.inflight[tr.key]
-            self.cache.finish_load(tr.key)
+            key, inflight = tr.key, self.inflight
+            if inflight.get(key) is tr:
+                del inflight[key]
+            self.cache.finish_load(key)
 
     def _preempt_prefetch(self) -> None:
         """No channel free for a demand load: cut the in-flight prefetch that frees one soonest.
@@ -190,26 +229,32 @@ class Engine(LoadAdmission):
             self.unused_prefetch.discard(key)
             self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
 
-    def _copies_now(self) -> int:
-        """Copies in flight at `self.t` on a link that shares device memory bandwidth (else 0)."""
-        return self.link.in_flight_at(self.t) if self.cost.shared_link else 0
+    def _bw_taken_now_Bps(self) -> float:
+        """Device memory bandwidth taken at `self.t` by copies in flight on a link that shares it (else 0)."""
+        return self.link.in_flight_at(self.t) * self.cost.link_bandwidth_Bps if self.cost.shared_link else 0.0
 
     def _compute_loaded(self, tr: Transfer, tokens: int, rec_ops: bool, t_index: int, layer: int) -> float:
-        """Compute an expert whose transfer has started; returns the stall it caused."""
+        """Compute an expert whose transfer has started; returns the stall it caused.
+
+        Without pipelining the expert starts when its transfer is done; with it, each of its three
+        GEMMs starts when its matrix is in and the previous GEMM is done. On a link that shares the
+        device's memory bandwidth, the copies in flight when the expert starts slow it down."""
         cost = self.cost
+        first_s = tr.start_s + cost.link_latency_s  # the first byte is in
+        per_matrix_s = (tr.done_s - first_s) / 3.0
+        begin_s = max(self.t, first_s + per_matrix_s if self.opt.pipelining else tr.done_s)
+        copies = self.link.in_flight_at(begin_s) if cost.shared_link else 0
         if tokens > 1:
-            dur = cost.expert_compute_s(tokens, bw_taken_Bps=self._copies_now() * cost.link_bandwidth_Bps)
+            dur = cost.expert_compute_s(tokens, bw_taken_Bps=copies * cost.link_bandwidth_Bps)
         else:
-            dur = cost.expert_s_contended[self._copies_now()] if cost.shared_link else cost.expert_s
+            dur = cost.expert_s_contended[copies]
         start = self.t
         stall = 0.0
         if self.opt.pipelining:
             # three matrices arrive in order; GEMM i starts when matrix i is in and GEMM i-1 is done
-            per_matrix_s = (tr.done_s - tr.start_s - cost.link_latency_s) / 3.0
-            first = tr.start_s + cost.link_latency_s
             t = self.t
             for i in range(1, 4):
-                arrive = first + i * per_matrix_s
+                arrive = first_s + i * per_matrix_s
                 if arrive > t:
                     stall += arrive - t
                     t = arrive
@@ -236,51 +281,70 @@ class Engine(LoadAdmission):
             yield self.env.timeout(self.t - self.env.now)  # SimPy's clock: the end of this step
 
     def _decode_token(self, t: int, rec_ops: bool) -> None:
+        # The simulator's hot path (`python -m sim bench` measures it). Attributes and bound methods
+        # are bound to locals, a completion check peeks the link's heap before calling `advance`,
+        # and the common cases of `_compute_loaded` and `_release` are written inline.
         cost, cache, E, link, ctx = self.cost, self.cache, self.E, self.link, self.ctx
-        state, inflight, unused = cache.state, self.inflight, self.unused_prefetch
+        state, inflight, unused, pinned = cache.state, self.inflight, self.unused_prefetch, cache.pinned
+        heap, advance = link.running_heap, link.advance
         shared = cost.shared_link
         pl_ = self.rec.per_layer
         p_used, p_late, p_stall, p_demand = pl_["prefetch_used"], pl_["prefetch_late"], pl_["stall_s"], pl_["demand_loads"]
-        start, stall0, cpuw0, bytes0 = self.t, self.stall_s, self.cpu_wait_s, self.bytes_issued
-        pos = int(self.ctx.trace.pos[t])
-        needed = hits = single = 0
-        dL_tok = 0.0
-        demand = 0
         p_needed, p_hits, p_run, p_single, p_dL = (pl_[k] for k in ("needed", "hits", "experts_run", "single_pairs", "dL"))
-        always_load = self.placement.always_load
+        start, stall0, cpuw0, bytes0 = self.t, self.stall_s, self.cpu_wait_s, self.bytes_issued
+        pos = int(ctx.trace.pos[t])
+        needed = hits = single = demand = 0
+        dL_tok = 0.0
+        always_load, place = self.placement.always_load, self.placement.place
         on_layer, on_access = self.prefetch.on_layer, self.cache_policy.on_access
-        expert_s = cost.expert_s
-        plan_ids, plan_w, plan_dL = self.plan_ids, self.plan_w, self.plan_dL
+        load, release, compute_loaded = self._load, self._release, self._compute_loaded
+        expert_s, expert_s_contended = cost.expert_s, cost.expert_s_contended
+        simple_compute = not self.opt.pipelining
+        #: attention time of this token's position, by copies in flight (only the shared link varies it)
+        attn_s = cost.attention_decode_s(pos, 0)
+        attn_by_copies = [cost.attention_decode_s(pos, c) for c in range(link.channels + 1)] if shared else None
+        if self.plan_keys is not None:
+            keys_row, w_row, dL_row = self.plan_keys[t], self.plan_w[t], self.plan_dL[t]
         wait_prefetch = self.prefetch.wait_for_prefetch
         stop_on_skip = getattr(self.prefetch, "stop_at_first_skip", False)
+        prefetch_by_layer, prefetch_staging = self.prefetch_by_layer, self.prefetch_staging
+        counts_from_plan = self.plan is not None
+        # `now` is the compute stream's clock (`self.t`) in a local; it is written back to `self.t`
+        # before every call that reads or moves it
+        now = self.t
         for layer in range(self.L):
-            a0 = self.t
-            self.t += cost.attention_decode_s(pos, self._copies_now() if shared else 0)
-            self.compute_busy_s += self.t - a0
+            a0 = now
+            if shared:  # copies in flight at a0 (`Link.in_flight_at`, inline)
+                if heap and heap[0][0] <= a0:
+                    advance(a0)
+                now += attn_by_copies[len(heap) if a0 >= link.now_s else link.active_at(a0)]
+            else:
+                now += attn_s
+            self.compute_busy_s += now - a0
             if rec_ops:
-                self.rec.op("compute", t, layer, "attention", a0, self.t)
-            gate_t = self.t
+                self.rec.op("compute", t, layer, "attention", a0, now)
+            self.t = gate_t = now
             ctx.now_layer = layer
-            link.advance(self.t)  # transfers' states as of now (queued ones may have started and ended)
-            if plan_ids is not None:
-                ids, ws, dL = plan_ids[t][layer], plan_w[t][layer], plan_dL[t][layer]
+            if heap and heap[0][0] <= gate_t:
+                advance(gate_t)  # transfers' states as of now (queued ones may have started and ended)
+            if self.plan_keys is not None:
+                keys, ws, dL = keys_row[layer], w_row[layer], dL_row[layer]
             else:
                 ids, ws, dL = self.gating.decide(t, layer)
-            base = layer * E
-            keys = [base + e for e in ids if e >= 0]
+                keys = [layer * E + e for e in ids if e >= 0]
             n = len(keys)
-            cache.pinned.update(keys)
+            pinned.update(keys)
             ready: list[int] = []  # resident (or arrived by now) keys
             waiting: list[Transfer] = []
-            cpu_keys: list[int] = []
+            cpu_keys: list[int] | None = None  # made when an expert is placed on the CPU
             layer_hits = 0
-            for j, key in enumerate(keys):
+            for key in keys:
                 trn = inflight.get(key)
                 if trn is None and state[key] == RESIDENT:
                     ready.append(key)
                     layer_hits += 1
                 elif trn is not None:  # loading: wait for that same transfer
-                    if trn.started and trn.done_s <= self.t:
+                    if 0.0 <= trn.start_s and trn.done_s <= gate_t:
                         layer_hits += 1
                         if trn.tag[3]:  # arrived in a staging buffer: computed from it, then released
                             waiting.append(trn)
@@ -290,18 +354,19 @@ class Engine(LoadAdmission):
                         waiting.append(trn)
                         if key in unused:
                             p_late[layer] += 1
-                elif not always_load and (where := self.placement.place(key, t, ws[j])) != LOAD:
+                elif not always_load and (where := place(key, t, w := ws[keys.index(key)])) != LOAD:
                     if where == CPU:
+                        if cpu_keys is None:
+                            cpu_keys = []
                         cpu_keys.append(key)
                     else:  # LOW: a low-precision copy into a staging buffer, lossy
-                        waiting.append(self._load(key, DEMAND, t, layer, nbytes=self.placement.low_bytes,
-                                                  staging=True))
+                        waiting.append(load(key, DEMAND, t, layer, self.placement.low_bytes, True))
                         demand += 1
                         p_demand[layer] += 1
-                        dL += self.placement.dL(layer, ws[j])
+                        dL += self.placement.dL(layer, w)
                     continue
                 else:
-                    waiting.append(self._load(key, DEMAND, t, layer))
+                    waiting.append(load(key, DEMAND, t, layer))
                     demand += 1
                     p_demand[layer] += 1
                     continue
@@ -311,60 +376,111 @@ class Engine(LoadAdmission):
             # prefetch for later layers, issued after this layer's demand loads
             for pk in on_layer(t, layer):
                 if state[pk] == ABSENT and pk not in inflight:
-                    if self._load(pk, PREFETCH, t, layer, staging=self.prefetch_staging) is None and stop_on_skip:
+                    if load(pk, PREFETCH, t, layer, None, prefetch_staging) is None and stop_on_skip:
                         break
             # AdapMoE: the layer waits for in-flight prefetches aimed at it, used or not
-            pending = self.prefetch_by_layer.pop(layer, None)
+            pending = prefetch_by_layer.pop(layer, None) if prefetch_by_layer else None
             if pending and wait_prefetch:
                 for trn in pending:
                     link.wait_started(trn)
-                    if trn.done_s > self.t:
-                        self.stall_s += trn.done_s - self.t
-                        p_stall[layer] += trn.done_s - self.t
-                        self.t = trn.done_s
+                    if trn.done_s > now:
+                        self.stall_s += trn.done_s - now
+                        p_stall[layer] += trn.done_s - now
+                        now = trn.done_s
             # compute: resident first, then loads in arrival order
             for key in ready:
-                c0 = self.t
-                self.t += cost.expert_s_contended[self._copies_now()] if shared else expert_s
-                self.compute_busy_s += self.t - c0
+                c0 = now
+                if shared:  # copies in flight at c0 (`Link.in_flight_at`, inline)
+                    if heap and heap[0][0] <= c0:
+                        advance(c0)
+                    now += expert_s_contended[len(heap) if c0 >= link.now_s else link.active_at(c0)]
+                else:
+                    now += expert_s
+                self.compute_busy_s += now - c0
                 on_access(key, t)
                 if rec_ops:
-                    self.rec.op("compute", t, layer, f"expert {key % E}", c0, self.t)
+                    self.rec.op("compute", t, layer, f"expert {key % E}", c0, now)
             if waiting:
                 for trn in waiting:
-                    link.wait_started(trn)
+                    if trn.start_s < 0.0:  # queued: look ahead until it is on a channel
+                        link.wait_started(trn)
                 if len(waiting) > 1:
-                    waiting.sort(key=lambda x: x.done_s)
+                    waiting.sort(key=_done_s)
                 for trn in waiting:
-                    s = self._compute_loaded(trn, 1, rec_ops, t, layer)
+                    if simple_compute and not rec_ops:  # `_compute_loaded`, inline
+                        if trn.done_s > now:
+                            s = trn.done_s - now
+                            now = trn.done_s
+                        else:
+                            s = 0.0
+                        if shared:  # copies in flight when it starts (`Link.in_flight_at`, inline)
+                            if heap and heap[0][0] <= now:
+                                advance(now)
+                            dur = expert_s_contended[len(heap) if now >= link.now_s else link.active_at(now)]
+                        else:
+                            dur = expert_s
+                        now += dur
+                        self.compute_busy_s += dur
+                    else:
+                        self.t = now
+                        s = compute_loaded(trn, 1, rec_ops, t, layer)
+                        now = self.t
                     self.stall_s += s
                     p_stall[layer] += s
-                    self._release(trn, t)
+                    if trn.tag[3]:
+                        release(trn, t)
+                    else:  # `_release` of a cache load, inline
+                        on_access(trn.key, t)
+            self.t = now
             if cpu_keys:
                 self._run_on_cpu(cpu_keys, gate_t, t, layer, rec_ops)
-            if pending and self.prefetch_staging:  # wrong prefetches are dropped with their buffers
+                now = self.t
+            if pending and prefetch_staging:  # wrong prefetches are dropped with their buffers
                 for trn in pending:
                     if trn.tag[3] and inflight.get(trn.key) is trn:
                         self._free_staging(trn)
                         if trn.key in unused:
                             unused.discard(trn.key)
                             pl_["prefetch_wasted"][layer] += 1
-            cache.pinned.clear()
-            needed += n
+            pinned.clear()
             hits += layer_hits
-            single += n == 1
-            dL_tok += dL
-            p_needed[layer] += n
             p_hits[layer] += layer_hits
-            p_run[layer] += n
-            p_single[layer] += n == 1
-            p_dL[layer] += dL
+            if not counts_from_plan:
+                needed += n
+                single += n == 1
+                dL_tok += dL
+                p_needed[layer] += n
+                p_run[layer] += n
+                p_single[layer] += n == 1
+                p_dL[layer] += dL
+        self.decoded.append(t)
         nbytes = self.bytes_issued - bytes0
-        for name, v in (("seq", int(self.ctx.trace.seq[t])), ("pos", pos), ("start_s", start), ("end_s", self.t),
-                        ("stall_s", self.stall_s - stall0), ("cpu_wait_s", self.cpu_wait_s - cpuw0),
-                        ("demand_loads", demand), ("bytes_loaded", nbytes), ("needed", needed), ("hits", hits),
-                        ("experts_run", needed), ("single_pairs", single), ("dL", dL_tok)):
-            self.rec.tokens[name].append(v)
+        row = [("seq", int(ctx.trace.seq[t])), ("pos", pos), ("start_s", start), ("end_s", self.t),
+               ("stall_s", self.stall_s - stall0), ("cpu_wait_s", self.cpu_wait_s - cpuw0),
+               ("demand_loads", demand), ("bytes_loaded", nbytes), ("hits", hits)]
+        if not counts_from_plan:
+            row += [("needed", needed), ("experts_run", needed), ("single_pairs", single), ("dL", dL_tok)]
+        tokens = self.rec.tokens
+        for name, v in row:
+            tokens[name].append(v)
+
+    def _counts_from_plan(self) -> None:
+        """Per-token and per-layer experts run, single-expert pairs and dL of the decoded tokens,
+        from the gating plan (with `always_load` placement nothing at run time changes them).
+        Sums run in token and layer order (cumsum), as the hot path would add them."""
+        rows = np.asarray(self.decoded, dtype=np.int64)
+        n = (self.plan.ids[rows] >= 0).sum(-1)  # [tokens, L] experts run
+        single = (n == 1).astype(np.int64)
+        dL = np.asarray(self.plan.dL, dtype=np.float64)[rows]  # [tokens, L]
+        tok, pl_ = self.rec.tokens, self.rec.per_layer
+        tok["needed"] = n.sum(1).tolist()
+        tok["experts_run"] = list(tok["needed"])
+        tok["single_pairs"] = single.sum(1).tolist()
+        tok["dL"] = (np.cumsum(dL, axis=1)[:, -1] if len(rows) else np.zeros(0)).tolist()
+        for name, per_layer in (("needed", n), ("experts_run", n), ("single_pairs", single)):
+            pl_[name] = (np.asarray(pl_[name]) + per_layer.sum(0)).tolist()
+        if len(rows):
+            pl_["dL"] = np.cumsum(np.vstack([np.asarray(pl_["dL"])[None, :], dL]), axis=0)[-1].tolist()
 
     def _run_on_cpu(self, keys: list[int], ready_s: float, t: int, layer: int, rec_ops: bool) -> None:
         """Experts placed on the CPU run on the CPU stream; the layer ends when both streams are done."""
@@ -385,7 +501,7 @@ class Engine(LoadAdmission):
         P = len(prompt)
         for layer in range(self.L):
             self.ctx.now_layer = layer
-            self.t += cost.attention_s(0, P)
+            self.t += cost.attention_s(0, P, self._bw_taken_now_Bps())
             counts: dict[int, int] = {}
             for t in prompt:
                 ids, _, _ = self._decide(t, layer)
@@ -397,7 +513,7 @@ class Engine(LoadAdmission):
             todo: list[int] = []
             for key in order:
                 if cache.state[key] == RESIDENT:
-                    self.t += cost.expert_compute_s(counts[key])
+                    self.t += cost.expert_compute_s(counts[key], bw_taken_Bps=self._bw_taken_now_Bps())
                     self.cache_policy.on_access(key, prompt[0])
                 else:
                     todo.append(key)
@@ -411,7 +527,7 @@ class Engine(LoadAdmission):
                         outstanding.append(self.inflight[key])
                         continue
                     if cache.state[key] == RESIDENT:  # arrived meanwhile
-                        self.t += cost.expert_compute_s(counts[key])
+                        self.t += cost.expert_compute_s(counts[key], bw_taken_Bps=self._bw_taken_now_Bps())
                         self.cache_policy.on_access(key, prompt[0])
                         continue
                     cache.pinned.update(tr_.key for tr_ in outstanding)

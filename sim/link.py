@@ -1,9 +1,10 @@
 """A copy link (PCIe, NVMe, unified-memory DMA): a priority resource with `channels`.
 
 States of a transfer: QUEUED (waiting for a channel) -> ACTIVE (on a channel; `start_s` and
-`done_s` fixed) -> DONE (its `on_done` callback has run). A queued transfer with a lower
-`priority` value starts first (demand loads = 0 go ahead of prefetches = 1); ties start in issue
-order. A transfer in flight is never preempted. Duration = `latency_s + bytes / bandwidth_Bps`.
+`done_s` fixed) -> DONE (its `on_done` callback has run). Two priorities: a queued DEMAND (0)
+transfer starts before any queued PREFETCH (1) one; within a priority, in issue order. A transfer
+in flight keeps its channel to the end, unless its owner cuts it short with `preempt` (a prefetch
+issued in chunks). Duration = `latency_s + bytes / bandwidth_Bps`.
 
 These are the semantics of a `simpy.PriorityResource` of capacity `channels` whose holders
 release exactly when their transfer ends. The link schedules them itself (event elision): a
@@ -17,6 +18,7 @@ a process per load; `tests/test_engine_vs_naive.py` checks it against `sim/naive
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +51,7 @@ class Link:
     """A link with `channels` concurrent transfers and a priority queue (see module docstring)."""
 
     def __init__(self, name: str, bandwidth_Bps: float, latency_s: float, channels: int,
-                 on_done: Callable[[Transfer], None] | None = None):
+                 on_done: Callable[[Transfer], None] | None = None, keep_history: bool = False):
         if bandwidth_Bps <= 0 or latency_s < 0 or channels < 1:
             raise ValueError(f"link {name}: need bandwidth > 0, latency >= 0, channels >= 1")
         self.name = name
@@ -58,9 +60,15 @@ class Link:
         self.channels = int(channels)
         self.on_done = on_done
         self.now_s = 0.0  # the link's clock: everything up to here has been applied
-        self._running: list[tuple[float, int, Transfer]] = []  # (done_s, seqno, transfer) on channels
-        self._queue: list[tuple[int, int, Transfer]] = []  # (priority, seqno, transfer) waiting
+        #: (done_s, seqno, transfer) of the transfers on a channel, a heap. Read-only outside this class;
+        #: an owner on a hot path may peek `running_heap[0][0]` to skip an `advance` with nothing to apply.
+        self.running_heap: list[tuple[float, int, Transfer]] = []
+        #: waiting transfers, one FIFO per priority (DEMAND, PREFETCH): issue order within a priority
+        self._queues: tuple[deque[Transfer], deque[Transfer]] = (deque(), deque())
         self._seq = 0
+        #: transfers that ended after the owner's clock (applied by a lookahead), in completion
+        #: order; None: not kept, and `active_at` then only sees what is still on a channel
+        self.history: deque[Transfer] | None = deque() if keep_history else None
         self.busy_s = 0.0  # sum of transfer durations (utilisation)
         self.bytes_moved = 0.0
         self.max_active = 0
@@ -68,38 +76,53 @@ class Link:
     def duration_s(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_Bps
 
-    def advance(self, t_s: float) -> None:
-        """Apply every completion at or before `t_s` (starting queued transfers as channels free)."""
-        running = self._running
+    def advance(self, t_s: float, lookahead: bool = False) -> None:
+        """Apply every completion at or before `t_s` (starting queued transfers as channels free).
+
+        `t_s` is the owner's clock: it will not ask about earlier times again. `lookahead=True`
+        (`wait_started`) applies completions ahead of the owner's clock; with `keep_history` they
+        are remembered so that `active_at` still sees them in flight at earlier times."""
+        running, on_done, history = self.running_heap, self.on_done, self.history
+        if history and not lookahead:
+            while history and history[0].done_s <= t_s:  # ended before the owner's clock: forget
+                history.popleft()
+        demand_q, prefetch_q = self._queues
         while running and running[0][0] <= t_s:
             done_s, _, tr = heapq.heappop(running)
             self.now_s = done_s
             tr.done = True
-            if self.on_done is not None:
-                self.on_done(tr)
-            if self._queue:
-                self._start(heapq.heappop(self._queue)[2], done_s)
+            if lookahead and history is not None:
+                history.append(tr)
+            if on_done is not None:
+                on_done(tr)
+            if demand_q or prefetch_q:  # the freed channel takes the next queued transfer
+                self._start((demand_q or prefetch_q).popleft(), done_s)
         if t_s > self.now_s:
             self.now_s = t_s
 
     def submit(self, key: int, nbytes: float, priority: int, t_s: float, tag: Any = None) -> Transfer:
         """Issue a transfer at time `t_s` (>= the link's clock); it starts at once if a channel is free."""
-        self.advance(t_s)
-        assert t_s >= self.now_s - 1e-15, f"link {self.name}: transfer issued at {t_s} before the link's clock {self.now_s}"
+        running = self.running_heap
+        if running and running[0][0] <= t_s:
+            self.advance(t_s)
+        assert t_s >= self.now_s - 1e-15 and (priority == DEMAND or priority == PREFETCH), (
+            f"link {self.name}: transfer of priority {priority} issued at {t_s}, link clock {self.now_s}")
+        if t_s > self.now_s:
+            self.now_s = t_s
         self._seq += 1
         tr = Transfer(key, nbytes, priority, t_s, self._seq, tag)
-        if len(self._running) < self.channels:
+        if len(running) < self.channels:
             self._start(tr, t_s)
         else:
-            heapq.heappush(self._queue, (priority, tr.seqno, tr))
+            self._queues[priority].append(tr)
         return tr
 
     def _start(self, tr: Transfer, t_s: float) -> None:
         dur = self.latency_s + tr.nbytes / self.bandwidth_Bps
         tr.start_s = t_s
         tr.done_s = t_s + dur
-        heapq.heappush(self._running, (tr.done_s, tr.seqno, tr))
-        n = len(self._running)
+        heapq.heappush(self.running_heap, (tr.done_s, tr.seqno, tr))
+        n = len(self.running_heap)
         assert n <= self.channels, f"link {self.name}: {n} transfers on {self.channels} channels"
         if n > self.max_active:
             self.max_active = n
@@ -121,44 +144,44 @@ class Link:
         self.bytes_moved -= (tr.done_s - new_done) * self.bandwidth_Bps
         tr.done_s = new_done
         tr.cancelled = True
-        self._running = [(d if x is not tr else new_done, q, x) for d, q, x in self._running]
-        heapq.heapify(self._running)
+        self.running_heap[:] = [(d if x is not tr else new_done, q, x) for d, q, x in self.running_heap]  # in place: owners hold it
+        heapq.heapify(self.running_heap)
         return new_done
 
     def busy_channels(self) -> int:
-        return len(self._running)
+        return len(self.running_heap)
 
     def running(self) -> list[Transfer]:
-        return [x for _, _, x in self._running]
+        return [x for _, _, x in self.running_heap]
 
     def wait_started(self, tr: Transfer) -> None:
         """Advance the link until `tr` is on a channel (its `done_s` is then known).
 
         Only valid while nothing else is issued meanwhile (the owner is waiting for `tr`)."""
-        while not tr.started:
-            assert self._running, f"link {self.name}: transfer {tr.key} queued on an idle link"
-            self.advance(self._running[0][0])
+        while tr.start_s < 0.0:  # not yet on a channel
+            assert self.running_heap, f"link {self.name}: transfer {tr.key} queued on an idle link"
+            self.advance(self.running_heap[0][0], lookahead=True)
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queues[0]) + len(self._queues[1])
 
     def in_flight_at(self, t_s: float) -> int:
-        """`advance(t_s)`, then the transfers on a channel at `t_s` (the engine's hot path)."""
-        running = self._running
+        """`advance(t_s)`, then the transfers on a channel at `t_s` (see `active_at`)."""
+        running = self.running_heap
         if running and running[0][0] <= t_s:
             self.advance(t_s)
-        elif t_s > self.now_s:
-            self.now_s = t_s
-        if t_s >= self.now_s:
-            return len(running)
-        n = 0
-        for _, _, tr in running:
-            n += tr.start_s <= t_s
-        return n
+        return len(running) if t_s >= self.now_s else self.active_at(t_s)
 
     def active_at(self, t_s: float) -> int:
-        """Transfers on a channel at `t_s` (call `advance(t_s)` first for an exact count)."""
+        """Transfers on a channel at `t_s`, after `advance(t_s)`.
+
+        The link's clock may be ahead of `t_s` when the owner looked ahead (`wait_started`):
+        transfers that ended in between are then in the history, which a link made with
+        `keep_history=True` keeps for this."""
         if t_s >= self.now_s:  # every running transfer started at or before the link's clock
-            return len(self._running)
-        return sum(1 for _, _, tr in self._running if tr.start_s <= t_s)
+            return len(self.running_heap)
+        n = sum(1 for _, _, tr in self.running_heap if tr.start_s <= t_s)
+        if self.history:
+            n += sum(1 for tr in self.history if tr.start_s <= t_s < tr.done_s)
+        return n

@@ -1,7 +1,8 @@
 """A deliberately naive SimPy simulator of the same decode semantics, for `bench` and cross-checks.
 
 One SimPy process per load, a `simpy.PriorityResource` request/release per transfer, a timeout
-per compute op; per-layer LRU + `pregate` prefetch (depth 1) only. It is what one writes first;
+per compute op (slowed, on a link that shares device memory bandwidth, by the copies holding the
+link when it starts); per-layer LRU + `pregate` prefetch (depth 1) only. It is what one writes first;
 `sim.engine` must give the same timeline (a test checks it) several times faster.
 """
 
@@ -29,6 +30,14 @@ def naive_decode(trace: Trace, cost: CostModel, sizes: list[int], channels: int,
     pred = np.argsort(-trace.pregate[1], axis=-1, kind="stable")[..., :k] if 1 in trace.pregate else None
     load_s = cost.load_s(cost.expert_bytes)
     lat: list[float] = []
+
+    shared = cost.shared_link
+
+    def bw_taken() -> float:
+        """Memory bandwidth the copies holding the link take from compute (unified memory), else 0.
+        A process started at this instant has not requested the link yet: on a shared link the
+        loop first yields a zero timeout so that it has."""
+        return link.count * cost.link_bandwidth_Bps if shared else 0.0
 
     def transfer(key: int, prio: int, done: simpy.Event, cached: bool):
         with link.request(priority=prio) as req:
@@ -74,7 +83,9 @@ def naive_decode(trace: Trace, cost: CostModel, sizes: list[int], channels: int,
             t0 = env.now
             pos = int(trace.pos[t])
             for layer in range(L):
-                yield env.timeout(cost.attention_s(pos))
+                if shared:
+                    yield env.timeout(0)  # let transfers issued at this instant take the link first
+                yield env.timeout(cost.attention_s(pos, 1, bw_taken()))
                 keys = [layer * E + int(e) for e in trace.experts[t, layer]]
                 pinned = set(keys)
                 ready, waits = [], []
@@ -97,14 +108,18 @@ def naive_decode(trace: Trace, cost: CostModel, sizes: list[int], channels: int,
                         if n == count:
                             break
                 for key in ready:
-                    yield env.timeout(cost.expert_s)
+                    if shared:
+                        yield env.timeout(0)
+                    yield env.timeout(cost.expert_compute_s(1, bw_taken_Bps=bw_taken()))
                     resident[layer].move_to_end(key)
                 while waits:  # compute loaded experts in the order they arrive
                     yield env.any_of([ev for _, ev in waits])
                     arrived = sorted((w for w in waits if w[1].triggered), key=lambda w: w[1].value)
                     key, ev = arrived[0]
                     waits.remove((key, ev))
-                    yield env.timeout(cost.expert_s)
+                    if shared:
+                        yield env.timeout(0)
+                    yield env.timeout(cost.expert_compute_s(1, bw_taken_Bps=bw_taken()))
                     if key in staging:
                         staging.discard(key)
                     elif key in resident[layer]:

@@ -105,7 +105,8 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None,
         raise UserError(f"engine.staging_buffers must be >= top_k ({preset.top_k})")
     slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
     link_spec = hw.expert_link
-    link = Link(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels)
+    link = Link(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
+                keep_history=link_spec.shares_memory_bandwidth)  # contention counts copies at past times
     cost = CostModel(preset, hw)
     cache = ExpertCache(preset.layers, preset.experts, cap_bytes)
     ctx = Context(trace=trace, preset=preset, cache=cache, capacity_slots=slots,

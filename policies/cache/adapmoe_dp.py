@@ -23,7 +23,6 @@ Inside each partition: LRU (`policies/cache/lru.py`).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,7 +134,6 @@ class AdapMoEDP(LRU):
         self.a, self.r, self.cost = a, r, cost
         self.dp = dp_sizes(cost, min(ctx.capacity_slots, L * N))
         LRU.__init__(self, LRU.Knobs(scope="layer", sizes=self.dp), ctx)
-        self.order = [OrderedDict() for _ in range(L)]
 
 
 def prefetch_accuracy(ctx: Context) -> np.ndarray:

@@ -14,8 +14,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, room_in_partition, uniform_sizes
+from policies.cache.partition import check_sizes, uniform_sizes
 from policies.registry import CACHE
+from sim.cache import RESIDENT
 
 
 @CACHE.register("lru")
@@ -40,24 +41,27 @@ class LRU(CachePolicy):
             self.order = [OrderedDict() for _ in range(L)]
         else:
             self.order = [OrderedDict()]
+        #: key -> the recency order it belongs to (its layer's, or the global one)
+        self.order_of = [self.order[key // self.E if self.per_layer else 0] for key in range(L * self.E)]
 
     def on_access(self, key: int, t: int) -> None:
-        self.order[key // self.E if self.per_layer else 0].move_to_end(key)
+        self.order_of[key].move_to_end(key)
 
     def on_insert(self, key: int, t: int) -> None:
-        self.order[key // self.E if self.per_layer else 0][key] = None
+        self.order_of[key][key] = None
 
     def on_evict(self, key: int) -> None:
-        del self.order[key // self.E if self.per_layer else 0][key]
+        del self.order_of[key][key]
 
     def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
         cache = self.ctx.cache
-        if self.per_layer:
-            layer = key // self.ctx.experts
-            if room_in_partition(cache, layer, self.sizes[layer], nbytes):
+        if self.per_layer:  # on the simulator's hot path: `room_in_partition` and `evictable`, inline
+            layer = key // self.E
+            if cache.per_layer[layer] < self.sizes[layer] and cache.capacity_bytes - cache.used_bytes >= nbytes:
                 return []
+            state, pinned = cache.state, cache.pinned
             for k in self.order[layer]:
-                if cache.evictable(k):
+                if state[k] == RESIDENT and k not in pinned:
                     return [k]
             return None
         need = nbytes - cache.free_bytes()

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import Context, PrefetchPolicy
-from policies.prefetch.pick import first_absent
 from policies.published import published
 from policies.registry import PREFETCH
+from sim.cache import ABSENT
 from sim.errors import UserError
 
 
@@ -104,6 +104,8 @@ class Pregate(PrefetchPolicy):
                 ids = np.argsort(-tr.pregate[d], axis=-1, kind="stable")[..., :k]  # [T, L, k]
             keys = ids + (np.arange(L)[None, :, None] + d) * E  # key in layer l + d
             self.pred[d] = keys.tolist()  # nested lists: fast scalar access on the hot path
+        self._pred_by_depth = sorted(self.pred.items())
+        self._layers = L
 
     @staticmethod
     def _accuracy(spec: str, ctx: Context) -> np.ndarray:
@@ -127,11 +129,17 @@ class Pregate(PrefetchPolicy):
         return self._modelled
 
     def on_layer(self, t: int, layer: int) -> list[int]:
+        # on the simulator's hot path: `first_absent`, inline
         out: list[int] = []
-        present = self.ctx.cache.is_present
-        last = self.ctx.layers - 1
-        for d in range(1, self.knobs.depth + 1):
-            if layer + d > last:
+        state, count = self.ctx.cache.state, self.knobs.count
+        for d, pred in self._pred_by_depth:
+            if layer + d >= self._layers:
                 break
-            out += first_absent(self.pred[d][t][layer], present, self.knobs.count)
+            n = 0
+            for key in pred[t][layer]:
+                if state[key] == ABSENT:
+                    out.append(key)
+                    n += 1
+                    if n == count:
+                        break
         return out

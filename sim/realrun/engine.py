@@ -53,6 +53,7 @@ class RealEngine(LoadAdmission):
         self.inflight: dict = {}
         self.unused_prefetch: set[int] = set()
         self.prefetch_by_layer: dict[int, list] = {}
+        self.track_prefetch_targets = src.track_prefetch_targets
         self.staging_in_use = 0
         self.orphans: set = set()  # dropped staged prefetches whose copy has not ended yet
         self.prefetch_skipped = self.prefetch_cancelled = 0
