@@ -201,4 +201,4 @@ def figure_html(frame: pl.DataFrame, title: str) -> str:
     fig.add_trace(go.Scatter(x=[0, hi * 1.1], y=[0, hi * 1.1], mode="lines", name="y = x",
                              line={"dash": "dash", "color": "gray"}))
     fig.update_layout(title=title, xaxis_title="measured (ms)", yaxis_title="simulated (ms)", template="plotly_white")
-    return fig.to_html(include_plotlyjs="cdn", full_html=True)
+    return fig.to_html(include_plotlyjs=True, full_html=True)  # self-contained: opens offline
