@@ -178,10 +178,14 @@ class Link:
 
         The link's clock may be ahead of `t_s` when the owner looked ahead (`wait_started`):
         transfers that ended in between are then in the history, which a link made with
-        `keep_history=True` keeps for this."""
+        `keep_history=True` keeps for this. `t_s` is the owner's clock (never decreasing): what
+        ended at or before it is forgotten."""
         if t_s >= self.now_s:  # every running transfer started at or before the link's clock
             return len(self.running_heap)
         n = sum(1 for _, _, tr in self.running_heap if tr.start_s <= t_s)
-        if self.history:
-            n += sum(1 for tr in self.history if tr.start_s <= t_s < tr.done_s)
+        history = self.history
+        if history:
+            while history and history[0].done_s <= t_s:  # `t_s` is the owner's clock: ended before it
+                history.popleft()
+            n += sum(1 for tr in history if tr.start_s <= t_s)
         return n
