@@ -282,11 +282,11 @@ class Engine(LoadAdmission):
 
     def _decode_token(self, t: int, rec_ops: bool) -> None:
         # The simulator's hot path (`python -m sim bench` measures it). Attributes and bound methods
-        # are bound to locals, a completion check peeks the link's heap before calling `advance`,
-        # and the common cases of `_compute_loaded` and `_release` are written inline.
+        # are bound to locals, the gate's completion check peeks the link's heap before calling
+        # `advance`, and the common cases of `_compute_loaded` and `_release` are written inline.
         cost, cache, E, link, ctx = self.cost, self.cache, self.E, self.link, self.ctx
         state, inflight, unused, pinned = cache.state, self.inflight, self.unused_prefetch, cache.pinned
-        heap, advance = link.running_heap, link.advance
+        heap, advance, in_flight_at = link.running_heap, link.advance, link.in_flight_at
         shared = cost.shared_link
         pl_ = self.rec.per_layer
         p_used, p_late, p_stall, p_demand = pl_["prefetch_used"], pl_["prefetch_late"], pl_["stall_s"], pl_["demand_loads"]
@@ -300,11 +300,11 @@ class Engine(LoadAdmission):
         load, release, compute_loaded = self._load, self._release, self._compute_loaded
         expert_s, expert_s_contended = cost.expert_s, cost.expert_s_contended
         simple_compute = not self.opt.pipelining
-        #: attention time of this token's position, by copies in flight (only the shared link varies it)
-        attn_s = cost.attention_decode_s(pos, 0)
-        attn_by_copies = [cost.attention_decode_s(pos, c) for c in range(link.channels + 1)] if shared else None
-        if self.plan_keys is not None:
-            keys_row, w_row, dL_row = self.plan_keys[t], self.plan_w[t], self.plan_dL[t]
+        #: attention time at this token's position, by copies in flight (only a shared link has more than 0)
+        attn_by_copies = [cost.attention_decode_s(pos, c) for c in range(link.channels + 1 if shared else 1)]
+        keys_row = self.plan_keys[t] if self.plan_keys is not None else None
+        if keys_row is not None:
+            w_row, dL_row = self.plan_w[t], self.plan_dL[t]
         wait_prefetch = self.prefetch.wait_for_prefetch
         stop_on_skip = getattr(self.prefetch, "stop_at_first_skip", False)
         prefetch_by_layer, prefetch_staging = self.prefetch_by_layer, self.prefetch_staging
@@ -314,12 +314,7 @@ class Engine(LoadAdmission):
         now = self.t
         for layer in range(self.L):
             a0 = now
-            if shared:  # copies in flight at a0 (`Link.in_flight_at`, inline)
-                if heap and heap[0][0] <= a0:
-                    advance(a0)
-                now += attn_by_copies[len(heap) if a0 >= link.now_s else link.active_at(a0)]
-            else:
-                now += attn_s
+            now += attn_by_copies[in_flight_at(a0) if shared else 0]
             self.compute_busy_s += now - a0
             if rec_ops:
                 self.rec.op("compute", t, layer, "attention", a0, now)
@@ -327,7 +322,7 @@ class Engine(LoadAdmission):
             ctx.now_layer = layer
             if heap and heap[0][0] <= gate_t:
                 advance(gate_t)  # transfers' states as of now (queued ones may have started and ended)
-            if self.plan_keys is not None:
+            if keys_row is not None:
                 keys, ws, dL = keys_row[layer], w_row[layer], dL_row[layer]
             else:
                 ids, ws, dL = self.gating.decide(t, layer)
@@ -390,10 +385,8 @@ class Engine(LoadAdmission):
             # compute: resident first, then loads in arrival order
             for key in ready:
                 c0 = now
-                if shared:  # copies in flight at c0 (`Link.in_flight_at`, inline)
-                    if heap and heap[0][0] <= c0:
-                        advance(c0)
-                    now += expert_s_contended[len(heap) if c0 >= link.now_s else link.active_at(c0)]
+                if shared:  # slowed by the copies in flight when it starts
+                    now += expert_s_contended[in_flight_at(c0)]
                 else:
                     now += expert_s
                 self.compute_busy_s += now - c0
@@ -413,10 +406,8 @@ class Engine(LoadAdmission):
                             now = trn.done_s
                         else:
                             s = 0.0
-                        if shared:  # copies in flight when it starts (`Link.in_flight_at`, inline)
-                            if heap and heap[0][0] <= now:
-                                advance(now)
-                            dur = expert_s_contended[len(heap) if now >= link.now_s else link.active_at(now)]
+                        if shared:  # slowed by the copies in flight when it starts
+                            dur = expert_s_contended[in_flight_at(now)]
                         else:
                             dur = expert_s
                         now += dur

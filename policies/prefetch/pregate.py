@@ -104,7 +104,6 @@ class Pregate(PrefetchPolicy):
                 ids = np.argsort(-tr.pregate[d], axis=-1, kind="stable")[..., :k]  # [T, L, k]
             keys = ids + (np.arange(L)[None, :, None] + d) * E  # key in layer l + d
             self.pred[d] = keys.tolist()  # nested lists: fast scalar access on the hot path
-        self._pred_by_depth = sorted(self.pred.items())
         self._layers = L
 
     @staticmethod
@@ -132,7 +131,7 @@ class Pregate(PrefetchPolicy):
         # on the simulator's hot path: `first_absent`, inline
         out: list[int] = []
         state, count = self.ctx.cache.state, self.knobs.count
-        for d, pred in self._pred_by_depth:
+        for d, pred in self.pred.items():  # depths 1, 2, ... in order
             if layer + d >= self._layers:
                 break
             n = 0
