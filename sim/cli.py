@@ -7,6 +7,7 @@ only dispatches, so that `python -m sim run` never imports torch or the tracer.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
 from sim.errors import UserError
@@ -34,6 +35,7 @@ def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: python -m sim COMMAND [key=value ...]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "python -m sim COMMAND --help: that command's keys, defaults and outputs"]
     return "\n".join(lines)
 
 
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         module = importlib.import_module(COMMANDS[command][0])
+        if any(a in ("-h", "--help", "help") for a in rest):  # the command's own docstring: its keys and defaults
+            print(inspect.cleandoc(module.__doc__ or COMMANDS[command][1]))
+            return 0
         return int(module.main(rest) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

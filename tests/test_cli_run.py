@@ -104,6 +104,14 @@ def test_list(capsys):
     assert rc == 0 and "jetson" in out and "pregate" in out and "mixtral-8x7b" in out
 
 
+@pytest.mark.parametrize("command", ["run", "realrun", "confirm", "calibrate", "sweep"])
+def test_command_help_prints_its_keys(command, capsys):
+    rc, out, _ = run_cli([command, "--help"], capsys)
+    assert rc == 0
+    assert out.startswith(f"`python -m sim {command}")  # the command module's docstring, keys included
+    assert "=" in out
+
+
 def test_default_run_on_bundled_trace(tmp_path, capsys):
     """The README's main job: only `hw` given; the bundled trace, preset and policy are defaults."""
     out = tmp_path / "default"
