@@ -45,6 +45,10 @@ def test_confirm_two_arms_with_a_given_profile(trace_dir, tmp_path, capsys):
     for arm in ("baseline", "baseline_half_cache"):
         assert (out / arm / "realrun" / "summary.json").is_file() and (out / arm / "sim" / "summary.json").is_file()
     assert "Kendall tau" in stdout and "median" in stdout
+    # no calibration in this confirm: no link diagnostic, and it falls back to the headline simulation
+    assert frame["link_speed_factor"].null_count() == 2
+    assert frame["simulated_run_link_tpot_mean_s"].to_list() == frame["simulated_tpot_mean_s"].to_list()
+    assert v["median_abs_error_tpot_mean_run_link"] is None and "diagnostic" not in stdout
 
 
 def test_confirm_calibrates_first(trace_dir, tmp_path, capsys):
@@ -55,7 +59,41 @@ def test_confirm_calibrates_first(trace_dir, tmp_path, capsys):
     from sim.hardware import load_profile
 
     assert load_profile(str(out / "profile.yaml")).expert_tier == "storage"
-    assert pl.read_parquet(out / "confirm.parquet").height == 2
+    frame = pl.read_parquet(out / "confirm.parquet")
+    assert frame.height == 2
+    # the diagnostic: every arm copied experts, so each has the speed of its copies against calibration's
+    assert frame["link_speed_factor"].null_count() == 0 and (frame["link_speed_factor"] > 0).all()
+    rel = frame["simulated_run_link_tpot_mean_s"] / frame["measured_tpot_mean_s"] - 1
+    assert np.allclose(rel.to_numpy(), frame["error_run_link_tpot_mean_s"].to_numpy())
+    v = json.loads((out / "confirm.json").read_text())["verdict"]
+    assert v["median_abs_error_tpot_mean_run_link"] >= 0
+    assert "with the link as each run met it" in capsys.readouterr().out
+
+
+def test_run_link_diagnostic_scales_the_link(trace_dir):
+    """A run whose copies took as long as calibration's is simulated as the headline; one whose
+    copies took twice as long, with every transfer twice as long (a slower token)."""
+    from types import SimpleNamespace
+
+    from sim.config import parse_run_config
+    from sim.hardware import load_profile
+    from sim.realrun.confirm import run_link_tpot_s, with_link_speed
+    from sim.runner import load_trace, simulate
+
+    hw = load_profile("rtx4090")
+    slow = with_link_speed(hw, 2.0)
+    link, slow_link = hw.links["host_to_device"], slow.links["host_to_device"]
+    assert slow_link.latency_s == 2 * link.latency_s and slow_link.bandwidth_Bps == link.bandwidth_Bps / 2
+    cfg = parse_run_config(["model=toy-mixtral", "cache.slots=12", "engine.prefill=false", "policy=baseline"])
+    tr = load_trace(str(trace_dir))
+    headline = float(simulate(cfg, trace=tr, hw=hw).summary["tpot_mean_s"])
+    same = SimpleNamespace(summary={"realrun_copy_mean_s": 0.004})
+    assert run_link_tpot_s(cfg, tr, hw, same, 0.004, headline) == (headline, 1.0)
+    slower, factor = run_link_tpot_s(cfg, tr, hw, SimpleNamespace(summary={"realrun_copy_mean_s": 0.008}), 0.004,
+                                     headline)
+    assert factor == 2.0 and slower > 1.1 * headline
+    none = SimpleNamespace(summary={"realrun_copy_mean_s": None})
+    assert run_link_tpot_s(cfg, tr, hw, none, 0.004, headline) == (headline, None)
 
 
 @pytest.mark.parametrize("args,needle", [

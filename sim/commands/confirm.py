@@ -36,6 +36,17 @@ def print_table(rows: list[dict], v: dict) -> None:
     print(f"ranking by mean TPOT: Kendall tau {tau}, identical: {str(v['ranking_identical']).lower()}")
     print(f"  measured : {' < '.join(v['ranking_measured'])}")
     print(f"  simulated: {' < '.join(v['ranking_simulated'])}")
+    if v.get("median_abs_error_tpot_mean_run_link") is None:
+        return
+    print("diagnostic, not a prediction: each real run simulated with the link at the speed its own copies had "
+          "(vs calibration's copies)")
+    for r in rows:
+        f = r["link_speed_factor"]
+        speed = "no copies" if f is None else f"copies took {f:.3f}x calibration's"
+        print(f"  {r['arm']:28} {speed:30} TPOT sim {r['simulated_run_link_tpot_mean_s'] * 1e3:9.2f} ms "
+              f"{_pct(r['error_run_link_tpot_mean_s']):>7}")
+    print(f"  with the link as each run met it: median {v['median_abs_error_tpot_mean_run_link'] * 100:.1f}%, "
+          f"max {v['max_abs_error_tpot_mean_run_link'] * 100:.1f}%")
 
 
 def main(argv: list[str]) -> int:
@@ -100,7 +111,7 @@ def main(argv: list[str]) -> int:
             prof_note = f"calibrated now, {len(sessions)} session(s) pooled (profile.yaml)"
             for what, value, spread in cal_rows:
                 print(f"  {what:52} {value:34} {spread}", file=sys.stderr)
-        results = compare(plans, measured, hw)
+        results = compare(plans, measured, hw, merge(sessions) if sessions else None)
         rows = [r for r, _, _ in results]
         frame = pl.DataFrame(rows)
         v = verdict(frame)

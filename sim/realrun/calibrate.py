@@ -170,8 +170,10 @@ class Calibrator:
             return open_disk_store(self.store_dir / tag, layout, self.b, fill, "random seed 0", progress=False), n
         return HostStore(layout, self.b, fill), n
 
-    def link(self, kind: str) -> Series:
-        s = Series()
+    def link(self, kind: str) -> tuple[Series, Series]:
+        """(submit to wake-up per copy, as batch means; the copy worker's own time per copy, start
+        to done, every call: what `realrun_copy_mean_s` measures in a run)."""
+        s, own = Series(), Series()
         rng = np.random.default_rng(0)
         for nbytes in self.sizes:
             store, n = self._store(kind, nbytes)
@@ -180,17 +182,20 @@ class Calibrator:
             pool = SlotPool(self.b, layout, slots)
             worker = CopyWorker(store, pool, time.perf_counter)
             order = rng.permutation(np.arange(n).repeat(math.ceil(4 * (BATCH * self.repeats + 3) / n)))
+            copies: list[float] = []
 
-            def copy(i: int, worker=worker, layout=layout, order=order, slots=slots) -> None:
+            def copy(i: int, worker=worker, layout=layout, order=order, slots=slots, copies=copies) -> None:
                 tr = worker.submit(int(order[i % len(order)]), layout.expert_bytes, DEMAND, None, i % slots)
                 worker.wait(tr)
                 worker.advance()
+                copies.append(tr.done_s - tr.start_s)
 
             s.add(layout.expert_bytes, time_calls(copy, self.repeats * self.anchor_factor(nbytes), self.b))
+            own.add(layout.expert_bytes, copies[-self.repeats * self.anchor_factor(nbytes) * BATCH:])
             worker.close()
             store.close()
             self._step(f"{kind} {layout.expert_bytes / 1e6:.2f} MB")
-        return s
+        return s, own
 
     def anchor_factor(self, nbytes: float) -> int:
         """Sizes the run really uses are measured 3 times as often."""
@@ -260,9 +265,9 @@ class Calibrator:
     # ------------------------------------------------------------------ the real run's own fixed costs
     def engine_fixed(self, threads: int) -> dict[str, float]:
         """Per-layer time of `realrun` itself on a tiny model whose every expert is cached: the fixed
-        costs of one layer (ops, policy calls, bookkeeping), with device experts and with CPU experts.
+        costs of one layer (ops, policy calls, bookkeeping) with its experts on the device.
 
-        Returns {"device": s per layer, "cpu": s per layer, "layer_bytes", "expert_bytes", "k"}."""
+        Returns {"device": s per layer, "layer_bytes", "expert_bytes", "k"}."""
         from sim.config import parse_run_config
         from sim.models import ModelPreset
         from sim.realrun.build import RealOptions, register_preset
@@ -274,15 +279,13 @@ class Calibrator:
                                              expert_width=64, heads=4, kv_heads=2, head_dim=16, vocab=256,
                                              bits=bits, attn_bits=bits, source="calibrate: fixed costs"))
         trace = random_trace(np.random.default_rng(0), tokens=16 + 4 * self.repeats, layers=8, experts=8, top_k=2)
-        out: dict[str, float] = {}
-        for what, extra in (("device", ["cache.slots=64"]), ("cpu", ["cache.slots=2", "placement.name=cpu_on_miss"])):
-            cfg = parse_run_config([f"model={preset}", "policy=baseline", "engine.prefill=false", *extra])
-            opts = RealOptions(device=self.b.name, store="host", threads=threads, progress=False,
-                               pin=self.b.main_cpus is not None)
-            res = real_run(cfg, opts, trace=trace, hw=stub_profile())
-            tok = res.tokens.filter(res.tokens["demand_loads"] == 0)
-            out[what] = float(np.median(tok["latency_s"].to_numpy()[-4 * self.repeats:])) / 8
-            self._step(f"fixed costs ({what})")
+        cfg = parse_run_config([f"model={preset}", "policy=baseline", "engine.prefill=false", "cache.slots=64"])
+        opts = RealOptions(device=self.b.name, store="host", threads=threads, progress=False,
+                           pin=self.b.main_cpus is not None)
+        res = real_run(cfg, opts, trace=trace, hw=stub_profile())
+        tok = res.tokens.filter(res.tokens["demand_loads"] == 0)
+        out = {"device": float(np.median(tok["latency_s"].to_numpy()[-4 * self.repeats:])) / 8}
+        self._step("fixed costs")
         p = register_and_get(preset)
         ctx = int(trace.pos.max()) + 1
         out["layer_bytes"] = p.non_expert_bytes_per_layer + p.kv_bytes_per_token_per_layer() * ctx
@@ -456,6 +459,16 @@ class Measured:
     contention: dict[str, list[tuple[float, float, float]]]
     fixed: list[dict[str, float]]
     sessions: int = 1
+    #: the copy worker's own time per copy (start to done), every call, per link kind
+    link_copy: dict[str, Series] = field(default_factory=dict)
+
+    def copy_mean_s(self, kind: str, nbytes: float) -> float | None:
+        """Mean copy time (start to done) of `kind` at the measured size nearest `nbytes`."""
+        s = self.link_copy.get(kind)
+        if s is None or not s.sizes:
+            return None
+        j = int(np.argmin([abs(x - nbytes) for x in s.sizes]))
+        return float(np.mean(s.runs[j])) if abs(s.sizes[j] - nbytes) <= 0.01 * nbytes else None
 
 
 def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
@@ -471,7 +484,7 @@ def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
     kinds = ["disk", "host"] if opts.store == "disk" else ["host"]
     store_dir = store_folder(opts.store_dir, "")
     ref = anchors[0] if anchors else min(sizes, key=lambda x: abs(x - 4e6))  # contention at the expert size
-    total = len(kinds) * (len(sizes) + 1) + 3 * len(sizes) + 3 + int(backend.cuda)
+    total = len(kinds) * (len(sizes) + 1) + 3 * len(sizes) + 2 + int(backend.cuda)
     with tqdm(total=total, desc="calibrate", unit="point", disable=None if opts.progress else True) as bar, \
             backend.pinned():
         model_store = None
@@ -481,7 +494,9 @@ def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
 
             model_store = model_disk_store(load_preset(opts.model), backend, opts.store_dir, progress=opts.progress)
         cal = Calibrator(backend, sizes, hidden, dtype, repeats, store_dir, bar, anchors, model_store)
-        links = {k: cal.link(k) for k in kinds}
+        links, link_copy = {}, {}
+        for k in kinds:
+            links[k], link_copy[k] = cal.link(k)
         expert, stand_in = cal.expert(), cal.stand_in()
         flops, flops_spread = cal.matmul_flops()
         cpu_flops = cal.matmul_flops(on_cpu=True)[0] if backend.cuda else flops
@@ -489,7 +504,7 @@ def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
         contention = {k: [cal.contention(k, ref)] for k in kinds}
         fixed = cal.engine_fixed(opts.threads)
     return Measured(backend, sizes, hidden, anchors, repeats, links, expert, stand_in, cpu, [flops], flops_spread,
-                    [cpu_flops], contention, [fixed])
+                    [cpu_flops], contention, [fixed], link_copy=link_copy)
 
 
 def merge(ms: list[Measured]) -> Measured:
@@ -507,6 +522,7 @@ def merge(ms: list[Measured]) -> Measured:
                     pool(lambda m: m.stand_in), pool(lambda m: m.cpu), [f for m in ms for f in m.flops],
                     max(m.flops_spread for m in ms), [f for m in ms for f in m.cpu_flops],
                     {k: [c for m in ms for c in m.contention[k]] for k in first.contention},
-                    [f for m in ms for f in m.fixed], sum(m.sessions for m in ms))
+                    [f for m in ms for f in m.fixed], sum(m.sessions for m in ms),
+                    {k: pool(lambda m, k=k: m.link_copy[k]) for k in first.link_copy})
 
 

@@ -149,13 +149,42 @@ def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, between=None
     return measured
 
 
-def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile) -> list[tuple]:
-    """Simulate every arm on `hw`; one row of measured and simulated figures per arm."""
+def with_link_speed(hw: HardwareProfile, factor: float) -> HardwareProfile:
+    """`hw` with its expert-tier link `factor` times slower (latency and bytes alike)."""
+    name = f"{hw.expert_tier}_to_device"
+    link = hw.links[name]
+    scaled = dataclasses.replace(link, latency_s=link.latency_s * factor, bandwidth_Bps=link.bandwidth_Bps / factor)
+    return dataclasses.replace(hw, links={**hw.links, name: scaled})
+
+
+def run_link_tpot_s(cfg, tr, hw_arm: HardwareProfile, run, cal_copy_s: float | None,
+                    headline_s: float) -> tuple[float, float | None]:
+    """The diagnostic "the link as this run met it": (simulated mean TPOT with the link scaled by the
+    run's own mean copy time over the calibration's, that factor). Without copies in the run or a
+    calibration of this confirm, the headline simulation and None."""
+    from sim.runner import simulate
+
+    real_copy_s = run.summary.get("realrun_copy_mean_s")
+    if real_copy_s is None or not cal_copy_s:
+        return headline_s, None
+    factor = real_copy_s / cal_copy_s
+    return float(simulate(cfg, trace=tr, hw=with_link_speed(hw_arm, factor)).summary["tpot_mean_s"]), factor
+
+
+def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, cal=None) -> list[tuple]:
+    """Simulate every arm on `hw`; one row of measured and simulated figures per arm.
+
+    With `cal` (the pooled calibration `Measured` of this confirm) each row also has the diagnostic
+    `simulated_run_link_tpot_mean_s`: each real run simulated with the link scaled to the speed
+    that run's copies had (`realrun_copy_mean_s`) against the calibration's copies of the same
+    size, median over the runs. It is not a prediction (it reads the real run); it splits the
+    error into the link's drift between calibration and run, and the rest of the model."""
     from sim.runner import simulate
 
     rows = []
     for arm, cfg, tr, _hw in plans:
-        sim = simulate(cfg, trace=tr, hw=profile_for(hw, arm.store))
+        hw_arm = profile_for(hw, arm.store)
+        sim = simulate(cfg, trace=tr, hw=hw_arm)
         runs = measured[arm.name]
         row: dict[str, Any] = {"arm": arm.name, "store": arm.store, "config": " ".join(arm.overrides),
                                "cache_slots": sim.summary["cache_slots"], "tokens": sim.summary["tokens_decode"]}
@@ -169,6 +198,13 @@ def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile) 
         row["measured_tpot_mean_s_spread"] = float(np.ptp(means) / row["measured_tpot_mean_s"]) if len(runs) > 1 else None
         row["measured_demand_loads_per_token"] = float(np.median([r.summary["demand_loads_per_token"] for r in runs]))
         row["simulated_demand_loads_per_token"] = float(sim.summary["demand_loads_per_token"])
+        kind = "disk" if arm.store == "disk" else "host"
+        cal_copy_s = cal.copy_mean_s(kind, sim.summary["expert_bytes"]) if cal is not None else None
+        diag = [run_link_tpot_s(cfg, tr, hw_arm, r, cal_copy_s, float(sim.summary["tpot_mean_s"])) for r in runs]
+        factors = [f for _, f in diag if f is not None]
+        row["link_speed_factor"] = float(np.median(factors)) if factors else None
+        row["simulated_run_link_tpot_mean_s"] = float(np.median([t for t, _ in diag]))
+        row["error_run_link_tpot_mean_s"] = row["simulated_run_link_tpot_mean_s"] / row["measured_tpot_mean_s"] - 1
         rows.append((row, runs[-1], sim))
     return rows
 
@@ -182,9 +218,19 @@ def verdict(frame: pl.DataFrame) -> dict[str, Any]:
     same = list(np.argsort(meas, kind="stable")) == list(np.argsort(sim, kind="stable"))
     return {"median_abs_error_tpot_mean": float(np.median(err)), "max_abs_error_tpot_mean": float(err.max()),
             "median_abs_error_tpot_p90": float(np.median(np.abs(frame["error_tpot_p90_s"].to_numpy()))),
+            **_run_link_verdict(frame),
             "kendall_tau": tau if not math.isnan(tau) else None, "ranking_identical": bool(same),
             "ranking_measured": [frame["arm"][int(i)] for i in np.argsort(meas, kind="stable")],
             "ranking_simulated": [frame["arm"][int(i)] for i in np.argsort(sim, kind="stable")]}
+
+
+def _run_link_verdict(frame: pl.DataFrame) -> dict[str, Any]:
+    """Median and max |error| of the diagnostic "the link as each run met it" (None without it)."""
+    if "error_run_link_tpot_mean_s" not in frame.columns or frame["link_speed_factor"].null_count() == frame.height:
+        return {"median_abs_error_tpot_mean_run_link": None, "max_abs_error_tpot_mean_run_link": None}
+    err = np.abs(frame["error_run_link_tpot_mean_s"].to_numpy())
+    return {"median_abs_error_tpot_mean_run_link": float(np.median(err)),
+            "max_abs_error_tpot_mean_run_link": float(err.max())}
 
 
 def figure_html(frame: pl.DataFrame, title: str) -> str:

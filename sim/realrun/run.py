@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from sim import atomic
@@ -105,7 +106,16 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
         real.close()
         store.close()
     facts["realrun_wall_s"] = time.perf_counter() - wall0
+    facts["realrun_copy_mean_s"] = copy_mean_s(rec.loads, layout.expert_bytes)
     return result_of(cfg, real, rec, info, hw, preset, facts)
+
+
+def copy_mean_s(loads, expert_bytes: float) -> float | None:
+    """Mean time the copy worker spent on one whole expert (start to done: the link as this run met
+    it, without the hand-offs); cancelled and partial copies do not count. None without copies."""
+    d = [tr.done_s - tr.start_s for tr in loads
+         if tr.done and not tr.cancelled and tr.nbytes == expert_bytes]
+    return float(np.mean(d)) if d else None
 
 
 def _warm_up(kernels: RandomKernels, pool: SlotPool, trace: Trace) -> None:
