@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -49,7 +50,7 @@ class Backend:
         torch.set_num_threads(threads)
         # the copy and CPU workers need the GIL promptly when a copy or a CPU expert ends
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
-        self.copy_stream = torch.cuda.Stream() if self.cuda else None
+        self._local = threading.local()  # CUDA: each copy thread's own stream (`thread_copy_stream`)
         self.main_cpus, self.worker_cpus = cpu_split(threads) if pin else (None, None)
 
     @contextlib.contextmanager
@@ -82,8 +83,32 @@ class Backend:
         return torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
 
     def sync(self) -> None:
+        """Wait for the compute queued by the calling thread (its current stream). Copies in
+        flight on the copy streams are not waited for: a token ends when its compute does."""
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def sync_all(self) -> None:
+        """Wait for everything queued on the device, copies included (set-up, before a clock starts)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def warm_copy_thread(self) -> None:
+        """CUDA: a copy thread's first copy makes its stream and events; done before any clock starts."""
+        if self.cuda:
+            with torch.cuda.stream(self.thread_copy_stream()):
+                torch.empty(1, device=self.device).copy_(torch.zeros(1, pin_memory=True), non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+            ev.synchronize()
+
+    def thread_copy_stream(self):
+        """CUDA: the calling copy thread's own stream, made on first use, so that `channels`
+        copy threads copy concurrently and one's waits never hold up another's copies."""
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        return stream
 
     def describe(self) -> str:
         if self.cuda:

@@ -14,7 +14,10 @@ Cache residency lives in the same `sim.cache.ExpertCache` the policies read; a c
 applied (LOADING -> RESIDENT) where the simulator applies it: at `link.advance()`. Each cache
 entry and each staging transfer owns one buffer of the `SlotPool`; a used AdapMoE staged
 prefetch enters the cache by handing its buffer over (no copy). Times are wall-clock seconds
-from the start of the run; a stall is time the main thread spent blocked on a copy.
+from the start of the run; a stall is time the main thread spent blocked on a copy. On CUDA a
+token ends when its compute stream has run (copies in flight on the copy streams go on), busy
+time comes from CUDA events, and the compute intervals in `events.parquet` are the host's
+(launch) intervals of the asynchronous kernels.
 """
 
 from __future__ import annotations
@@ -58,13 +61,45 @@ class RealEngine(LoadAdmission):
         self.orphans: set = set()  # dropped staged prefetches whose copy has not ended yet
         self.prefetch_skipped = self.prefetch_cancelled = 0
         self.stall_s = self.cpu_wait_s = self.compute_busy_s = 0.0
+        self._busy_pairs: list = []  # CUDA: (start event, end event, idle s) not yet added up
         self.t_end = 0.0
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
+    # ------------------------------------------------------------------ compute busy time
+    def _busy_begin(self):
+        """Start timing one compute op: the host clock on the CPU; on CUDA an event on the compute
+        stream (kernels run asynchronously, so host time would measure only their launches)."""
+        if not self.backend.cuda:
+            return time.perf_counter()
+        import torch
+
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _busy_end(self, begun, idle_s: float = 0.0) -> None:
+        """End it; `idle_s` (a pipelined expert's waits for its matrices) is not busy time. On CUDA
+        the pair is read at the end of the token, once the stream has run it."""
+        if not self.backend.cuda:
+            self.compute_busy_s += time.perf_counter() - begun - idle_s
+            return
+        import torch
+
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self._busy_pairs.append((begun, ev, idle_s))
+
+    def _busy_collect(self) -> None:
+        """CUDA: add up the event pairs of ops the stream has finished (after `backend.sync()`)."""
+        for a, b, idle_s in self._busy_pairs:
+            self.compute_busy_s += max(0.0, a.elapsed_time(b) / 1e3 - idle_s)
+        self._busy_pairs = []
+
     def close(self) -> None:
         self.link.close()
+        self.link.on_done = None  # the link held this engine (a cycle): freed now, pinned buffers included
         if self.cpu is not None:
             self.cpu.close()
 
@@ -76,7 +111,7 @@ class RealEngine(LoadAdmission):
             self.cache_policy.on_insert(key, -1)
             self.buf_of[key] = buf = self.pool.take()
             self.store.read_into(key, self.pool.matrices(buf))
-        self.backend.sync()
+        self.backend.sync_all()
         self.t0 = time.perf_counter()
 
     def finish(self) -> Recorder:
@@ -210,9 +245,9 @@ class RealEngine(LoadAdmission):
 
         if not self.opt.pipelining:
             wait(len(self.pool.pools))
-        c0 = time.perf_counter()
+        begun = self._busy_begin()
         out = self.k.expert(self.pool.matrices(trn.buf), weight, tokens, wait)
-        self.compute_busy_s += time.perf_counter() - c0 - (stall if self.opt.pipelining else 0.0)
+        self._busy_end(begun, stall if self.opt.pipelining else 0.0)
         return out, stall
 
     # ------------------------------------------------------------------ one MoE layer
@@ -286,8 +321,9 @@ class RealEngine(LoadAdmission):
         outs = {}
         for key in ready:
             c0 = self.now()
+            begun = self._busy_begin()
             outs[key] = self.k.expert(self.pool.matrices(self.buf_of[key]), weight[key], 1)
-            self.compute_busy_s += self.now() - c0
+            self._busy_end(begun)
             self.cache_policy.on_access(key, t)
             if rec_ops:
                 self.rec.op("compute", t, layer, f"expert {key % E}", c0, self.now())
@@ -336,6 +372,7 @@ class RealEngine(LoadAdmission):
     def end_token(self, t: int, tally: dict) -> None:
         self.backend.sync()
         end = self.now()
+        self._busy_collect()
         self.t_end = end
         tr = self.ctx.trace
         nbytes = float(sum(x.nbytes for x in self.rec.loads[tally["loads0"]:]))
@@ -352,9 +389,10 @@ class RealEngine(LoadAdmission):
         pos = int(self.ctx.trace.pos[t])
         for layer in range(self.L):
             a0 = self.now()
+            begun = self._busy_begin()
             self.k.attention(layer, pos)
+            self._busy_end(begun)
             a1 = self.now()
-            self.compute_busy_s += a1 - a0
             if rec_ops:
                 self.rec.op("compute", t, layer, "attention", a0, a1)
             self.moe_layer(t, layer, rec_ops, tally)

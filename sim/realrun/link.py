@@ -74,9 +74,13 @@ class CopyWorker:
 
     # ------------------------------------------------------------------ worker side
     def _loop(self) -> None:
-        pin = getattr(getattr(self.store, "backend", None), "pin_worker", None)
-        if pin is not None:
-            pin()
+        backend = getattr(self.store, "backend", None)
+        if backend is not None:
+            backend.pin_worker()
+            try:
+                backend.warm_copy_thread()
+            except BaseException as err:  # surfaced in the main thread by wait/advance, not a silent hang
+                self.error = err
         while True:
             with self.cond:
                 while not self._queue and not self._stop:
@@ -90,7 +94,7 @@ class CopyWorker:
             ok = False
             try:
                 if tr.after is not None:  # compute issued before the eviction must finish reading the slot
-                    self.store.backend.copy_stream.wait_event(tr.after)
+                    self.store.backend.thread_copy_stream().wait_event(tr.after)
                 ok = self.store.read_into(
                     tr.key, self.pool.matrices(tr.buf), progress=lambda i, tr=tr: self._progress(tr, i),
                     cancelled=lambda tr=tr: tr.cancel_requested,

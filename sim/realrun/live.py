@@ -72,7 +72,8 @@ class LiveKernels:
         gate, up = F.linear(self.x, mats[0]).chunk(2, dim=-1)
         h = self.act(gate) * up
         wait(2)
-        return F.linear(h, mats[1]) * torch.tensor([[weight]], dtype=torch.float32, device=self.x.device)
+        # a fill on the device, not a tensor from a Python list (a synchronous host copy on CUDA)
+        return F.linear(h, mats[1]) * torch.full((1, 1), weight, dtype=torch.float32, device=self.x.device)
 
     def cpu_expert(self, mats, weight) -> torch.Tensor:
         x = self.x.cpu()
@@ -357,9 +358,10 @@ def offloaded_pass(cfg, opts, loaded, backend, sim_engine, binfo, windows, route
         return plan_ids[t, i], plan_w[t, i]
 
     routers.decide = decide
+    row0 = ROW0.to(opts.device)  # once: a per-layer `.to` would be a synchronous copy on CUDA
     for layer in loaded.layers:
         def forward(hidden_states, top_k_index, top_k_weights, i=layer.index):
-            kernels.x = hidden_states[ROW0.to(hidden_states.device)]  # a gathered copy, as the eager loop takes
+            kernels.x = hidden_states[row0]  # a gathered copy, as the eager loop takes
             return engine.moe_layer(state["t"], i, state["t"] < engine.opt.timeline_tokens, state["tally"])
 
         layer.experts.forward = forward

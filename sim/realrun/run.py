@@ -124,7 +124,7 @@ def _warm_up(kernels: RandomKernels, pool: SlotPool, trace: Trace) -> None:
         kernels.attention(0, 0)
         kernels.expert(pool.matrices(0), 1.0, 1)
         kernels.cpu_expert([m.cpu() for m in pool.matrices(0)], 1.0)
-    kernels.backend.sync()
+    kernels.backend.sync_all()
 
 
 def result_of(cfg: RunConfig, real: RealEngine, rec, info: dict, hw, preset, facts: dict) -> RunResult:

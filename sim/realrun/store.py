@@ -118,7 +118,7 @@ class Store:
     def _device_copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
         """src (host) -> dest (a slot); on CUDA on the copy stream, waited for before returning."""
         if self.backend.cuda:
-            with torch.cuda.stream(self.backend.copy_stream):
+            with torch.cuda.stream(self.backend.thread_copy_stream()):
                 dest.copy_(src, non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record()
@@ -146,6 +146,9 @@ class HostStore(Store):
 
     def host_matrices(self, key: int) -> list[torch.Tensor]:
         return self.tensors[key]
+
+    def close(self) -> None:
+        self.tensors = []  # host (pinned on CUDA) memory back now, not at the next garbage collection
 
     def read_into(self, key, dests, progress=None, cancelled=None, chunk_bytes=0) -> bool:
         self.reads += 1
@@ -224,7 +227,7 @@ class DiskStore(Store):
         for name, drop in (("cold_s", True), ("fill", False), ("warm_s", False), ("cold_again_s", True)):
             t0 = time.perf_counter()
             self.read_into(key, dests, drop=drop)
-            self.backend.sync()
+            self.backend.sync_all()
             out[name] = time.perf_counter() - t0
         del out["fill"]
         self.reads -= 4
