@@ -55,3 +55,26 @@ def test_calibrate_bad_inputs(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_link_probes_pool_into_the_expert_size_only(tmp_path):
+    """A probe copies at the model's expert size; `add_probes` adds its samples to that point of a
+    session (both the batch means and the copy worker's own times) and leaves the others alone."""
+    from sim.realrun.backend import Backend
+    from sim.realrun.calibrate import CalibrateOptions, add_probes, measure, probe_links
+
+    opts = CalibrateOptions(store="host", model="toy-mixtral", sizes="50000,200000", repeats=3, progress=False,
+                            store_dir=str(tmp_path / "store"))
+    backend = Backend("cpu", 1, True)
+    m = measure(opts, backend)
+    probe = probe_links(opts, backend)
+    assert set(probe) == {"host"} and len(probe["host"][0].sizes) == 1
+    expert = probe["host"][0].sizes[0]
+    pooled = add_probes(m, [probe, probe])
+    assert pooled.probes == 2
+    for series, which in ((pooled.links["host"], m.links["host"]), (pooled.link_copy["host"], m.link_copy["host"])):
+        for size, runs, before in zip(series.sizes, series.runs, which.runs, strict=True):
+            grew = len(runs) - len(before)
+            assert grew == (2 * len(probe["host"][0 if series is pooled.links["host"] else 1].runs[0])
+                            if size == expert else 0)
+    assert m.copy_mean_s("host", expert) > 0

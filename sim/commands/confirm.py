@@ -80,12 +80,12 @@ def main(argv: list[str]) -> int:
     trace, trace_desc = default_trace(opts)
     t0 = time.perf_counter()
     with atomic.new_dir(out) as tmp:
-        sessions = []
+        sessions, probes = [], []
         if opts.profile and not opts.calibrate:
             hw = load_profile(opts.profile)
             prof_note = f"given: {opts.profile}"
         else:
-            from sim.realrun.calibrate import CalibrateOptions, measure, merge
+            from sim.realrun.calibrate import CalibrateOptions, add_probes, measure, merge, probe_links
             from sim.realrun.profile import build_profile
 
             copts = CalibrateOptions(device=opts.device, store=opts.store, model=opts.model, repeats=opts.cal_repeats,
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
             cmd = "python -m sim confirm " + " ".join(argv) + " (calibrate step)"
 
             def calibrated() -> object:
-                prof, cal_rows = build_profile(merge(sessions), copts, cmd)
+                prof, cal_rows = build_profile(add_probes(merge(sessions), probes), copts, cmd)
                 write_profile(prof, tmp / "profile.yaml", f"# Measured by `{cmd}`.\n")
                 return load_profile(str(tmp / "profile.yaml")), cal_rows
 
@@ -103,15 +103,18 @@ def main(argv: list[str]) -> int:
             prof_note = "calibrated now (profile.yaml)"
         plans = plan_arms(opts, arms, hw, trace)
         between = (lambda: sessions.append(measure(copts, sessions[0].backend))) if sessions and opts.bracket else None
+        before = ((lambda: probes.append(probe_links(copts, sessions[0].backend)))
+                  if sessions and opts.bracket and opts.probes else None)
         with tqdm(total=len(arms) * opts.repeats, desc="confirm arms", unit="run",
                   disable=None if opts.progress else True) as bar:
-            measured = real_rounds(opts, plans, bar, between)
+            measured = real_rounds(opts, plans, bar, between, before)
         if sessions:
             hw, cal_rows = calibrated()  # every calibration session of this confirm, pooled
-            prof_note = f"calibrated now, {len(sessions)} session(s) pooled (profile.yaml)"
+            prof_note = (f"calibrated now, {len(sessions)} session(s)"
+                         + (f" and {len(probes)} link probes" if probes else "") + " pooled (profile.yaml)")
             for what, value, spread in cal_rows:
                 print(f"  {what:52} {value:34} {spread}", file=sys.stderr)
-        results = compare(plans, measured, hw, merge(sessions) if sessions else None)
+        results = compare(plans, measured, hw, add_probes(merge(sessions), probes) if sessions else None)
         rows = [r for r, _, _ in results]
         frame = pl.DataFrame(rows)
         v = verdict(frame)
@@ -123,7 +126,7 @@ def main(argv: list[str]) -> int:
             write_real_results(real, RealOptions(device=opts.device, store=row["store"]), tmp / row["arm"] / "realrun",
                                report=False)
             write_results(sim, tmp / row["arm"] / "sim", report=False)
-        meta = {"verdict": v, "profile": prof_note, "calibration_sessions": len(sessions), "trace": trace_desc, "model": opts.model,
+        meta = {"verdict": v, "profile": prof_note, "calibration_sessions": len(sessions), "link_probes": len(probes), "trace": trace_desc, "model": opts.model,
                 "device": opts.device, "store": opts.store, "slots": opts.slots, "tokens": opts.tokens,
                 "layers": opts.layers, "repeats": opts.repeats, "command": "python -m sim confirm " + " ".join(argv),
                 "wall_s": time.perf_counter() - t0}

@@ -23,6 +23,7 @@ the median over repeats is used and the spread (p10-p90 over the median) is prin
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import time
@@ -312,7 +313,7 @@ class Calibrator:
         def compute(i: int) -> None:
             _swiglu(x, copies[i % len(copies)])
 
-        alone = np.median(time_calls(compute, n, self.b))
+        alone = np.median(time_calls(compute, n, self.b, batch=1))  # per call, as `together` below
         copy_alone = self._copy_time(worker, layout, busy=None)
         queued = [worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, None, i % 2) for i in range(2)]
         together = []
@@ -379,9 +380,11 @@ _CPU = _CpuBackend()
 def memory_facts(backend: Backend) -> dict[str, float]:
     mi = meminfo()
     host = float(mi.get("MemTotal", 0))
-    if backend.cuda:
+    if backend.cuda:  # in use by others (and the CUDA context): not this process's tensors or cached blocks
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        return {"device": float(total), "host": host, "reserve": float(total - free)}
+        mine = torch.cuda.memory_allocated()
+        return {"device": float(total), "host": host, "reserve": float(max(0, total - free - mine))}
     return {"device": host, "host": host, "reserve": float(host - mi.get("MemAvailable", host))}
 
 
@@ -461,6 +464,7 @@ class Measured:
     sessions: int = 1
     #: the copy worker's own time per copy (start to done), every call, per link kind
     link_copy: dict[str, Series] = field(default_factory=dict)
+    probes: int = 0  # link probes pooled in (`add_probes`)
 
     def copy_mean_s(self, kind: str, nbytes: float) -> float | None:
         """Mean copy time (start to done) of `kind` at the measured size nearest `nbytes`."""
@@ -505,6 +509,58 @@ def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
         fixed = cal.engine_fixed(opts.threads)
     return Measured(backend, sizes, hidden, anchors, repeats, links, expert, stand_in, cpu, [flops], flops_spread,
                     [cpu_flops], contention, [fixed], link_copy=link_copy)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, what: str) -> None:
+        pass
+
+
+def probe_links(opts: CalibrateOptions, backend: Backend) -> dict[str, tuple[Series, Series]]:
+    """The links again at the model's expert size only (about a second of copies on this disk),
+    for `confirm` to take before each real run. A disk's speed drifts by 10-20% within a minute
+    here; calibration sessions alone sample a few seconds of it, probes spread over the runs
+    sample the link the runs met. Returns {kind: (batch means, own copy times)} as `link`."""
+    from sim.realrun.build import store_folder
+
+    sizes, hidden, dtype, anchors = plan_sizes(opts)
+    expert = anchors[0] if anchors else min(sizes, key=lambda x: abs(x - 4e6))
+    kinds = ["disk", "host"] if opts.store == "disk" else ["host"]
+    with backend.pinned():
+        model_store = None
+        if opts.model and "disk" in kinds:
+            from sim.models import load_preset
+            from sim.realrun.run import model_disk_store
+
+            model_store = model_disk_store(load_preset(opts.model), backend, opts.store_dir, progress=False)
+        cal = Calibrator(backend, [expert], hidden, dtype, opts.repeats, store_folder(opts.store_dir, ""), _NoBar(),
+                         anchors, model_store)
+        return {k: cal.link(k) for k in kinds}
+
+
+def add_probes(m: Measured, probes: list[dict[str, tuple[Series, Series]]]) -> Measured:
+    """`m` with the probes' link samples pooled into its points of the same size."""
+    if not probes:
+        return m
+
+    def pooled(series: dict[str, Series], which: int) -> dict[str, Series]:
+        out = {}
+        for kind, s in series.items():
+            runs = [list(r) for r in s.runs]
+            for probe in probes:
+                got = probe[kind][which]
+                for size, r in zip(got.sizes, got.runs, strict=True):
+                    j = int(np.argmin([abs(x - size) for x in s.sizes]))
+                    if abs(s.sizes[j] - size) <= 1e-6 * size:
+                        runs[j] += list(r)
+            out[kind] = Series(list(s.sizes), [np.asarray(r) for r in runs])
+        return out
+
+    return dataclasses.replace(m, links=pooled(m.links, 0), link_copy=pooled(m.link_copy, 1),
+                               probes=m.probes + len(probes))
 
 
 def merge(ms: list[Measured]) -> Measured:

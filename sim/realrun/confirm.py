@@ -12,7 +12,8 @@ tokens. With `repeats` > 1 the real runs go round-robin over the arms and each a
 figures are the medians over its repeats.
 
 Calibration brackets the real runs (`bracket=true`): a session before the first round and one
-after each round, pooled into the profile the simulator then uses. A disk's speed drifts by
+after each round, and (`probes=true`) a short link probe at the expert size before each real run,
+all pooled into the profile the simulator then uses. A disk's speed drifts by
 several percent over minutes on a shared virtual machine; a profile measured only before the
 runs inherits whatever state the disk was in then, while one pooled over the session describes
 the machine the runs actually met. The simulator sees nothing of the real runs themselves.
@@ -57,6 +58,7 @@ class ConfirmOptions:
     pin: bool = True  # main thread and workers on separate CPUs
     quick: bool = False  # a quick calibration (tests)
     bracket: bool = True  # calibrate again after each round of arms; the profile pools every session
+    probes: bool = True  # with bracket: the links again (expert size only) before each real run, pooled too
     cal_repeats: int = 15
     progress: bool = True
 
@@ -131,8 +133,9 @@ def plan_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace)
     return plans
 
 
-def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, between=None) -> dict[str, list]:
-    """`repeats` rounds over the arms, round-robin; `between()` runs after each round."""
+def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, between=None, before=None) -> dict[str, list]:
+    """`repeats` rounds over the arms, round-robin; `before()` runs before each real run,
+    `between()` after each round."""
     from sim.realrun.build import RealOptions
     from sim.realrun.run import real_run
 
@@ -141,6 +144,8 @@ def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, between=None
         for arm, cfg, tr, hw_arm in plans:
             ropts = RealOptions(device=opts.device, store=arm.store, threads=opts.threads, store_dir=opts.store_dir,
                                 progress=opts.progress, pin=opts.pin)
+            if before is not None:
+                before()
             measured[arm.name].append(real_run(cfg, ropts, trace=tr, hw=hw_arm))
             if bar is not None:
                 bar.update()

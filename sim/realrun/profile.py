@@ -35,6 +35,8 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
     fixed = {k: float(np.mean([f[k] for f in m.fixed])) for k in m.fixed[0]}
     fixed["k"] = int(fixed["k"])
     sessions = f", {m.sessions} sessions pooled" if m.sessions > 1 else ""
+    if m.probes:
+        sessions += f" with {m.probes} link probes at the expert size taken between real runs"
     src = f"measured: {command}, {today()}{sessions}"
     rows: list[tuple[str, str, str]] = []
     op_ovh, spb = fit_affine([(expert, N_EXPERT_KERNELS), (stand_in, N_ATTN_KERNELS)], anchors)
