@@ -151,3 +151,23 @@ def test_store_folder_without_space(trace_dir, tmp_path, capsys, monkeypatch):
     assert rc == 2 and "GB free" in err and err.count("\n") == 1
     assert not list((tmp_path / "full").glob("*.safetensors"))  # refused before writing anything
     assert shutil.disk_usage is not Tiny
+
+
+def test_an_existing_disk_store_is_opened_not_rewritten(tmp_path, monkeypatch):
+    """The second open of the same store reads its manifest and writes nothing (a JSON round trip
+    once made every open rewrite the whole store: gigabytes of writes before each run)."""
+    import sim.realrun.store as st
+    from sim.realrun.backend import Backend
+
+    layout = st.Layout(2, 4, ((16, 8), (16, 8), (8, 16)), "float32")
+    backend = Backend("cpu", 1, pin=False)
+    folder = tmp_path / "s"
+    st.open_disk_store(folder, layout, backend, st.random_fill(layout, 0), "random seed 0", progress=False).close()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    writes = []
+    monkeypatch.setattr(st, "write_disk_store", lambda *a, **k: writes.append(a))
+    st.open_disk_store(folder, layout, backend, st.random_fill(layout, 0), "random seed 0", progress=False).close()
+    assert writes == [] and {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+    # a different fill is a different store: written again (here by the stub, so the old files stay)
+    st.open_disk_store(folder, layout, backend, st.random_fill(layout, 1), "random seed 1", progress=False).close()
+    assert len(writes) == 1

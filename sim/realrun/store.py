@@ -247,7 +247,8 @@ def open_disk_store(folder: Path, layout: Layout, backend: Backend, fill: Fill, 
                     progress: bool = True) -> DiskStore:
     """The store in `folder`, written first if missing or different (space checked before writing)."""
     folder = Path(folder)
-    want = {"format": STORE_FORMAT, "layout": asdict(layout), "fill": fill_id}
+    # as JSON reads it back (tuples become lists): compared raw, every open rewrote the store
+    want = json.loads(json.dumps({"format": STORE_FORMAT, "layout": asdict(layout), "fill": fill_id}))
     man = folder / MANIFEST
     try:
         have = json.loads(man.read_text()) if man.is_file() else None
