@@ -116,3 +116,28 @@ def test_confirm_bad_inputs(trace_dir, tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_gpu_script_commands_parse(tmp_path, capsys):
+    """The prepared GPU check (scripts/gpu_confirm.sh) is run once, on a lent GPU, with no second
+    chance: each `python -m sim` line in it must get past argument parsing. Without a GPU each
+    stops at the one-line CUDA refusal (exit 2), which comes after every key was checked."""
+    import re
+    import shlex
+
+    import torch
+
+    from sim import REPO_ROOT
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    text = (REPO_ROOT / "scripts" / "gpu_confirm.sh").read_text()
+    lines = [m.group(1) for m in re.finditer(r'-m sim ([^\n|]+?)(?: 2>&1|$)', text, re.M)]
+    assert len(lines) == 2
+    for line in lines:
+        args = [a.replace('"$out/', f'{tmp_path}/').replace('"$full"', str(tmp_path / "full")).strip('"')
+                for a in shlex.split(line.replace('"', ''), posix=True)]
+        args = [a.replace("$out/", f"{tmp_path}/").replace("$full", str(tmp_path / "full")) for a in args]
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 2 and "no CUDA GPU" in err, (args, err)

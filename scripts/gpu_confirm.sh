@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The CUDA checks of the real-run backend in one command, for a machine with one NVIDIA GPU:
+# calibrate the GPU with experts in pinned host memory, then `confirm` (calibrate again, five
+# policy arms run for real and simulated). About 3-5 minutes on an H200 by estimate; it has not
+# been run yet (docs/fidelity.md says what to record from it).
+#
+#   OUT=some/dir scripts/gpu_confirm.sh
+#
+# What comes back under $OUT: calibrate.log, local-cuda.yaml, confirm.log, confirm.json,
+# confirm.parquet, profile.yaml (the pooled profile confirm used), env.txt: seven files.
+#
+# A machine without this project's core packages (simpy, polars, plotly, omegaconf) and no
+# package index: put their wheels for its Python in .whl/ (git-ignored) beforehand, e.g.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     simpy polars polars-runtime-32 plotly omegaconf
+# and this script installs them into a scratch folder first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-results/gpu-confirm}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+{
+    "$py" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    "$py" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 || true
+    nproc
+} 2>&1 | tee "$out/env.txt"
+s0=$SECONDS
+"$py" -m sim calibrate device=cuda store=host model=mixtral-mini out="$out/local-cuda.yaml" progress=false 2>&1 \
+    | tee "$out/calibrate.log"
+echo "calibrate: $((SECONDS - s0)) s" | tee -a "$out/calibrate.log"
+s1=$SECONDS
+full=$(mktemp -d)/confirm  # every arm's results folders: kept out of $OUT, which brings back a few files only
+"$py" -m sim confirm device=cuda store=host calibrate out="$full" progress=false 2>&1 | tee "$out/confirm.log"
+echo "confirm: $((SECONDS - s1)) s; calibrate + confirm: $((SECONDS - s0)) s" | tee -a "$out/confirm.log"
+cp "$full/confirm.json" "$full/confirm.parquet" "$full/profile.yaml" "$out/"
