@@ -10,11 +10,15 @@
 # confirm.parquet, profile.yaml (the pooled profile confirm used), env.txt: seven files.
 #
 # A machine without this project's core packages (simpy, polars, plotly, omegaconf) and no
-# package index: put their wheels for its Python in .whl/ (git-ignored) beforehand, e.g.
+# package index: put their wheels for its Python in .whl/ (git-ignored), and this script installs
+# them into .site/ (git-ignored, kept between calls on the same machine) first. Fetch them with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#     simpy polars polars-runtime-32 plotly omegaconf
-# and this script installs them into a scratch folder first.
+#     simpy plotly omegaconf polars==1.20.0
+# (polars 1.20 is one 33 MB wheel and passes the realrun/confirm tests; polars 2.x needs a 54 MB
+# runtime wheel besides). Where a call may carry only 64 MiB with the working tree (~31 MB),
+# carry polars alone first (the script installs it and exits 3, naming what is still missing),
+# then the rest while the machine is still up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-results/gpu-confirm}
@@ -22,10 +26,16 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
+fi
+export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+missing=$("$py" -c "
+import importlib.util as u
+print(' '.join(m for m in ('simpy', 'polars', 'plotly', 'omegaconf', 'yaml', 'scipy', 'tqdm', 'torch')
+               if u.find_spec(m) is None))")
+if [ -n "$missing" ]; then
+    echo "missing Python packages: $missing (put their wheels in .whl/ and run again)" | tee "$out/env.txt"
+    exit 3
 fi
 {
     "$py" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
