@@ -70,6 +70,7 @@ def test_link_probes_pool_into_the_expert_size_only(tmp_path):
     probe = probe_links(opts, backend)
     assert set(probe) == {"host"} and len(probe["host"][0].sizes) == 1
     expert = probe["host"][0].sizes[0]
+    assert expert in m.links["host"].sizes and expert in m.link_copy["host"].sizes
     pooled = add_probes(m, [probe, probe])
     assert pooled.probes == 2
     for series, which in ((pooled.links["host"], m.links["host"]), (pooled.link_copy["host"], m.link_copy["host"])):

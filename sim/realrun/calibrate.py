@@ -536,7 +536,8 @@ def probe_links(opts: CalibrateOptions, backend: Backend) -> dict[str, tuple[Ser
             from sim.realrun.run import model_disk_store
 
             model_store = model_disk_store(load_preset(opts.model), backend, opts.store_dir, progress=False)
-        cal = Calibrator(backend, [expert], hidden, dtype, opts.repeats, store_folder(opts.store_dir, ""), _NoBar(),
+        repeats = min(opts.repeats, 5) if opts.quick else opts.repeats  # as `measure`
+        cal = Calibrator(backend, [expert], hidden, dtype, repeats, store_folder(opts.store_dir, ""), _NoBar(),
                          anchors, model_store)
         return {k: cal.link(k) for k in kinds}
 

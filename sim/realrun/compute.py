@@ -114,7 +114,10 @@ class CpuWorker:
 
     def _loop(self) -> None:
         if self.backend is not None:
-            self.backend.pin_worker()
+            try:
+                self.backend.pin_worker()
+            except OSError:  # unpinned: slower hand-offs, still correct
+                pass
         while True:
             jobs = self.q.get()
             if jobs is None:
@@ -132,7 +135,9 @@ class CpuWorker:
         self.q.put(jobs)
 
     def wait(self) -> dict[int, torch.Tensor]:
-        self.done.wait()
+        while not self.done.wait(0.5):
+            if not self.th.is_alive():
+                raise RuntimeError("the CPU expert worker thread has ended; its experts never will")
         if self.error is not None:
             err, self.error = self.error, None
             raise err

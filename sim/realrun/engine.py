@@ -441,6 +441,7 @@ class RealEngine(LoadAdmission):
                 self._release(trn, prompt[0])
         self.backend.sync()
         self.t_end = self.now()
+        self._busy_collect()
         pf = self.rec.prefill
         pf["seq"].append(int(self.ctx.trace.seq[prompt[0]]))
         pf["tokens"].append(P)

@@ -76,8 +76,8 @@ class CopyWorker:
     def _loop(self) -> None:
         backend = getattr(self.store, "backend", None)
         if backend is not None:
-            backend.pin_worker()
             try:
+                backend.pin_worker()
                 backend.warm_copy_thread()
             except BaseException as err:  # surfaced in the main thread by wait/advance, not a silent hang
                 self.error = err
@@ -94,7 +94,8 @@ class CopyWorker:
             ok = False
             try:
                 if tr.after is not None:  # compute issued before the eviction must finish reading the slot
-                    self.store.backend.thread_copy_stream().wait_event(tr.after)
+                    tr.after.synchronize()
+                    tr.start_s = self.clock()  # the copy starts now: its time excludes that wait
                 ok = self.store.read_into(
                     tr.key, self.pool.matrices(tr.buf), progress=lambda i, tr=tr: self._progress(tr, i),
                     cancelled=lambda tr=tr: tr.cancel_requested,
@@ -154,6 +155,8 @@ class CopyWorker:
                     raise RuntimeError(f"copy worker stopped while expert {tr.key}'s copy was still queued")
                 self.cond.wait(0.5)
                 self._check()
+                if not tr.done and not any(th.is_alive() for th in self._threads):
+                    raise RuntimeError(f"every copy worker thread has ended; expert {tr.key}'s copy never will")
         self._check()
 
     def order_key(self, tr: RealTransfer) -> tuple:

@@ -36,7 +36,7 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
     fixed["k"] = int(fixed["k"])
     sessions = f", {m.sessions} sessions pooled" if m.sessions > 1 else ""
     if m.probes:
-        sessions += f" with {m.probes} link probes at the expert size taken between real runs"
+        sessions += f" with {m.probes} link probes at the expert size, one before each real run"
     src = f"measured: {command}, {today()}{sessions}"
     rows: list[tuple[str, str, str]] = []
     op_ovh, spb = fit_affine([(expert, N_EXPERT_KERNELS), (stand_in, N_ATTN_KERNELS)], anchors)
@@ -46,7 +46,7 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
     k = fixed["k"]
     kernels = N_ATTN_KERNELS + k * N_EXPERT_KERNELS
     ovh = max(0.0, (fixed["device"] - (fixed["layer_bytes"] + k * fixed["expert_bytes"]) * spb) / kernels)
-    # the CPU worker's fixed cost is the intercept of its own fit: the series times a hand-off of k
+    # the CPU worker's fixed cost is the intercept of its own fit: the series times a hand-off of two
     # experts from submit to the main thread waking up, at the sizes the run uses. Its thread
     # hand-off (~50 us per layer here, both ways) is most of it; a tiny model's run does not
     # measure it, since how fast an idle vCPU wakes depends on how long it has idled (haltpoll)
@@ -79,7 +79,7 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
                                                f"{sz} MB (spread up to {cpu.spread():.0%})"),
         "matmul_flops": num(cpu_flops, f"GEMM 256 x {hidden} x 2048 on the host CPU, median"),
         "kernel_overhead_s": num(c_ovh, f"intercept of the same fit over {N_EXPERT_KERNELS} kernels per expert: "
-                                        f"the hand-off of {k} experts to the worker thread and back, shared "
+                                        f"the hand-off of 2 experts to the worker thread and back, shared "
                                         f"by them, at the sizes measured"),
     }
     mem = memory_facts(backend)
@@ -102,7 +102,7 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
         what = ("safetensors reads after posix_fadvise(DONTNEED), by the copy worker thread" if kind == "disk"
                 else "host -> slot copies by the copy worker" + (" (pinned, own CUDA stream)" if backend.cuda else ""))
         prof["links"][name] = {
-            "bandwidth_Bps": num(1 / spb_l, f"{what}; expert-shaped copies of {sz} MB, {repeats} repeats, "
+            "bandwidth_Bps": num(1 / spb_l, f"{what}; expert-shaped copies of {sz} MB, {repeats} repeats per session, "
                                             f"medians fitted as latency + bytes / bandwidth (spread up to {series.spread():.0%})"),
             "latency_s": num(lat, "fixed cost of the same fit: submit to wake-up of the waiting thread"),
             "channels": num(1, "one copy worker (channels = 1 by construction of realrun)"),
