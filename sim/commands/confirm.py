@@ -110,13 +110,15 @@ def main(argv: list[str]) -> int:
                                      progress=opts.progress, pin=opts.pin)
             cmd = "python -m sim confirm " + " ".join(argv) + " (calibrate step)"
 
-            def calibrated() -> object:
-                prof, cal_rows = build_profile(add_probes(merge(sessions), probes), copts, cmd)
+            def calibrated() -> tuple:
+                """(profile, printable rows, the pooled measurements) of every session and probe so far."""
+                pooled = add_probes(merge(sessions), probes)
+                prof, cal_rows = build_profile(pooled, copts, cmd)
                 write_profile(prof, tmp / "profile.yaml", f"# Measured by `{cmd}`.\n")
-                return load_profile(str(tmp / "profile.yaml")), cal_rows
+                return load_profile(str(tmp / "profile.yaml")), cal_rows, pooled
 
             sessions.append(measure(copts))
-            hw, _ = calibrated()
+            hw = calibrated()[0]
             prof_note = "calibrated now (profile.yaml)"
         plans = plan_arms(opts, arms, hw, trace)
         between = (lambda: sessions.append(measure(copts, sessions[0].backend))) if sessions and opts.bracket else None
@@ -125,13 +127,14 @@ def main(argv: list[str]) -> int:
         with tqdm(total=len(arms) * opts.repeats, desc="confirm arms", unit="run",
                   disable=None if opts.progress else True) as bar:
             measured = real_rounds(opts, plans, bar, between, before)
+        pooled = None
         if sessions:
-            hw, cal_rows = calibrated()  # every calibration session of this confirm, pooled
+            hw, cal_rows, pooled = calibrated()  # every calibration session and probe of this confirm
             prof_note = (f"calibrated now, {len(sessions)} session(s)"
                          + (f" and {len(probes)} link probes" if probes else "") + " pooled (profile.yaml)")
             for what, value, spread in cal_rows:
                 print(f"  {what:52} {value:34} {spread}", file=sys.stderr)
-        results = compare(plans, measured, hw, add_probes(merge(sessions), probes) if sessions else None)
+        results = compare(plans, measured, hw, pooled)
         rows = [r for r, _, _ in results]
         frame = pl.DataFrame(rows)
         v = verdict(frame)

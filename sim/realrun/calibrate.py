@@ -61,6 +61,13 @@ class Series:
     def medians(self) -> np.ndarray:
         return np.array([np.median(r) for r in self.runs])
 
+    def index(self, nbytes: float, rel_tol: float = 1e-6) -> int | None:
+        """Position of the measured size within `rel_tol` of `nbytes`, or None."""
+        for j, x in enumerate(self.sizes):
+            if abs(x - nbytes) <= rel_tol * nbytes:
+                return j
+        return None
+
     def spread(self) -> float:
         """Largest (p90 - p10) / median over the sizes."""
         return max(float((np.percentile(r, 90) - np.percentile(r, 10)) / np.median(r)) for r in self.runs)
@@ -469,35 +476,25 @@ class Measured:
     def copy_mean_s(self, kind: str, nbytes: float) -> float | None:
         """Mean copy time (start to done) of `kind` at the measured size nearest `nbytes`."""
         s = self.link_copy.get(kind)
-        if s is None or not s.sizes:
-            return None
-        j = int(np.argmin([abs(x - nbytes) for x in s.sizes]))
-        return float(np.mean(s.runs[j])) if abs(s.sizes[j] - nbytes) <= 0.01 * nbytes else None
+        j = s.index(nbytes, rel_tol=0.01) if s is not None else None
+        return float(np.mean(s.runs[j])) if j is not None else None
 
 
 def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
     """One calibration session (a progress bar; pinned as realrun runs)."""
     from tqdm import tqdm
 
-    from sim.realrun.build import RealOptions, check_options, store_folder
+    from sim.realrun.build import RealOptions, check_options
 
     check_options(RealOptions(device=opts.device, store=opts.store, threads=opts.threads))
     backend = backend or Backend(opts.device, opts.threads, opts.pin)
     sizes, hidden, dtype, anchors = plan_sizes(opts)
-    repeats = min(opts.repeats, 5) if opts.quick else opts.repeats
-    kinds = ["disk", "host"] if opts.store == "disk" else ["host"]
-    store_dir = store_folder(opts.store_dir, "")
-    ref = anchors[0] if anchors else min(sizes, key=lambda x: abs(x - 4e6))  # contention at the expert size
+    kinds = link_kinds(opts)
+    ref = expert_size(sizes, anchors)  # contention at the expert size
     total = len(kinds) * (len(sizes) + 1) + 3 * len(sizes) + 2 + int(backend.cuda)
     with tqdm(total=total, desc="calibrate", unit="point", disable=None if opts.progress else True) as bar, \
             backend.pinned():
-        model_store = None
-        if opts.model and "disk" in kinds:
-            from sim.models import load_preset
-            from sim.realrun.run import model_disk_store
-
-            model_store = model_disk_store(load_preset(opts.model), backend, opts.store_dir, progress=opts.progress)
-        cal = Calibrator(backend, sizes, hidden, dtype, repeats, store_dir, bar, anchors, model_store)
+        cal = calibrator(opts, backend, sizes, bar, opts.progress)
         links, link_copy = {}, {}
         for k in kinds:
             links[k], link_copy[k] = cal.link(k)
@@ -507,16 +504,35 @@ def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
         cpu = cal.cpu_expert()
         contention = {k: [cal.contention(k, ref)] for k in kinds}
         fixed = cal.engine_fixed(opts.threads)
-    return Measured(backend, sizes, hidden, anchors, repeats, links, expert, stand_in, cpu, [flops], flops_spread,
-                    [cpu_flops], contention, [fixed], link_copy=link_copy)
+    return Measured(backend, sizes, hidden, anchors, cal.repeats, links, expert, stand_in, cpu, [flops],
+                    flops_spread, [cpu_flops], contention, [fixed], link_copy=link_copy)
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
+def link_kinds(opts: CalibrateOptions) -> list[str]:
+    """The links a calibration times: the disk and host memory, or host memory only."""
+    return ["disk", "host"] if opts.store == "disk" else ["host"]
 
-    def set_postfix_str(self, what: str) -> None:
-        pass
+
+def expert_size(sizes: list[float], anchors: tuple[float, ...]) -> float:
+    """The model's expert bytes (the first anchor), else the measured size nearest 4 MB."""
+    return anchors[0] if anchors else min(sizes, key=lambda x: abs(x - 4e6))
+
+
+def calibrator(opts: CalibrateOptions, backend: Backend, sizes: list[float], bar, progress: bool) -> Calibrator:
+    """A `Calibrator` for `sizes` with the session's settings; with a model and the disk, its own
+    store (written first if missing) is what the expert-sized disk point reads."""
+    from sim.realrun.build import store_folder
+
+    _, hidden, dtype, anchors = plan_sizes(opts)
+    model_store = None
+    if opts.model and "disk" in link_kinds(opts):
+        from sim.models import load_preset
+        from sim.realrun.run import model_disk_store
+
+        model_store = model_disk_store(load_preset(opts.model), backend, opts.store_dir, progress=progress)
+    repeats = min(opts.repeats, 5) if opts.quick else opts.repeats
+    return Calibrator(backend, sizes, hidden, dtype, repeats, store_folder(opts.store_dir, ""), bar, anchors,
+                      model_store)
 
 
 def probe_links(opts: CalibrateOptions, backend: Backend) -> dict[str, tuple[Series, Series]]:
@@ -524,22 +540,12 @@ def probe_links(opts: CalibrateOptions, backend: Backend) -> dict[str, tuple[Ser
     for `confirm` to take before each real run. A disk's speed drifts by 10-20% within a minute
     here; calibration sessions alone sample a few seconds of it, probes spread over the runs
     sample the link the runs met. Returns {kind: (batch means, own copy times)} as `link`."""
-    from sim.realrun.build import store_folder
+    from tqdm import tqdm
 
-    sizes, hidden, dtype, anchors = plan_sizes(opts)
-    expert = anchors[0] if anchors else min(sizes, key=lambda x: abs(x - 4e6))
-    kinds = ["disk", "host"] if opts.store == "disk" else ["host"]
-    with backend.pinned():
-        model_store = None
-        if opts.model and "disk" in kinds:
-            from sim.models import load_preset
-            from sim.realrun.run import model_disk_store
-
-            model_store = model_disk_store(load_preset(opts.model), backend, opts.store_dir, progress=False)
-        repeats = min(opts.repeats, 5) if opts.quick else opts.repeats  # as `measure`
-        cal = Calibrator(backend, [expert], hidden, dtype, repeats, store_folder(opts.store_dir, ""), _NoBar(),
-                         anchors, model_store)
-        return {k: cal.link(k) for k in kinds}
+    sizes, _, _, anchors = plan_sizes(opts)
+    with backend.pinned(), tqdm(disable=True) as bar:
+        cal = calibrator(opts, backend, [expert_size(sizes, anchors)], bar, progress=False)
+        return {k: cal.link(k) for k in link_kinds(opts)}
 
 
 def add_probes(m: Measured, probes: list[dict[str, tuple[Series, Series]]]) -> Measured:
@@ -554,8 +560,8 @@ def add_probes(m: Measured, probes: list[dict[str, tuple[Series, Series]]]) -> M
             for probe in probes:
                 got = probe[kind][which]
                 for size, r in zip(got.sizes, got.runs, strict=True):
-                    j = int(np.argmin([abs(x - size) for x in s.sizes]))
-                    if abs(s.sizes[j] - size) <= 1e-6 * size:
+                    j = s.index(size)
+                    if j is not None:
                         runs[j] += list(r)
             out[kind] = Series(list(s.sizes), [np.asarray(r) for r in runs])
         return out
