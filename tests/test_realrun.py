@@ -171,3 +171,38 @@ def test_an_existing_disk_store_is_opened_not_rewritten(tmp_path, monkeypatch):
     # a different fill is a different store: written again (here by the stub, so the old files stay)
     st.open_disk_store(folder, layout, backend, st.random_fill(layout, 1), "random seed 1", progress=False).close()
     assert len(writes) == 1
+
+
+def _openmp_max_threads():
+    """omp_get_max_threads of torch's own OpenMP runtime, for the calling thread (None if not found)."""
+    import ctypes
+
+    with open("/proc/self/maps") as fh:
+        libs = {line.split()[-1] for line in fh if "omp" in line.rsplit("/", 1)[-1]}
+    for lib in sorted(libs):
+        try:
+            return ctypes.CDLL(lib).omp_get_max_threads
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def test_worker_threads_use_the_runs_thread_count():
+    """OpenMP's thread count is per thread: without setting it, a worker thread computed with one
+    OpenMP thread per CPU, all pinned to its one CPU (an expert took 50x longer on an Intel Xeon)."""
+    import os
+
+    from sim.realrun.backend import Backend
+    from sim.realrun.compute import CpuWorker
+
+    get = _openmp_max_threads()
+    if get is None or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs torch's OpenMP runtime and two CPUs (a fresh thread then defaults to more than one)")
+    backend = Backend("cpu", threads=1, pin=True)
+    worker = CpuWorker(backend)
+    try:
+        with backend.pinned():
+            worker.submit([(0, lambda: torch.tensor(get()))])
+            assert int(worker.wait()[0]) == 1
+    finally:
+        worker.close()

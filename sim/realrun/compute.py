@@ -115,7 +115,7 @@ class CpuWorker:
     def _loop(self) -> None:
         if self.backend is not None:
             try:
-                self.backend.pin_worker()
+                self.backend.enter_worker_thread()
             except OSError:  # unpinned: slower hand-offs, still correct
                 pass
         while True:

@@ -77,7 +77,7 @@ class CopyWorker:
         backend = getattr(self.store, "backend", None)
         if backend is not None:
             try:
-                backend.pin_worker()
+                backend.enter_worker_thread()
                 backend.warm_copy_thread()
             except BaseException as err:  # surfaced in the main thread by wait/advance, not a silent hang
                 self.error = err
