@@ -57,25 +57,32 @@ def test_calibrate_bad_inputs(tmp_path, capsys, args, needle):
     assert not out.exists()
 
 
-def test_link_probes_pool_into_the_expert_size_only(tmp_path):
-    """A probe copies at the model's expert size; `add_probes` adds its samples to that point of a
-    session (both the batch means and the copy worker's own times) and leaves the others alone."""
+def test_machine_probes_pool_into_the_models_sizes_only(tmp_path):
+    """A probe times the links, the expert and the CPU worker at the model's expert size and the
+    stand-in at its non-expert size; `add_probes` adds those samples to the same points of a
+    session (batch means and the copy worker's own times alike) and leaves the other sizes alone."""
+    from sim.models import load_preset
     from sim.realrun.backend import Backend
-    from sim.realrun.calibrate import CalibrateOptions, add_probes, measure, probe_links
+    from sim.realrun.calibrate import CalibrateOptions, add_probes, measure, probe_machine
 
     opts = CalibrateOptions(store="host", model="toy-mixtral", sizes="50000,200000", repeats=3, progress=False,
                             store_dir=str(tmp_path / "store"))
     backend = Backend("cpu", 1, True)
     m = measure(opts, backend)
-    probe = probe_links(opts, backend)
-    assert set(probe) == {"host"} and len(probe["host"][0].sizes) == 1
-    expert = probe["host"][0].sizes[0]
-    assert expert in m.links["host"].sizes and expert in m.link_copy["host"].sizes
+    probe = probe_machine(opts, backend)
+    expert, layer = m.anchors
+    assert set(probe.links) == {"host"}
+    assert probe.links["host"].sizes == [expert] and probe.expert.sizes == [expert] and probe.cpu.sizes == [expert]
+    assert abs(probe.stand_in.sizes[0] - layer) <= 0.01 * layer
+    assert load_preset("toy-mixtral").non_expert_bytes_per_layer == layer
     pooled = add_probes(m, [probe, probe])
     assert pooled.probes == 2
-    for series, which in ((pooled.links["host"], m.links["host"]), (pooled.link_copy["host"], m.link_copy["host"])):
-        for size, runs, before in zip(series.sizes, series.runs, which.runs, strict=True):
-            grew = len(runs) - len(before)
-            assert grew == (2 * len(probe["host"][0 if series is pooled.links["host"] else 1].runs[0])
-                            if size == expert else 0)
+    for name in ("links", "link_copy", "expert", "stand_in", "cpu"):
+        before, after, got = (getattr(x, name) for x in (m, pooled, probe))
+        if isinstance(before, dict):
+            before, after, got = before["host"], after["host"], got["host"]
+        for size, runs, old in zip(after.sizes, after.runs, before.runs, strict=True):
+            j = got.index(size)
+            assert len(runs) - len(old) == (2 * len(got.runs[j]) if j is not None else 0), (name, size)
+        assert any(got.index(size) is not None for size in after.sizes), name
     assert m.copy_mean_s("host", expert) > 0

@@ -15,10 +15,11 @@ Keys (defaults):
   trace=DIR            (traces/toy when bundled, else a seeded synthetic Mixtral-shaped trace)
   model=PRESET         (mixtral-mini)      device=cpu|cuda (cpu)     store=disk|host (disk)
   slots=N              cache slots of the arms; `half` has N/2 (64)
-  tokens=N             decode tokens per arm (64)          layers=N   first N MoE layers only (0: all)
-  repeats=N            rounds of real runs, round-robin over the arms; medians over rounds (2)
-  bracket=true|false   calibrate again after each round, pooled (true)
-  probes=true|false    with bracket: link probes at the expert size before each real run (true)
+  tokens=N             decode tokens per real run (16)     layers=N   first N MoE layers only (0: all)
+  repeats=N            rounds of real runs, round-robin over the arms; means over rounds (8)
+  bracket=true|false   calibrate again after the last round, pooled (true)
+  probes=true|false    with bracket: probe the machine (links and compute at the model's sizes)
+                       before each real run, pooled (true)
   cal_repeats=N        repeats per calibration point (15)  quick=true  a quick calibration (false)
   store_dir=DIR        where disk stores live (results/realrun-store)
   threads=N (1)  pin=true|false (true: main thread and workers on separate CPUs)  seed=N (0)
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> int:
             hw = load_profile(opts.profile)
             prof_note = f"given: {opts.profile}"
         else:
-            from sim.realrun.calibrate import CalibrateOptions, add_probes, measure, merge, probe_links
+            from sim.realrun.calibrate import CalibrateOptions, add_probes, measure, merge, probe_machine
             from sim.realrun.profile import build_profile
 
             copts = CalibrateOptions(device=opts.device, store=opts.store, model=opts.model, repeats=opts.cal_repeats,
@@ -121,17 +122,18 @@ def main(argv: list[str]) -> int:
             hw = calibrated()[0]
             prof_note = "calibrated now (profile.yaml)"
         plans = plan_arms(opts, arms, hw, trace)
-        between = (lambda: sessions.append(measure(copts, sessions[0].backend))) if sessions and opts.bracket else None
-        before = ((lambda: probes.append(probe_links(copts, sessions[0].backend)))
+        before = ((lambda: probes.append(probe_machine(copts, sessions[0].backend)))
                   if sessions and opts.bracket and opts.probes else None)
         with tqdm(total=len(arms) * opts.repeats, desc="confirm arms", unit="run",
                   disable=None if opts.progress else True) as bar:
-            measured = real_rounds(opts, plans, bar, between, before)
+            measured = real_rounds(opts, plans, bar, before)
+        if sessions and opts.bracket:
+            sessions.append(measure(copts, sessions[0].backend))
         pooled = None
         if sessions:
             hw, cal_rows, pooled = calibrated()  # every calibration session and probe of this confirm
             prof_note = (f"calibrated now, {len(sessions)} session(s)"
-                         + (f" and {len(probes)} link probes" if probes else "") + " pooled (profile.yaml)")
+                         + (f" and {len(probes)} machine probes" if probes else "") + " pooled (profile.yaml)")
             for what, value, spread in cal_rows:
                 print(f"  {what:52} {value:34} {spread}", file=sys.stderr)
         results = compare(plans, measured, hw, pooled)
@@ -146,7 +148,7 @@ def main(argv: list[str]) -> int:
             write_real_results(real, RealOptions(device=opts.device, store=row["store"]), tmp / row["arm"] / "realrun",
                                report=False)
             write_results(sim, tmp / row["arm"] / "sim", report=False)
-        meta = {"verdict": v, "profile": prof_note, "calibration_sessions": len(sessions), "link_probes": len(probes), "trace": trace_desc, "model": opts.model,
+        meta = {"verdict": v, "profile": prof_note, "calibration_sessions": len(sessions), "machine_probes": len(probes), "trace": trace_desc, "model": opts.model,
                 "device": opts.device, "store": opts.store, "slots": opts.slots, "tokens": opts.tokens,
                 "layers": opts.layers, "repeats": opts.repeats, "command": "python -m sim confirm " + " ".join(argv),
                 "wall_s": time.perf_counter() - t0}

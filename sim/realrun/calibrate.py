@@ -18,7 +18,9 @@ machine as the real run sees it:
   memory     /proc/meminfo (CPU) or the CUDA device's total and free memory.
 Each point is measured `repeats` times, each time as the mean of `BATCH` consecutive calls (the
 real run's time is a sum of such calls, so their mean duration is what the profile must give);
-the median over repeats is used and the spread (p10-p90 over the median) is printed.
+the median over repeats is a session's value and the spread (p10-p90 over the median) is printed.
+Sessions and probes pooled (`merge`, `add_probes`) give each point the mean of their values
+(`Series.values`: the machine drifts, and a run meets its slow moments as well as its fast ones).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,22 +47,46 @@ CONTENTION_THRESHOLD = 1.03
 BATCH = 4  # calls per measurement (its mean is one sample)
 ANCHOR_WEIGHT = 10.0
 COLD_BYTES = 192 * 2**20  # cycle weights through this much memory (more than any CPU cache here)
+EXPERT_IDLE_S = 0.002  # a run's thread waits about this long for an expert's copy before computing it
 
 
 @dataclass
 class Series:
-    """Repeated timings of one operation at several sizes (bytes)."""
+    """Repeated timings of one operation at several sizes (bytes), taken at one or more moments
+    (a calibration session, a probe): `runs[j]` every sample at size j, `moments[j]` the median of
+    each moment's samples there."""
 
     sizes: list[float] = field(default_factory=list)
     runs: list[np.ndarray] = field(default_factory=list)
+    moments: list[list[float]] = field(default_factory=list)
 
     def add(self, nbytes: float, times: list[float]) -> None:
         self.sizes.append(float(nbytes))
         self.runs.append(np.asarray(times, dtype=float))
+        self.moments.append([float(np.median(times))])
 
     @property
-    def medians(self) -> np.ndarray:
-        return np.array([np.median(r) for r in self.runs])
+    def values(self) -> np.ndarray:
+        """The time at each size: the mean over moments of each moment's median.
+
+        A median within a moment discards the odd disturbed batch; a mean across moments, because a
+        shared machine drifts (here an expert's compute moved by up to 75% within a minute) and a
+        run's time is the time average over the moments it met, slow ones included: the median
+        over moments would keep the typical moment and miss the slow stretches."""
+        return np.array([np.mean(m) for m in self.moments])
+
+    def pooled_with(self, others: list[Series]) -> Series:
+        """This series with the samples and moments of `others` at the same sizes added (sizes
+        only some of them have keep what they have)."""
+        runs = [list(r) for r in self.runs]
+        moments = [list(m) for m in self.moments]
+        for o in others:
+            for size, r, m in zip(o.sizes, o.runs, o.moments, strict=True):
+                j = self.index(size)
+                if j is not None:
+                    runs[j] += list(r)
+                    moments[j] += m
+        return Series(list(self.sizes), [np.asarray(r, dtype=float) for r in runs], moments)
 
     def index(self, nbytes: float, rel_tol: float = 1e-6) -> int | None:
         """Position of the measured size within `rel_tol` of `nbytes`, or None."""
@@ -81,7 +108,7 @@ def fit_affine(groups: list[tuple[Series, float]], anchors: tuple[float, ...] = 
     Returns (a, b), a >= 0 (a fixed cost per kernel or per transfer), b > 0 (seconds per byte)."""
     rows, rhs = [], []
     for s, k in groups:
-        for x, t in zip(s.sizes, s.medians, strict=True):
+        for x, t in zip(s.sizes, s.values, strict=True):
             w = ANCHOR_WEIGHT if any(abs(x - a) <= 1e-6 * a for a in anchors) else 1.0
             rows.append([w * k / t, w * x / t])
             rhs.append(w)
@@ -95,7 +122,7 @@ def fit_affine(groups: list[tuple[Series, float]], anchors: tuple[float, ...] = 
             return fit_affine(groups, ())
         s, _ = max(groups, key=lambda g: max(g[0].sizes))
         i = int(np.argmax(s.sizes))
-        a, b = 0.0, float(s.medians[i] / s.sizes[i])
+        a, b = 0.0, float(s.values[i] / s.sizes[i])
     return float(a), float(b)
 
 
@@ -106,9 +133,13 @@ def expert_layout(nbytes: float, hidden: int, dtype: str, experts: int) -> Layou
 
 
 def _cold_copies(layout: Layout, backend: Backend) -> list[list[torch.Tensor]]:
+    """Enough copies of one random expert (COLD_BYTES) that cycling through them reads memory, not a
+    CPU cache. Copies of one draw, not one draw each: the timing does not depend on the values, and
+    drawing 192 MB of random numbers took longer than the measurement (probes repeat this)."""
     n = int(min(512, max(4, math.ceil(COLD_BYTES / layout.expert_bytes))))
-    return [[torch.randn(s, dtype=torch.float32).mul_(0.02).to(layout.torch_dtype).to(backend.device)
-             for s in layout.shapes] for _ in range(n)]
+    one = [torch.randn(s, dtype=torch.float32).mul_(0.02).to(layout.torch_dtype).to(backend.device)
+           for s in layout.shapes]
+    return [one] + [[m.clone() for m in one] for _ in range(n - 1)]
 
 
 def _swiglu(x: torch.Tensor, m: list[torch.Tensor]) -> torch.Tensor:
@@ -118,25 +149,34 @@ def _swiglu(x: torch.Tensor, m: list[torch.Tensor]) -> torch.Tensor:
 
 
 def time_calls(fn: Callable[[int], None], repeats: int, backend: Backend, warm: int = 3,
-               batch: int = BATCH) -> list[float]:
+               batch: int = BATCH, idle_s: float = 0.0) -> list[float]:
     """`repeats` measurements of `fn`, each the mean time of `batch` consecutive calls.
 
     A batch mean, not a single call: the real run's time is a sum of many such operations, so
     the mean duration is what must be modelled (single-call times of disk reads are skewed to
     the right, and their median is below their mean); the median over repeats then discards
-    the occasional disturbed batch."""
+    the occasional disturbed batch. With `idle_s`, the thread blocks that long before each call
+    (untimed), as a run's thread waits for a copy before it computes the expert."""
     for i in range(warm):
         fn(i)
     backend.sync()
     out = []
     i = 0
+    idle = threading.Event()
     for _ in range(repeats):
+        total = 0.0
         t0 = time.perf_counter()
         for _ in range(batch):
+            if idle_s:
+                idle.wait(idle_s)
+                t0 = time.perf_counter()
             fn(i)
             i += 1
+            if idle_s:
+                backend.sync()
+                total += time.perf_counter() - t0
         backend.sync()
-        out.append((time.perf_counter() - t0) / batch)
+        out.append((total if idle_s else time.perf_counter() - t0) / batch)
     return out
 
 
@@ -178,12 +218,12 @@ class Calibrator:
             return open_disk_store(self.store_dir / tag, layout, self.b, fill, "random seed 0", progress=False), n
         return HostStore(layout, self.b, fill), n
 
-    def link(self, kind: str) -> tuple[Series, Series]:
+    def link(self, kind: str, sizes: list[float] | None = None) -> tuple[Series, Series]:
         """(submit to wake-up per copy, as batch means; the copy worker's own time per copy, start
-        to done, every call: what `realrun_copy_mean_s` measures in a run)."""
+        to done, every call: what `realrun_copy_mean_s` measures in a run). `sizes`: default all."""
         s, own = Series(), Series()
         rng = np.random.default_rng(0)
-        for nbytes in self.sizes:
+        for nbytes in sizes or self.sizes:
             store, n = self._store(kind, nbytes)
             layout = store.layout
             slots = cold_slots(layout.expert_bytes)
@@ -210,28 +250,41 @@ class Calibrator:
         return 3 if any(abs(nbytes - a) <= 1e-6 * a for a in self.anchors) else 1
 
     # ------------------------------------------------------------------ compute
-    def expert(self) -> Series:
+    def expert(self, sizes: list[float] | None = None) -> Series:
+        """A batch-1 SwiGLU expert as a run computes a loaded one: from a slot of the run's own
+        slot pool, after the thread has waited (idle, EXPERT_IDLE_S) as for the expert's copy.
+        Timed back to back from separate tensors instead, experts ran 20-30% faster here than in
+        the runs (the stand-in, which a run computes right after the last layer's experts, is
+        timed back to back). On CUDA the calls stay back to back: a synchronise per call would add
+        its own latency, and a run queues a GPU's kernels without one."""
         s = Series()
         x = torch.randn((1, self.H)).to(self.b.device, Layout(1, 1, (), self.dtype).torch_dtype)
-        for nbytes in self.sizes:
+        for nbytes in sizes or self.sizes:
             layout = expert_layout(nbytes, self.H, self.dtype, 1)
             copies = _cold_copies(layout, self.b)
-            s.add(layout.expert_bytes, time_calls(lambda i, c=copies: _swiglu(x, c[i % len(c)]),
-                                                  self.repeats * self.anchor_factor(nbytes), self.b))
+            pool = SlotPool(self.b, layout, len(copies))
+            for j, c in enumerate(copies):
+                for dst, src in zip(pool.matrices(j), c, strict=True):
+                    dst.copy_(src)
             del copies
+            s.add(layout.expert_bytes, time_calls(lambda i, p=pool: _swiglu(x, p.matrices(i % p.n)),
+                                                  self.repeats * self.anchor_factor(nbytes), self.b,
+                                                  idle_s=0.0 if self.b.cuda else EXPERT_IDLE_S))
+            del pool
             self._step(f"expert {layout.expert_bytes / 1e6:.2f} MB")
         return s
 
-    def stand_in(self) -> Series:
+    def stand_in(self, sizes: list[float] | None = None) -> Series:
         import torch.nn.functional as F
 
         s = Series()
         dtype = Layout(1, 1, (), self.dtype).torch_dtype
         x = torch.randn((1, self.H)).to(self.b.device, dtype)
-        for nbytes in self.sizes:
+        for nbytes in sizes or self.sizes:
             rows = max(1, round(nbytes / (self.H * x.element_size())))
             n = int(min(512, max(4, math.ceil(COLD_BYTES / nbytes))))
-            ws = [torch.randn((rows, self.H)).to(self.b.device, dtype) for _ in range(n)]
+            one = torch.randn((rows, self.H)).to(self.b.device, dtype)
+            ws = [one] + [one.clone() for _ in range(n - 1)]  # cold memory (see _cold_copies)
             s.add(rows * self.H * x.element_size(),
                   time_calls(lambda i, ws=ws: F.linear(x, ws[i % len(ws)]),
                              self.repeats * self.anchor_factor(nbytes), self.b))
@@ -251,11 +304,11 @@ class Calibrator:
         med = float(np.median(t))
         return 2.0 * tokens * self.H * width / med, float((np.percentile(t, 90) - np.percentile(t, 10)) / med)
 
-    def cpu_expert(self) -> Series:
+    def cpu_expert(self, sizes: list[float] | None = None) -> Series:
         s = Series()
         worker = CpuWorker(self.b)
         x = torch.randn((1, self.H)).to(Layout(1, 1, (), self.dtype).torch_dtype)
-        for nbytes in self.sizes:
+        for nbytes in sizes or self.sizes:
             layout = expert_layout(nbytes, self.H, self.dtype, 1)
             copies = _cold_copies(layout, _CPU)  # host memory, where the CPU worker computes
 
@@ -471,7 +524,7 @@ class Measured:
     sessions: int = 1
     #: the copy worker's own time per copy (start to done), every call, per link kind
     link_copy: dict[str, Series] = field(default_factory=dict)
-    probes: int = 0  # link probes pooled in (`add_probes`)
+    probes: int = 0  # machine probes pooled in (`add_probes`)
 
     def copy_mean_s(self, kind: str, nbytes: float) -> float | None:
         """Mean copy time (start to done) of `kind` at the measured size nearest `nbytes`."""
@@ -535,39 +588,48 @@ def calibrator(opts: CalibrateOptions, backend: Backend, sizes: list[float], bar
                       model_store)
 
 
-def probe_links(opts: CalibrateOptions, backend: Backend) -> dict[str, tuple[Series, Series]]:
-    """The links again at the model's expert size only (about a second of copies on this disk),
-    for `confirm` to take before each real run. A disk's speed drifts by 10-20% within a minute
-    here; calibration sessions alone sample a few seconds of it, probes spread over the runs
-    sample the link the runs met. Returns {kind: (batch means, own copy times)} as `link`."""
+@dataclass
+class Probe:
+    """One short look at the machine at the sizes the run uses (`probe_machine`)."""
+
+    links: dict[str, Series]  # per link kind: submit to wake-up, batch means (as `Measured.links`)
+    link_copy: dict[str, Series]  # the copy worker's own time per copy (as `Measured.link_copy`)
+    expert: Series  # at the model's expert size
+    stand_in: Series  # at the model's non-expert size
+    cpu: Series  # the CPU worker, at the expert size
+
+
+def probe_machine(opts: CalibrateOptions, backend: Backend) -> Probe:
+    """The links and the compute again, at the model's sizes only (about a second on this machine),
+    for `confirm` to take before each real run. A shared machine drifts: here a disk's speed by
+    10-20% within a minute and a batch-1 expert's compute by up to 75% (other tenants' memory
+    traffic); calibration sessions sample a few seconds of it, probes spread over the runs sample
+    the machine the runs met."""
     from tqdm import tqdm
 
     sizes, _, _, anchors = plan_sizes(opts)
+    expert_bytes = [expert_size(sizes, anchors)]
+    layer_bytes = [anchors[1]] if len(anchors) > 1 else expert_bytes
     with backend.pinned(), tqdm(disable=True) as bar:
-        cal = calibrator(opts, backend, [expert_size(sizes, anchors)], bar, progress=False)
-        return {k: cal.link(k) for k in link_kinds(opts)}
+        cal = calibrator(opts, backend, expert_bytes, bar, progress=False)
+        links = {k: cal.link(k) for k in link_kinds(opts)}
+        return Probe({k: v[0] for k, v in links.items()}, {k: v[1] for k, v in links.items()},
+                     cal.expert(expert_bytes), cal.stand_in(layer_bytes), cal.cpu_expert(expert_bytes))
 
 
-def add_probes(m: Measured, probes: list[dict[str, tuple[Series, Series]]]) -> Measured:
-    """`m` with the probes' link samples pooled into its points of the same size."""
+def add_probes(m: Measured, probes: list[Probe]) -> Measured:
+    """`m` with the probes' samples pooled into its points of the same size (links and compute)."""
     if not probes:
         return m
 
-    def pooled(series: dict[str, Series], which: int) -> dict[str, Series]:
-        out = {}
-        for kind, s in series.items():
-            runs = [list(r) for r in s.runs]
-            for probe in probes:
-                got = probe[kind][which]
-                for size, r in zip(got.sizes, got.runs, strict=True):
-                    j = s.index(size)
-                    if j is not None:
-                        runs[j] += list(r)
-            out[kind] = Series(list(s.sizes), [np.asarray(r) for r in runs])
-        return out
+    def pooled(s: Series, got: list[Series]) -> Series:
+        return s.pooled_with(got)
 
-    return dataclasses.replace(m, links=pooled(m.links, 0), link_copy=pooled(m.link_copy, 1),
-                               probes=m.probes + len(probes))
+    return dataclasses.replace(
+        m, links={k: pooled(s, [p.links[k] for p in probes]) for k, s in m.links.items()},
+        link_copy={k: pooled(s, [p.link_copy[k] for p in probes]) for k, s in m.link_copy.items()},
+        expert=pooled(m.expert, [p.expert for p in probes]), stand_in=pooled(m.stand_in, [p.stand_in for p in probes]),
+        cpu=pooled(m.cpu, [p.cpu for p in probes]), probes=m.probes + len(probes))
 
 
 def merge(ms: list[Measured]) -> Measured:
@@ -575,10 +637,7 @@ def merge(ms: list[Measured]) -> Measured:
     first = ms[0]
 
     def pool(get) -> Series:
-        out = Series()
-        for j, size in enumerate(get(first).sizes):
-            out.add(size, list(np.concatenate([get(m).runs[j] for m in ms])))
-        return out
+        return get(first).pooled_with([get(m) for m in ms[1:]])
 
     return Measured(first.backend, first.sizes, first.hidden, first.anchors, first.repeats,
                     {k: pool(lambda m, k=k: m.links[k]) for k in first.links}, pool(lambda m: m.expert),

@@ -8,15 +8,17 @@ Arms (`arms=a,b,...`): a policy preset name (`policy=<name>`), or one of
                   CPU from host memory (Fiddler); it runs with `store=host`, where such a
                   system keeps its experts (the profile's host_to_device link describes it)
 Decode only (`engine.prefill=false`): each arm starts with an empty cache and decodes `tokens`
-tokens. With `repeats` > 1 the real runs go round-robin over the arms and each arm's measured
-figures are the medians over its repeats.
+tokens. The real runs go round-robin over the arms, `repeats` rounds of short runs, and each
+arm's measured figures are means over its runs (p90 over their tokens pooled).
 
-Calibration brackets the real runs (`bracket=true`): a session before the first round and one
-after each round, and (`probes=true`) a short link probe at the expert size before each real run,
-all pooled into the profile the simulator then uses. A disk's speed drifts by
-several percent over minutes on a shared virtual machine; a profile measured only before the
-runs inherits whatever state the disk was in then, while one pooled over the session describes
-the machine the runs actually met. The simulator sees nothing of the real runs themselves.
+Why many short rounds: a shared virtual machine drifts. Here a disk's speed moved by 10-20% and a
+batch-1 expert's compute by up to 75% within a minute (other tenants), so one run of an arm
+meets one moment of the machine and a calibration another. Spread over the whole confirm, every
+arm's runs and the calibration sample the same stretch of time: calibration sessions before the
+first round and after the last (`bracket=true`), and (`probes=true`) a short probe of the machine
+at the model's sizes (links, expert and non-expert compute, the CPU worker) before every real
+run, all pooled into the one profile the simulator then uses for every arm. The simulator sees
+nothing of the real runs themselves.
 """
 
 from __future__ import annotations
@@ -48,17 +50,17 @@ class ConfirmOptions:
     device: str = "cpu"
     store: str = "disk"
     slots: int = 64  # cache.slots of the arms (half: slots / 2)
-    tokens: int = 64  # decode tokens per arm
+    tokens: int = 16  # decode tokens per real run of an arm
     layers: int = 0  # replay only the first N MoE layers (0: all)
-    repeats: int = 2  # rounds of real runs (round-robin over the arms); medians over rounds
+    repeats: int = 8  # rounds of real runs (round-robin over the arms); means over rounds
     seed: int = 0
     out: str = ""
     store_dir: str = ""
     threads: int = 1
     pin: bool = True  # main thread and workers on separate CPUs
     quick: bool = False  # a quick calibration (tests)
-    bracket: bool = True  # calibrate again after each round of arms; the profile pools every session
-    probes: bool = True  # with bracket: the links again (expert size only) before each real run, pooled too
+    bracket: bool = True  # calibrate again after the last round; the profile pools every session
+    probes: bool = True  # with bracket: probe the machine (model's sizes) before each real run, pooled too
     cal_repeats: int = 15
     progress: bool = True
 
@@ -133,9 +135,8 @@ def plan_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace)
     return plans
 
 
-def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, between=None, before=None) -> dict[str, list]:
-    """`repeats` rounds over the arms, round-robin; `before()` runs before each real run,
-    `between()` after each round."""
+def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, before=None) -> dict[str, list]:
+    """`repeats` rounds over the arms, round-robin; `before()` runs before each real run."""
     from sim.realrun.build import RealOptions
     from sim.realrun.run import real_run
 
@@ -149,8 +150,6 @@ def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, between=None
             measured[arm.name].append(real_run(cfg, ropts, trace=tr, hw=hw_arm))
             if bar is not None:
                 bar.update()
-        if between is not None:
-            between()
     return measured
 
 
@@ -182,7 +181,7 @@ def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, 
     With `cal` (the pooled calibration `Measured` of this confirm) each row also has the diagnostic
     `simulated_run_link_tpot_mean_s`: each real run simulated with the link scaled to the speed
     that run's copies had (`realrun_copy_mean_s`) against the calibration's copies of the same
-    size, median over the runs. It is not a prediction (it reads the real run); it splits the
+    size, mean over the runs. It is not a prediction (it reads the real run); it splits the
     error into the link's drift between calibration and run, and the rest of the model."""
     from sim.runner import simulate
 
@@ -194,24 +193,35 @@ def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, 
         row: dict[str, Any] = {"arm": arm.name, "store": arm.store, "config": " ".join(arm.overrides),
                                "cache_slots": sim.summary["cache_slots"], "tokens": sim.summary["tokens_decode"]}
         for m in METRICS:
-            real_v = float(np.median([r.summary[m] for r in runs]))
+            real_v = measured_over_runs(runs, m)
             sim_v = float(sim.summary[m])
             row[f"measured_{m}"] = real_v
             row[f"simulated_{m}"] = sim_v
             row[f"error_{m}"] = (sim_v - real_v) / real_v if m.startswith("tpot") else sim_v - real_v
         means = [r.summary["tpot_mean_s"] for r in runs]
         row["measured_tpot_mean_s_spread"] = float(np.ptp(means) / row["measured_tpot_mean_s"]) if len(runs) > 1 else None
-        row["measured_demand_loads_per_token"] = float(np.median([r.summary["demand_loads_per_token"] for r in runs]))
+        row["measured_demand_loads_per_token"] = measured_over_runs(runs, "demand_loads_per_token")
         row["simulated_demand_loads_per_token"] = float(sim.summary["demand_loads_per_token"])
         kind = "disk" if arm.store == "disk" else "host"
         cal_copy_s = cal.copy_mean_s(kind, sim.summary["expert_bytes"]) if cal is not None else None
         diag = [run_link_tpot_s(cfg, tr, hw_arm, r, cal_copy_s, float(sim.summary["tpot_mean_s"])) for r in runs]
         factors = [f for _, f in diag if f is not None]
-        row["link_speed_factor"] = float(np.median(factors)) if factors else None
-        row["simulated_run_link_tpot_mean_s"] = float(np.median([t for t, _ in diag]))
+        row["link_speed_factor"] = float(np.mean(factors)) if factors else None
+        row["simulated_run_link_tpot_mean_s"] = float(np.mean([t for t, _ in diag]))
         row["error_run_link_tpot_mean_s"] = row["simulated_run_link_tpot_mean_s"] / row["measured_tpot_mean_s"] - 1
         rows.append((row, runs[-1], sim))
     return rows
+
+
+def measured_over_runs(runs: list, metric: str) -> float:
+    """An arm's measured figure over its real runs: the mean over runs (each the same tokens, so the
+    mean TPOT is the mean over every token measured), the p90 over the tokens of all runs pooled.
+
+    Means, not medians: the runs are spread over the whole confirm so that, like the pooled
+    calibration, they average over the machine's drift; a median would keep one moment of it."""
+    if metric == "tpot_p90_s":
+        return float(np.percentile(np.concatenate([r.tokens["latency_s"].to_numpy() for r in runs]), 90))
+    return float(np.mean([r.summary[metric] for r in runs]))
 
 
 def verdict(frame: pl.DataFrame) -> dict[str, Any]:

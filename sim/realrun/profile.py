@@ -36,7 +36,8 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
     fixed["k"] = int(fixed["k"])
     sessions = f", {m.sessions} sessions pooled" if m.sessions > 1 else ""
     if m.probes:
-        sessions += f" with {m.probes} link probes at the expert size, one before each real run"
+        sessions += (f" with {m.probes} probes of the links and compute at the model's sizes, "
+                     "one before each real run")
     src = f"measured: {command}, {today()}{sessions}"
     rows: list[tuple[str, str, str]] = []
     op_ovh, spb = fit_affine([(expert, N_EXPERT_KERNELS), (stand_in, N_ATTN_KERNELS)], anchors)
@@ -66,7 +67,7 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
     sz = ", ".join(f"{s / 1e6:.3g}" for s in sizes)
     prof["device"] = {
         "memory_bandwidth_Bps": num(1 / spb, f"batch-1 SwiGLU expert and stand-in GEMV, cold weights, {sz} MB, "
-                                             f"{repeats} repeats each, medians fitted jointly (spread up to "
+                                             f"{repeats} repeats each, medians (mean over sessions and probes) fitted jointly (spread up to "
                                              f"{max(expert.spread(), stand_in.spread()):.0%})"),
         "matmul_flops": num(flops, f"GEMM 256 x {hidden} x 2048, median (spread {flops_spread:.0%})"),
         "kernel_overhead_s": num(ovh, f"realrun's per-layer fixed time on a tiny all-cached model, "
@@ -103,14 +104,15 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
                 else "host -> slot copies by the copy worker" + (" (pinned, own CUDA stream)" if backend.cuda else ""))
         prof["links"][name] = {
             "bandwidth_Bps": num(1 / spb_l, f"{what}; expert-shaped copies of {sz} MB, {repeats} repeats per session, "
-                                            f"medians fitted as latency + bytes / bandwidth (spread up to {series.spread():.0%})"),
+                                            f"medians (mean over sessions and probes) fitted as latency + bytes / bandwidth "
+                                            f"(spread up to {series.spread():.0%})"),
             "latency_s": num(lat, "fixed cost of the same fit: submit to wake-up of the waiting thread"),
             "channels": num(1, "one copy worker (channels = 1 by construction of realrun)"),
             "shares_memory_bandwidth": bool(contention[kind][0] > CONTENTION_THRESHOLD),
         }
         rows.append((f"{name} bandwidth", f"{1 / spb_l / 1e9:.3f} GB/s", f"{series.spread():.0%}"))
         rows.append((f"{name} latency", f"{lat * 1e6:.0f} us", ""))
-        for s, m in zip(series.sizes, series.medians, strict=True):
+        for s, m in zip(series.sizes, series.values, strict=True):
             rows.append((f"  {name} {s / 1e6:.3g} MB", f"{m * 1e3:.3f} ms", ""))
         slow, slow_spread, copy_slow = contention[kind]
         rows.append((f"compute slowdown while {name} copies", f"{slow:.3f}x -> shares_memory_bandwidth="
