@@ -86,3 +86,23 @@ def test_machine_probes_pool_into_the_models_sizes_only(tmp_path):
             assert len(runs) - len(old) == (2 * len(got.runs[j]) if j is not None else 0), (name, size)
         assert any(got.index(size) is not None for size in after.sizes), name
     assert m.copy_mean_s("host", expert) > 0
+
+
+def test_pooled_values_are_the_mean_over_moments_of_each_moments_median():
+    """Within a session or probe the median (robust to a disturbed batch); across them the mean,
+    since a run's time averages over the machine's slow moments as well as its fast ones."""
+    import numpy as np
+
+    from sim.realrun.calibrate import Series
+
+    a, b, c = Series(), Series(), Series()
+    a.add(100.0, [1.0, 1.0, 9.0])  # median 1 (one disturbed batch)
+    a.add(200.0, [2.0, 2.0, 2.0])
+    b.add(100.0, [3.0, 3.0, 3.0])  # a slow moment: median 3
+    c.add(200.0, [4.0, 4.0])  # only one of the sizes
+    c.add(300.0, [7.0])  # a size the first series lacks: left out
+    pooled = a.pooled_with([b, c])
+    assert pooled.sizes == [100.0, 200.0]
+    assert np.allclose(pooled.values, [(1 + 3) / 2, (2 + 4) / 2])
+    assert [len(r) for r in pooled.runs] == [6, 5]
+    assert np.allclose(a.values, [1.0, 2.0])  # the originals are left alone

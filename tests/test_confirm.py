@@ -65,8 +65,11 @@ def test_confirm_calibrates_first(trace_dir, tmp_path, capsys):
     assert frame["link_speed_factor"].null_count() == 0 and (frame["link_speed_factor"] > 0).all()
     rel = frame["simulated_run_link_tpot_mean_s"] / frame["measured_tpot_mean_s"] - 1
     assert np.allclose(rel.to_numpy(), frame["error_run_link_tpot_mean_s"].to_numpy())
-    v = json.loads((out / "confirm.json").read_text())["verdict"]
+    meta = json.loads((out / "confirm.json").read_text())
+    v = meta["verdict"]
     assert v["median_abs_error_tpot_mean_run_link"] >= 0
+    # bracketed by a session before the first round and one after the last, a probe before every run
+    assert meta["calibration_sessions"] == 2 and meta["machine_probes"] == 2 * meta["repeats"]
     assert "with the link as each run met it" in capsys.readouterr().out
 
 
@@ -141,3 +144,20 @@ def test_gpu_script_commands_parse(tmp_path, capsys):
         rc = main(args)
         err = capsys.readouterr().err
         assert rc == 2 and "no CUDA GPU" in err, (args, err)
+
+
+def test_an_arms_measured_figures_are_means_over_its_runs():
+    """Runs spread over the confirm average over the machine's drift: mean TPOT and the other
+    figures are means over runs, the p90 is over every token of every run."""
+    from types import SimpleNamespace
+
+    from sim.realrun.confirm import measured_over_runs
+
+    def run(lat, stall):
+        return SimpleNamespace(tokens=pl.DataFrame({"latency_s": lat}),
+                               summary={"tpot_mean_s": float(np.mean(lat)), "stall_share": stall})
+
+    runs = [run([1.0, 1.0, 1.0, 1.0], 0.5), run([1.0, 1.0, 1.0, 1.0], 0.5), run([4.0, 4.0, 4.0, 4.0], 0.8)]
+    assert measured_over_runs(runs, "tpot_mean_s") == pytest.approx(2.0)  # the median of runs would say 1.0
+    assert measured_over_runs(runs, "stall_share") == pytest.approx(0.6)
+    assert measured_over_runs(runs, "tpot_p90_s") == pytest.approx(4.0)

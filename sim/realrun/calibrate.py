@@ -149,35 +149,42 @@ def _swiglu(x: torch.Tensor, m: list[torch.Tensor]) -> torch.Tensor:
 
 
 def time_calls(fn: Callable[[int], None], repeats: int, backend: Backend, warm: int = 3,
-               batch: int = BATCH, idle_s: float = 0.0) -> list[float]:
+               batch: int = BATCH, before: Callable[[int], None] | None = None) -> list[float]:
     """`repeats` measurements of `fn`, each the mean time of `batch` consecutive calls.
 
     A batch mean, not a single call: the real run's time is a sum of many such operations, so
     the mean duration is what must be modelled (single-call times of disk reads are skewed to
     the right, and their median is below their mean); the median over repeats then discards
-    the occasional disturbed batch. With `idle_s`, the thread blocks that long before each call
-    (untimed), as a run's thread waits for a copy before it computes the expert."""
+    the occasional disturbed batch. `before(i)`, when given, runs untimed before each call: what
+    a run does just before such a call (waits for a copy, computes a layer's other work), which
+    changes how long the call takes."""
     for i in range(warm):
         fn(i)
     backend.sync()
     out = []
     i = 0
-    idle = threading.Event()
     for _ in range(repeats):
         total = 0.0
         t0 = time.perf_counter()
         for _ in range(batch):
-            if idle_s:
-                idle.wait(idle_s)
+            if before is not None:
+                before(i)
+                backend.sync()
                 t0 = time.perf_counter()
             fn(i)
             i += 1
-            if idle_s:
+            if before is not None:
                 backend.sync()
                 total += time.perf_counter() - t0
         backend.sync()
-        out.append((total if idle_s else time.perf_counter() - t0) / batch)
+        out.append((total if before is not None else time.perf_counter() - t0) / batch)
     return out
+
+
+def idle(seconds: float) -> Callable[[int], None]:
+    """A `before` for `time_calls`: the thread blocks, as on a copy it waits for."""
+    ev = threading.Event()
+    return lambda i: ev.wait(seconds)
 
 
 def cold_slots(nbytes: float, total_bytes: float = 128e6) -> int:
@@ -269,7 +276,7 @@ class Calibrator:
             del copies
             s.add(layout.expert_bytes, time_calls(lambda i, p=pool: _swiglu(x, p.matrices(i % p.n)),
                                                   self.repeats * self.anchor_factor(nbytes), self.b,
-                                                  idle_s=0.0 if self.b.cuda else EXPERT_IDLE_S))
+                                                  before=None if self.b.cuda else idle(EXPERT_IDLE_S)))
             del pool
             self._step(f"expert {layout.expert_bytes / 1e6:.2f} MB")
         return s
@@ -281,16 +288,21 @@ class Calibrator:
         dtype = Layout(1, 1, (), self.dtype).torch_dtype
         x = torch.randn((1, self.H)).to(self.b.device, dtype)
         for nbytes in sizes or self.sizes:
-            rows = max(1, round(nbytes / (self.H * x.element_size())))
-            n = int(min(512, max(4, math.ceil(COLD_BYTES / nbytes))))
-            one = torch.randn((rows, self.H)).to(self.b.device, dtype)
-            ws = [one] + [one.clone() for _ in range(n - 1)]  # cold memory (see _cold_copies)
-            s.add(rows * self.H * x.element_size(),
+            ws = self._cold_stand_in(nbytes)
+            s.add(ws[0].numel() * x.element_size(),
                   time_calls(lambda i, ws=ws: F.linear(x, ws[i % len(ws)]),
                              self.repeats * self.anchor_factor(nbytes), self.b))
             del ws
             self._step(f"stand-in {nbytes / 1e6:.2f} MB")
         return s
+
+    def _cold_stand_in(self, nbytes: float) -> list[torch.Tensor]:
+        """Stand-in weights of `nbytes` each on the device, COLD_BYTES of them (see _cold_copies)."""
+        dtype = Layout(1, 1, (), self.dtype).torch_dtype
+        rows = max(1, round(nbytes / (self.H * torch.empty((), dtype=dtype).element_size())))
+        n = int(min(512, max(4, math.ceil(COLD_BYTES / nbytes))))
+        one = torch.randn((rows, self.H)).to(self.b.device, dtype)
+        return [one] + [one.clone() for _ in range(n - 1)]
 
     def matmul_flops(self, on_cpu: bool = False, tokens: int = 256, width: int = 2048) -> tuple[float, float]:
         import torch.nn.functional as F
@@ -305,9 +317,17 @@ class Calibrator:
         return 2.0 * tokens * self.H * width / med, float((np.percentile(t, 90) - np.percentile(t, 10)) / med)
 
     def cpu_expert(self, sizes: list[float] | None = None) -> Series:
+        """Two experts handed to the CPU worker and back, as a top-2 layer with both experts on the
+        CPU: each hand-off right after the main thread has computed a layer's non-expert work (the
+        stand-in, untimed), as in a run; back to back, hand-offs ran 3-5% faster here."""
+        import torch.nn.functional as F
+
         s = Series()
         worker = CpuWorker(self.b)
         x = torch.randn((1, self.H)).to(Layout(1, 1, (), self.dtype).torch_dtype)
+        layer = self._cold_stand_in(self.anchors[1] if len(self.anchors) > 1 else max(sizes or self.sizes))
+        xd = x.to(self.b.device)
+        after_layer = lambda i: F.linear(xd, layer[i % len(layer)])  # noqa: E731
         for nbytes in sizes or self.sizes:
             layout = expert_layout(nbytes, self.H, self.dtype, 1)
             copies = _cold_copies(layout, _CPU)  # host memory, where the CPU worker computes
@@ -316,7 +336,7 @@ class Calibrator:
                 worker.submit([(j, lambda j=j: _swiglu(x, c[(2 * i + j) % len(c)])) for j in range(2)])
                 worker.wait()
 
-            per_job = time_calls(job, self.repeats * self.anchor_factor(nbytes), self.b)
+            per_job = time_calls(job, self.repeats * self.anchor_factor(nbytes), self.b, before=after_layer)
             s.add(layout.expert_bytes, [t / 2 for t in per_job])
             del copies
             self._step(f"cpu expert {layout.expert_bytes / 1e6:.2f} MB")
