@@ -7,12 +7,13 @@ machine as the real run sees it:
              completion, for several sizes: fitted as
              `latency_s + bytes / bandwidth_Bps` (least squares on relative error); disk reads
              drop the page cache first, exactly as `realrun store=disk` does;
-  device     a batch-1 SwiGLU expert (4 kernels in the cost model) and the non-expert stand-in
-             GEMV (8 kernels), cold weights (cycled through more memory than the CPU caches hold),
+  device     a batch-1 SwiGLU expert (4 kernels in the cost model; from the run's slot pool,
+             after an idle wait as for its copy) and the non-expert stand-in GEMV (8 kernels,
+             back to back), cold weights (cycled through more memory than the CPU caches hold),
              several sizes, fitted jointly as `kernels * kernel_overhead_s + bytes / bandwidth`;
              `matmul_flops` from a prefill-sized GEMM;
   cpu        the same SwiGLU run by the CPU worker thread from host memory (placement=cpu),
-             submit-to-wake-up included;
+             two per hand-off, each hand-off after the layer's stand-in, submit-to-wake-up included;
   contention the expert compute time while the copy worker copies without pause, over the time
              alone: `shares_memory_bandwidth` is true when copies slow compute by more than 3%;
   memory     /proc/meminfo (CPU) or the CUDA device's total and free memory.
@@ -327,7 +328,10 @@ class Calibrator:
         x = torch.randn((1, self.H)).to(Layout(1, 1, (), self.dtype).torch_dtype)
         layer = self._cold_stand_in(self.anchors[1] if len(self.anchors) > 1 else max(sizes or self.sizes))
         xd = x.to(self.b.device)
-        after_layer = lambda i: F.linear(xd, layer[i % len(layer)])  # noqa: E731
+
+        def after_layer(i: int) -> None:  # the layer's non-expert work, just before its hand-off
+            F.linear(xd, layer[i % len(layer)])
+
         for nbytes in sizes or self.sizes:
             layout = expert_layout(nbytes, self.H, self.dtype, 1)
             copies = _cold_copies(layout, _CPU)  # host memory, where the CPU worker computes
@@ -642,14 +646,12 @@ def add_probes(m: Measured, probes: list[Probe]) -> Measured:
     if not probes:
         return m
 
-    def pooled(s: Series, got: list[Series]) -> Series:
-        return s.pooled_with(got)
-
     return dataclasses.replace(
-        m, links={k: pooled(s, [p.links[k] for p in probes]) for k, s in m.links.items()},
-        link_copy={k: pooled(s, [p.link_copy[k] for p in probes]) for k, s in m.link_copy.items()},
-        expert=pooled(m.expert, [p.expert for p in probes]), stand_in=pooled(m.stand_in, [p.stand_in for p in probes]),
-        cpu=pooled(m.cpu, [p.cpu for p in probes]), probes=m.probes + len(probes))
+        m, links={k: s.pooled_with([p.links[k] for p in probes]) for k, s in m.links.items()},
+        link_copy={k: s.pooled_with([p.link_copy[k] for p in probes]) for k, s in m.link_copy.items()},
+        expert=m.expert.pooled_with([p.expert for p in probes]),
+        stand_in=m.stand_in.pooled_with([p.stand_in for p in probes]),
+        cpu=m.cpu.pooled_with([p.cpu for p in probes]), probes=m.probes + len(probes))
 
 
 def merge(ms: list[Measured]) -> Measured:
