@@ -206,3 +206,35 @@ def test_worker_threads_use_the_runs_thread_count():
             assert int(worker.wait()[0]) == 1
     finally:
         worker.close()
+
+
+def test_kept_host_store_is_built_once_and_serves_every_run(trace_dir, store_dir, monkeypatch):
+    """`confirm` keeps the host-memory store between runs: built on first use, the same counters
+    as a run that builds its own, freed by `close()`."""
+    import sim.realrun.run as rr
+    from sim.realrun.build import parse_realrun
+
+    built = []
+
+    class CountingHostStore(rr.HostStore):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(rr, "HostStore", CountingHostStore)
+    cfg, opts = parse_realrun([f"trace={trace_dir}", *SMALL, "policy=fiddler", "store=host",
+                               f"store_dir={store_dir}"])
+    alone = rr.real_run(cfg, opts)
+    assert len(built) == 1
+    keep = rr.KeptStores()
+    runs = [rr.real_run(cfg, opts, keep=keep) for _ in range(2)]
+    assert len(built) == 2  # one more, for both kept runs
+    for r in runs:
+        for k in ("hit_rate", "demand_loads_per_token", "experts_per_token_layer"):
+            assert r.summary[k] == pytest.approx(alone.summary[k]), k
+        assert r.layers["cpu_experts"].to_list() == alone.layers["cpu_experts"].to_list()
+        assert sum(r.layers["cpu_experts"]) > 0
+    (store,) = keep._stores.values()
+    assert store.tensors
+    keep.close()
+    assert not store.tensors and not keep._stores

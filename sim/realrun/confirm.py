@@ -138,18 +138,22 @@ def plan_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace)
 def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, before=None) -> dict[str, list]:
     """`repeats` rounds over the arms, round-robin; `before()` runs before each real run."""
     from sim.realrun.build import RealOptions
-    from sim.realrun.run import real_run
+    from sim.realrun.run import KeptStores, real_run
 
     measured: dict[str, list] = {arm.name: [] for arm, *_ in plans}
-    for _ in range(opts.repeats):
-        for arm, cfg, tr, hw_arm in plans:
-            ropts = RealOptions(device=opts.device, store=arm.store, threads=opts.threads, store_dir=opts.store_dir,
-                                progress=opts.progress, pin=opts.pin)
-            if before is not None:
-                before()
-            measured[arm.name].append(real_run(cfg, ropts, trace=tr, hw=hw_arm))
-            if bar is not None:
-                bar.update()
+    keep = KeptStores()  # the host-memory store is built once, not before every run (see KeptStores)
+    try:
+        for _ in range(opts.repeats):
+            for arm, cfg, tr, hw_arm in plans:
+                ropts = RealOptions(device=opts.device, store=arm.store, threads=opts.threads,
+                                    store_dir=opts.store_dir, progress=opts.progress, pin=opts.pin)
+                if before is not None:
+                    before()
+                measured[arm.name].append(real_run(cfg, ropts, trace=tr, hw=hw_arm, keep=keep))
+                if bar is not None:
+                    bar.update()
+    finally:
+        keep.close()
     return measured
 
 
