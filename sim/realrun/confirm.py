@@ -141,7 +141,7 @@ def real_rounds(opts: ConfirmOptions, plans: list[tuple], bar=None, before=None)
     from sim.realrun.run import KeptStores, real_run
 
     measured: dict[str, list] = {arm.name: [] for arm, *_ in plans}
-    keep = KeptStores()  # the host-memory store is built once, not before every run (see KeptStores)
+    keep = KeptStores()  # the host-memory store is built once, not before every run
     try:
         for _ in range(opts.repeats):
             for arm, cfg, tr, hw_arm in plans:

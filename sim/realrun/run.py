@@ -62,11 +62,9 @@ class KeptStores:
     """Host-memory stores kept from one real run to the next, for a caller that runs many
     (`confirm` runs every arm eight times).
 
-    Building a `store=host` store draws and copies every expert (1.2 GB for mixtral-mini; pinned
-    on CUDA), seconds per run; and building it before a run and freeing it after disturbed what
-    came next: in a logged confirm the link probe right after a `cpu_on_miss` run timed the disk
-    at 6.57 and 5.94 ms per expert where the real run after it met 5.81 and 4.79. A real system
-    keeps its host tier resident between requests too. `close()` frees them."""
+    Building a `store=host` store draws and copies every expert (1.2 GB for mixtral-mini, 1.4 s
+    here; pinned on CUDA, where pinning gigabytes is slower still), and a real system keeps its
+    host tier resident between requests anyway. `close()` frees them."""
 
     def __init__(self) -> None:
         self._stores: dict[str, HostStore] = {}
