@@ -70,6 +70,9 @@ def test_confirm_calibrates_first(trace_dir, tmp_path, capsys):
     assert v["median_abs_error_tpot_mean_run_link"] >= 0
     # bracketed by a session before the first round and one after the last, a probe before every run
     assert meta["calibration_sessions"] == 2 and meta["machine_probes"] == 2 * meta["repeats"]
+    # the measurement's own noise: standard error of each arm's mean over its runs
+    sem = frame["measured_tpot_mean_s_rel_sem"].to_numpy()
+    assert (sem > 0).all() and v["max_rel_sem_tpot_mean"] == pytest.approx(sem.max())
     assert "with the link as each run met it" in capsys.readouterr().out
 
 

@@ -51,6 +51,9 @@ def print_table(rows: list[dict], v: dict) -> None:
     tau = "-" if v["kendall_tau"] is None else f"{v['kendall_tau']:.3f}"
     print(f"mean TPOT error over {len(rows)} arms: median {v['median_abs_error_tpot_mean'] * 100:.1f}%, "
           f"max {v['max_abs_error_tpot_mean'] * 100:.1f}%; p90 median {v['median_abs_error_tpot_p90'] * 100:.1f}%")
+    if v.get("median_rel_sem_tpot_mean") is not None:
+        print(f"  measurement noise: the standard error of an arm's measured mean TPOT over its runs is "
+              f"{v['median_rel_sem_tpot_mean'] * 100:.1f}% (median), up to {v['max_rel_sem_tpot_mean'] * 100:.1f}%")
     print(f"ranking by mean TPOT: Kendall tau {tau}, identical: {str(v['ranking_identical']).lower()}")
     print(f"  measured : {' < '.join(v['ranking_measured'])}")
     print(f"  simulated: {' < '.join(v['ranking_simulated'])}")

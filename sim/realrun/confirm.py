@@ -204,6 +204,9 @@ def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, 
             row[f"error_{m}"] = (sim_v - real_v) / real_v if m.startswith("tpot") else sim_v - real_v
         means = [r.summary["tpot_mean_s"] for r in runs]
         row["measured_tpot_mean_s_spread"] = float(np.ptp(means) / row["measured_tpot_mean_s"]) if len(runs) > 1 else None
+        # the measurement's own uncertainty: the standard error of the mean over the arm's runs, relative
+        row["measured_tpot_mean_s_rel_sem"] = (float(np.std(means, ddof=1) / math.sqrt(len(runs)) / row["measured_tpot_mean_s"])
+                                               if len(runs) > 1 else None)
         row["measured_demand_loads_per_token"] = measured_over_runs(runs, "demand_loads_per_token")
         row["simulated_demand_loads_per_token"] = float(sim.summary["demand_loads_per_token"])
         kind = "disk" if arm.store == "disk" else "host"
@@ -235,7 +238,10 @@ def verdict(frame: pl.DataFrame) -> dict[str, Any]:
     meas, sim = frame["measured_tpot_mean_s"].to_numpy(), frame["simulated_tpot_mean_s"].to_numpy()
     tau = float(kendalltau(meas, sim).statistic) if len(meas) > 1 else float("nan")
     same = list(np.argsort(meas, kind="stable")) == list(np.argsort(sim, kind="stable"))
+    sem = frame["measured_tpot_mean_s_rel_sem"].drop_nulls().to_numpy() if "measured_tpot_mean_s_rel_sem" in frame.columns else []
     return {"median_abs_error_tpot_mean": float(np.median(err)), "max_abs_error_tpot_mean": float(err.max()),
+            "median_rel_sem_tpot_mean": float(np.median(sem)) if len(sem) else None,
+            "max_rel_sem_tpot_mean": float(np.max(sem)) if len(sem) else None,
             "median_abs_error_tpot_p90": float(np.median(np.abs(frame["error_tpot_p90_s"].to_numpy()))),
             **_run_link_verdict(frame),
             "kendall_tau": tau if not math.isnan(tau) else None, "ranking_identical": bool(same),
