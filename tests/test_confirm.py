@@ -164,3 +164,18 @@ def test_an_arms_measured_figures_are_means_over_its_runs():
     assert measured_over_runs(runs, "tpot_mean_s") == pytest.approx(2.0)  # the median of runs would say 1.0
     assert measured_over_runs(runs, "stall_share") == pytest.approx(0.6)
     assert measured_over_runs(runs, "tpot_p90_s") == pytest.approx(4.0)
+
+
+def test_only_pairs_the_measurement_separates_count_against_the_ranking():
+    """Arms within two standard errors of each other have no measured order: the simulator may
+    order them either way; a separated pair ordered the other way counts."""
+    from sim.realrun.confirm import verdict
+
+    frame = pl.DataFrame({"arm": ["a", "b", "c"], "measured_tpot_mean_s": [1.00, 1.01, 2.0],
+                          "simulated_tpot_mean_s": [1.05, 0.95, 2.1], "error_tpot_mean_s": [0.05, -0.06, 0.05],
+                          "error_tpot_p90_s": [0.0, 0.0, 0.0], "measured_tpot_mean_s_rel_sem": [0.02, 0.02, 0.02]})
+    v = verdict(frame)
+    assert not v["ranking_identical"]  # a and b swapped...
+    assert v["pairs_separated"] == 2 and v["pairs_separated_disagreeing"] == 0  # ...but they are a tie
+    frame = frame.with_columns(pl.Series("simulated_tpot_mean_s", [2.2, 0.95, 2.1]))
+    assert verdict(frame)["pairs_separated_disagreeing"] == 1  # a above c: separated, and wrong

@@ -55,6 +55,10 @@ def print_table(rows: list[dict], v: dict) -> None:
         print(f"  measurement noise: the standard error of an arm's measured mean TPOT over its runs is "
               f"{v['median_rel_sem_tpot_mean'] * 100:.1f}% (median), up to {v['max_rel_sem_tpot_mean'] * 100:.1f}%")
     print(f"ranking by mean TPOT: Kendall tau {tau}, identical: {str(v['ranking_identical']).lower()}")
+    if v.get("pairs_separated") is not None:
+        n = len(rows) * (len(rows) - 1) // 2
+        print(f"  pairs of arms the measurement separates (> 2 standard errors apart): {v['pairs_separated']} of {n}, "
+              f"ordered otherwise by the simulator: {v['pairs_separated_disagreeing']}")
     print(f"  measured : {' < '.join(v['ranking_measured'])}")
     print(f"  simulated: {' < '.join(v['ranking_simulated'])}")
     if v.get("median_abs_error_tpot_mean_run_link") is None:

@@ -243,10 +243,28 @@ def verdict(frame: pl.DataFrame) -> dict[str, Any]:
             "median_rel_sem_tpot_mean": float(np.median(sem)) if len(sem) else None,
             "max_rel_sem_tpot_mean": float(np.max(sem)) if len(sem) else None,
             "median_abs_error_tpot_p90": float(np.median(np.abs(frame["error_tpot_p90_s"].to_numpy()))),
-            **_run_link_verdict(frame),
+            **_run_link_verdict(frame), **_separated_pairs(frame),
             "kendall_tau": tau if not math.isnan(tau) else None, "ranking_identical": bool(same),
             "ranking_measured": [frame["arm"][int(i)] for i in np.argsort(meas, kind="stable")],
             "ranking_simulated": [frame["arm"][int(i)] for i in np.argsort(sim, kind="stable")]}
+
+
+def _separated_pairs(frame: pl.DataFrame) -> dict[str, Any]:
+    """The ranking where the measurement can tell: pairs of arms whose measured mean TPOTs are more
+    than two standard errors apart (their runs' errors combined), and how many of those the
+    simulator orders the other way. Two arms within the measurement's noise of each other have
+    no measured order to agree with. None without standard errors (one run per arm)."""
+    if "measured_tpot_mean_s_rel_sem" not in frame.columns or frame["measured_tpot_mean_s_rel_sem"].null_count():
+        return {"pairs_separated": None, "pairs_separated_disagreeing": None}
+    meas, sim = frame["measured_tpot_mean_s"].to_numpy(), frame["simulated_tpot_mean_s"].to_numpy()
+    se = frame["measured_tpot_mean_s_rel_sem"].to_numpy() * meas
+    separated = disagree = 0
+    for i in range(len(meas)):
+        for j in range(i + 1, len(meas)):
+            if abs(meas[i] - meas[j]) > 2 * math.hypot(se[i], se[j]):
+                separated += 1
+                disagree += int((meas[i] - meas[j]) * (sim[i] - sim[j]) <= 0)
+    return {"pairs_separated": separated, "pairs_separated_disagreeing": disagree}
 
 
 def _run_link_verdict(frame: pl.DataFrame) -> dict[str, Any]:
