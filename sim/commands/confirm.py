@@ -3,9 +3,10 @@
 
 Calibrates this machine (or uses `profile=`), then runs every policy arm for real and in the
 simulator on the same trace and prints, per arm, measured and simulated mean and p90 TPOT, stall
-share, hit rate and the errors; then the median and max absolute error over arms and whether the
-ranking agrees (Kendall tau), and a diagnostic: each real run simulated with the link at the
-speed its own copies had. Writes `confirm.parquet`, `confirm.json`, `confirm.html` (simulated vs
+share, hit rate and the errors; then the median and max absolute error over arms, the
+measurement's own noise (standard error of each arm's mean over its runs), whether the ranking
+agrees (Kendall tau; and over the pairs of arms the measurement separates), and a diagnostic:
+each real run simulated with the link at the speed its own copies had. Writes `confirm.parquet`, `confirm.json`, `confirm.html` (simulated vs
 measured, with the y = x line), the profile used and each arm's results folders.
 
 Keys (defaults):
