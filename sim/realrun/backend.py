@@ -81,7 +81,8 @@ class Backend:
         third of their speed (the CPU build's MKL threads a GEMV there; on AMD it did not)."""
         if self.worker_cpus is not None:
             os.sched_setaffinity(0, self.worker_cpus)
-        torch.set_num_threads(self.threads)
+        # no more threads than the CPUs it is pinned to (threads=2 on 2 CPUs leaves the workers one)
+        torch.set_num_threads(min(self.threads, len(self.worker_cpus)) if self.worker_cpus else self.threads)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)

@@ -8,7 +8,7 @@ machine as the real run sees it:
              `latency_s + bytes / bandwidth_Bps` (least squares on relative error); disk reads
              drop the page cache first, exactly as `realrun store=disk` does;
   device     a batch-1 SwiGLU expert (4 kernels in the cost model; from the run's slot pool,
-             after an idle wait as for its copy) and the non-expert stand-in GEMV (8 kernels,
+             after an idle wait as for its copy; back to back on CUDA) and the non-expert stand-in GEMV (8 kernels,
              back to back), cold weights (cycled through more memory than the CPU caches hold),
              several sizes, fitted jointly as `kernels * kernel_overhead_s + bytes / bandwidth`;
              `matmul_flops` from a prefill-sized GEMM;
@@ -68,7 +68,9 @@ class Series:
 
     @property
     def values(self) -> np.ndarray:
-        """The time at each size: the mean over moments of each moment's median.
+        """The time at each size: the mean over moments of each moment's median. (Probes add moments
+        at the model's sizes only, so those points average over more of the session's time than
+        the others; the fits weigh those points most, ANCHOR_WEIGHT.)
 
         A median within a moment discards the odd disturbed batch; a mean across moments, because a
         shared machine drifts (here an expert's compute moved by up to 75% within a minute) and a
@@ -97,7 +99,8 @@ class Series:
         return None
 
     def spread(self) -> float:
-        """Largest (p90 - p10) / median over the sizes."""
+        """Largest (p90 - p10) / median over the sizes, over every sample pooled: within one session
+        the repeat-to-repeat noise, over pooled sessions and probes the drift between them too."""
         return max(float((np.percentile(r, 90) - np.percentile(r, 10)) / np.median(r)) for r in self.runs)
 
 
@@ -326,7 +329,9 @@ class Calibrator:
         s = Series()
         worker = CpuWorker(self.b)
         x = torch.randn((1, self.H)).to(Layout(1, 1, (), self.dtype).torch_dtype)
-        layer = self._cold_stand_in(self.anchors[1] if len(self.anchors) > 1 else max(sizes or self.sizes))
+        # the model's non-expert bytes; without a model, the size nearest 4 MB (not the largest
+        # measured size: COLD_BYTES of copies of a huge one would sit beside the experts' copies)
+        layer = self._cold_stand_in(self.anchors[1] if len(self.anchors) > 1 else expert_size(self.sizes, ()))
         xd = x.to(self.b.device)
 
         def after_layer(i: int) -> None:  # the layer's non-expert work, just before its hand-off
@@ -551,7 +556,8 @@ class Measured:
     probes: int = 0  # machine probes pooled in (`add_probes`)
 
     def copy_mean_s(self, kind: str, nbytes: float) -> float | None:
-        """Mean copy time (start to done) of `kind` at the measured size nearest `nbytes`."""
+        """Mean copy time (start to done) of `kind` at the measured size nearest `nbytes`, over every
+        copy pooled (a run's `realrun_copy_mean_s` is the same kind of mean over its copies)."""
         s = self.link_copy.get(kind)
         j = s.index(nbytes, rel_tol=0.01) if s is not None else None
         return float(np.mean(s.runs[j])) if j is not None else None
@@ -655,7 +661,8 @@ def add_probes(m: Measured, probes: list[Probe]) -> Measured:
 
 
 def merge(ms: list[Measured]) -> Measured:
-    """Sessions pooled: every repeat of every session counts once (e.g. before and after a run)."""
+    """Sessions pooled (e.g. before and after the runs): every sample is kept (`runs`, for spreads and
+    copy means) and every session is one moment (`moments`: a point's value is their mean)."""
     first = ms[0]
 
     def pool(get) -> Series:

@@ -252,7 +252,7 @@ def verdict(frame: pl.DataFrame) -> dict[str, Any]:
 def _separated_pairs(frame: pl.DataFrame) -> dict[str, Any]:
     """The ranking where the measurement can tell: pairs of arms whose measured mean TPOTs are more
     than two standard errors apart (their runs' errors combined), and how many of those the
-    simulator orders the other way. Two arms within the measurement's noise of each other have
+    simulator orders the other way or ties. Two arms within the measurement's noise of each other have
     no measured order to agree with. None without standard errors (one run per arm)."""
     if "measured_tpot_mean_s_rel_sem" not in frame.columns or frame["measured_tpot_mean_s_rel_sem"].null_count():
         return {"pairs_separated": None, "pairs_separated_disagreeing": None}
