@@ -136,11 +136,16 @@ def expert_layout(nbytes: float, hidden: int, dtype: str, experts: int) -> Layou
     return Layout(1, experts, ((width, hidden), (width, hidden), (hidden, width)), dtype)
 
 
+def cold_count(nbytes: float) -> int:
+    """How many copies of an `nbytes` weight make COLD_BYTES (4 to 512 of them)."""
+    return int(min(512, max(4, math.ceil(COLD_BYTES / nbytes))))
+
+
 def _cold_copies(layout: Layout, backend: Backend) -> list[list[torch.Tensor]]:
     """Enough copies of one random expert (COLD_BYTES) that cycling through them reads memory, not a
     CPU cache. Copies of one draw, not one draw each: the timing does not depend on the values, and
     drawing 192 MB of random numbers took longer than the measurement (probes repeat this)."""
-    n = int(min(512, max(4, math.ceil(COLD_BYTES / layout.expert_bytes))))
+    n = cold_count(layout.expert_bytes)
     one = [torch.randn(s, dtype=torch.float32).mul_(0.02).to(layout.torch_dtype).to(backend.device)
            for s in layout.shapes]
     return [one] + [[m.clone() for m in one] for _ in range(n - 1)]
@@ -304,7 +309,7 @@ class Calibrator:
         """Stand-in weights of `nbytes` each on the device, COLD_BYTES of them (see _cold_copies)."""
         dtype = Layout(1, 1, (), self.dtype).torch_dtype
         rows = max(1, round(nbytes / (self.H * torch.empty((), dtype=dtype).element_size())))
-        n = int(min(512, max(4, math.ceil(COLD_BYTES / nbytes))))
+        n = cold_count(nbytes)
         one = torch.randn((rows, self.H)).to(self.b.device, dtype)
         return [one] + [one.clone() for _ in range(n - 1)]
 

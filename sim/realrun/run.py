@@ -72,10 +72,12 @@ class KeptStores:
     def host(self, tag: str, layout: Layout, backend: Backend, fill) -> HostStore:
         store = self._stores.get(tag)
         if store is None:
-            check_memory(layout.total_bytes, "store=host (every expert in host memory)")
-            store = self._stores[tag] = HostStore(layout, backend, fill)
+            store = self._stores[tag] = new_host_store(layout, backend, fill)
         store.backend = backend  # this run's (its copy threads take their settings from it)
         return store
+
+    def holds(self, store) -> bool:
+        return any(store is s for s in self._stores.values())
 
     def close(self) -> None:
         for store in self._stores.values():
@@ -83,13 +85,15 @@ class KeptStores:
         self._stores.clear()
 
 
+def new_host_store(layout: Layout, backend: Backend, fill) -> HostStore:
+    check_memory(layout.total_bytes, "store=host (every expert in host memory)")
+    return HostStore(layout, backend, fill)
+
+
 def open_store(opts: RealOptions, layout: Layout, backend: Backend, fill, fill_id: str, tag: str,
                keep: KeptStores | None = None):
     if opts.store == "host":
-        if keep is not None:
-            return keep.host(tag, layout, backend, fill)
-        check_memory(layout.total_bytes, "store=host (every expert in host memory)")
-        return HostStore(layout, backend, fill)
+        return keep.host(tag, layout, backend, fill) if keep is not None else new_host_store(layout, backend, fill)
     folder = store_folder(opts.store_dir, tag)
     return open_disk_store(folder, layout, backend, fill, fill_id, progress=opts.progress)
 
@@ -116,7 +120,7 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     tag = store_tag(preset, layout, opts.weights_seed)
     store = open_store(opts, layout, backend, random_fill(layout, opts.weights_seed),
                        f"random seed {opts.weights_seed}", tag, keep)
-    owned = keep is None or opts.store != "host"  # a kept store outlives the run
+    owned = keep is None or not keep.holds(store)  # a kept store outlives the run
     pool = SlotPool(backend, layout, n_buf)
     max_ctx = int(trace.pos.max()) + 2 if trace.num_tokens else 2
     kernels = RandomKernels(backend, preset, layout.torch_dtype, max_ctx)
