@@ -8,9 +8,9 @@ Batch-1 decode is memory-bound: a kernel's time is its fixed launch overhead plu
     expert on n tokens:        n_expert_kernels * overhead + max(expert_bytes / bw, 2 * params * n / flops)
     transfer:                  link.latency_s + bytes / link.bandwidth_Bps
 
-Where copies share the device's memory bandwidth (unified memory), each copy in flight on such a
-link takes `link.bandwidth_Bps` of it for the duration of a compute op that starts meanwhile
-(floored at 10% of the bandwidth). All times in seconds.
+Where copies share the device's memory bandwidth (unified memory), a copy takes the link's
+bandwidth from compute while its body is in flight, piecewise in time (`sim/contention.py`);
+`OpWork.shared_s` gives an op's duration beside the copies around it. All times in seconds.
 """
 
 from __future__ import annotations
@@ -29,9 +29,28 @@ class Roofline:
     matmul_flops: float
     kernel_overhead_s: float
 
-    def op_s(self, nbytes: float, flops: float, kernels: int, bw_taken_Bps: float = 0.0) -> float:
-        bw = max(self.memory_bandwidth_Bps - bw_taken_Bps, 0.1 * self.memory_bandwidth_Bps)
-        return kernels * self.kernel_overhead_s + max(nbytes / bw, flops / self.matmul_flops)
+    def op_s(self, nbytes: float, flops: float, kernels: int) -> float:
+        """An op alone on the device: overhead + the larger of its memory and matmul times."""
+        return kernels * self.kernel_overhead_s + max(nbytes / self.memory_bandwidth_Bps, flops / self.matmul_flops)
+
+    def work(self, nbytes: float, flops: float, kernels: float) -> OpWork:
+        """The parts of an op that memory contention treats differently (`sim/contention.py`)."""
+        return OpWork(kernels * self.kernel_overhead_s, nbytes, flops / self.matmul_flops)
+
+
+@dataclass(frozen=True)
+class OpWork:
+    """An op as contention sees it: `overhead_s` (no memory traffic), then a body that reads
+    `nbytes` and lasts at least `matmul_s`. Alone on the device it takes
+    `overhead_s + max(nbytes / memory_bandwidth_Bps, matmul_s)`."""
+
+    overhead_s: float
+    nbytes: float
+    matmul_s: float
+
+    def shared_s(self, start_s: float, bus) -> float:
+        """Its duration from `start_s` beside the copies of a `sim.contention.MemoryBus`."""
+        return self.overhead_s + max(bus.memory_time_s(start_s + self.overhead_s, self.nbytes), self.matmul_s)
 
 
 class CostModel:
@@ -50,34 +69,42 @@ class CostModel:
         self.kv_bytes_per_token = preset.kv_bytes_per_token_per_layer()
         # decode fast path: expert time on one token with no contention
         self.expert_s = self.expert_compute_s(1)
-        n_max = max(link.channels for link in hw.links.values()) + 1
-        #: [n copies in flight on a shared link] -> one expert on one token
-        self.expert_s_contended = [self.expert_compute_s(1, bw_taken_Bps=n * self.link_bandwidth_Bps)
-                                   for n in range(n_max)]
-        self._attn: dict[tuple[int, int], float] = {}
+        self._attn: dict[int, float] = {}
 
-    def attention_decode_s(self, context_tokens: int, copies_in_flight: int = 0) -> float:
-        """Memoised `attention_s` for one new token (the decode hot path)."""
-        key = (context_tokens, copies_in_flight)
-        v = self._attn.get(key)
+    def attention_decode_s(self, context_tokens: int) -> float:
+        """Memoised `attention_s` for one new token without contention (the decode hot path)."""
+        v = self._attn.get(context_tokens)
         if v is None:
-            v = self._attn[key] = self.attention_s(context_tokens, 1,
-                                                   copies_in_flight * self.link_bandwidth_Bps)
+            v = self._attn[context_tokens] = self.attention_s(context_tokens, 1)
         return v
 
-    def attention_s(self, context_tokens: int, new_tokens: int = 1, bw_taken_Bps: float = 0.0) -> float:
+    def attention_s(self, context_tokens: int, new_tokens: int = 1) -> float:
         """One layer's non-expert work for `new_tokens` tokens with `context_tokens` in the KV cache."""
+        nbytes, flops = self._attention_work(context_tokens, new_tokens)
+        return self.device.op_s(nbytes, flops, N_ATTN_KERNELS)
+
+    def _attention_work(self, context_tokens: int, new_tokens: int) -> tuple[float, float]:
+        """(bytes read, FLOPs) of one layer's non-expert work: weights and the KV cache."""
         p = self.preset
         nbytes = p.non_expert_bytes_per_layer + self.kv_bytes_per_token * (context_tokens + new_tokens)
         flops = p.non_expert_flops_per_token_per_layer * new_tokens + 4.0 * p.heads * p.head_dim * new_tokens * (
             context_tokens + new_tokens
         )
-        return self.device.op_s(nbytes, flops, N_ATTN_KERNELS, bw_taken_Bps)
+        return nbytes, flops
 
-    def expert_compute_s(self, tokens: int, on_cpu: bool = False, bw_taken_Bps: float = 0.0) -> float:
-        """One routed expert applied to `tokens` tokens, on the device or the CPU."""
+    def attention_work(self, context_tokens: int, new_tokens: int = 1) -> OpWork:
+        """One layer's non-expert work on the device, as memory contention sees it."""
+        return self.device.work(*self._attention_work(context_tokens, new_tokens), N_ATTN_KERNELS)
+
+    def expert_work(self, tokens: int = 1, fraction: float = 1.0) -> OpWork:
+        """One expert (or `fraction` of it: 1/3 is one of its GEMMs) on `tokens` tokens, on the device."""
+        return self.device.work(self.expert_bytes * fraction, self.preset.expert_flops_per_token * tokens * fraction,
+                                N_EXPERT_KERNELS * fraction)
+
+    def expert_compute_s(self, tokens: int, on_cpu: bool = False) -> float:
+        """One routed expert applied to `tokens` tokens, on the device or the CPU, without contention."""
         roof = self.cpu if on_cpu else self.device
-        return roof.op_s(self.expert_bytes, self.preset.expert_flops_per_token * tokens, N_EXPERT_KERNELS, bw_taken_Bps)
+        return roof.op_s(self.expert_bytes, self.preset.expert_flops_per_token * tokens, N_EXPERT_KERNELS)
 
     def load_s(self, nbytes: float) -> float:
         return self.link_latency_s + nbytes / self.link_bandwidth_Bps

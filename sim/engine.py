@@ -34,6 +34,7 @@ import simpy
 from policies.base import CPU, LOAD, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
 from sim.admission import LoadAdmission
 from sim.cache import ABSENT, RESIDENT, ExpertCache
+from sim.contention import MemoryBus
 from sim.cost import CostModel
 from sim.link import DEMAND, PREFETCH, Link, Transfer
 from sim.recorder import Recorder
@@ -77,6 +78,9 @@ class Engine(LoadAdmission):
         self.env = simpy.Environment()
         self.link = link
         link.on_done = self._on_loaded
+        #: the memory bandwidth the link's copies leave to compute, where they share it (else None)
+        self.bus = MemoryBus(cost.device.memory_bandwidth_Bps, cost.link_bandwidth_Bps, link) if cost.shared_link else None
+        self.expert_work = cost.expert_work()
         self.cache: ExpertCache = ctx.cache
         self.L, self.E = ctx.layers, ctx.experts
         self.rec = Recorder(self.L)
@@ -229,43 +233,58 @@ class Engine(LoadAdmission):
             self.unused_prefetch.discard(key)
             self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
 
-    def _bw_taken_now_Bps(self) -> float:
-        """Device memory bandwidth taken at `self.t` by copies in flight on a link that shares it (else 0)."""
-        return self.link.in_flight_at(self.t) * self.cost.link_bandwidth_Bps if self.cost.shared_link else 0.0
+    def _expert_s(self, start_s: float, tokens: int = 1, fraction: float = 1.0) -> float:
+        """An expert (or `fraction` of it) on `tokens` tokens starting at `start_s`; on a link that shares
+        the device's memory, slowed by the copies in flight meanwhile (`sim/contention.py`)."""
+        cost = self.cost
+        if self.bus is not None:
+            work = self.expert_work if tokens == 1 and fraction == 1.0 else cost.expert_work(tokens, fraction)
+            return work.shared_s(start_s, self.bus)
+        assert fraction == 1.0, "a fraction of an expert is only timed on a shared link"
+        return cost.expert_s if tokens == 1 else cost.expert_compute_s(tokens)
+
+    def _attention_s(self, start_s: float, context_tokens: int, new_tokens: int = 1) -> float:
+        """One layer's non-expert work starting at `start_s` (slowed on a shared link, as `_expert_s`)."""
+        cost = self.cost
+        if self.bus is not None:
+            return cost.attention_work(context_tokens, new_tokens).shared_s(start_s, self.bus)
+        if new_tokens == 1:
+            return cost.attention_decode_s(context_tokens)
+        return cost.attention_s(context_tokens, new_tokens)
 
     def _compute_loaded(self, tr: Transfer, tokens: int, rec_ops: bool, t_index: int, layer: int) -> float:
         """Compute an expert whose transfer has started; returns the stall it caused.
 
         Without pipelining the expert starts when its transfer is done; with it, each of its three
         GEMMs starts when its matrix is in and the previous GEMM is done. On a link that shares the
-        device's memory bandwidth, the copies in flight when the expert starts slow it down."""
+        device's memory bandwidth, the copies in flight while it runs slow it down."""
         cost = self.cost
         first_s = tr.start_s + cost.link_latency_s  # the first byte is in
         per_matrix_s = (tr.done_s - first_s) / 3.0
-        begin_s = max(self.t, first_s + per_matrix_s if self.opt.pipelining else tr.done_s)
-        copies = self.link.in_flight_at(begin_s) if cost.shared_link else 0
-        if tokens > 1:
-            dur = cost.expert_compute_s(tokens, bw_taken_Bps=copies * cost.link_bandwidth_Bps)
-        else:
-            dur = cost.expert_s_contended[copies]
         start = self.t
-        stall = 0.0
+        stall = busy = 0.0
         if self.opt.pipelining:
             # three matrices arrive in order; GEMM i starts when matrix i is in and GEMM i-1 is done
             t = self.t
+            whole = None if cost.shared_link else self._expert_s(t, tokens)  # each GEMM a third of it
             for i in range(1, 4):
                 arrive = first_s + i * per_matrix_s
                 if arrive > t:
                     stall += arrive - t
                     t = arrive
-                t += dur / 3.0
+                gemm = whole / 3.0 if whole is not None else self._expert_s(t, tokens, 1.0 / 3.0)
+                t += gemm
+                busy += gemm
+            if whole is not None:
+                busy = whole
             self.t = t
         else:
             if tr.done_s > self.t:
                 stall = tr.done_s - self.t
                 self.t = tr.done_s
-            self.t += dur
-        self.compute_busy_s += dur
+            busy = self._expert_s(self.t, tokens)
+            self.t += busy
+        self.compute_busy_s += busy
         if rec_ops:
             self.rec.op("compute", t_index, layer, f"expert {tr.key % self.E}", start + stall, self.t)
         return stall
@@ -286,7 +305,7 @@ class Engine(LoadAdmission):
         # `advance`, and the common cases of `_compute_loaded` and `_release` are written inline.
         cost, cache, E, link, ctx = self.cost, self.cache, self.E, self.link, self.ctx
         state, inflight, unused, pinned = cache.state, self.inflight, self.unused_prefetch, cache.pinned
-        heap, advance, in_flight_at = link.running_heap, link.advance, link.in_flight_at
+        heap, advance = link.running_heap, link.advance
         shared = cost.shared_link
         pl_ = self.rec.per_layer
         p_used, p_late, p_stall, p_demand = pl_["prefetch_used"], pl_["prefetch_late"], pl_["stall_s"], pl_["demand_loads"]
@@ -298,10 +317,11 @@ class Engine(LoadAdmission):
         always_load, place = self.placement.always_load, self.placement.place
         on_layer, on_access = self.prefetch.on_layer, self.cache_policy.on_access
         load, release, compute_loaded = self._load, self._release, self._compute_loaded
-        expert_s, expert_s_contended = cost.expert_s, cost.expert_s_contended
+        expert_s, bus = cost.expert_s, self.bus
+        expert_shared_s = self.expert_work.shared_s
         simple_compute = not self.opt.pipelining
-        #: attention time at this token's position, by copies in flight (only a shared link has more than 0)
-        attn_by_copies = [cost.attention_decode_s(pos, c) for c in range(link.channels + 1 if shared else 1)]
+        attn_s = cost.attention_decode_s(pos)  # without contention
+        attn_work = cost.attention_work(pos) if shared else None
         keys_row = self.plan_keys[t] if self.plan_keys is not None else None
         if keys_row is not None:
             w_row, dL_row = self.plan_w[t], self.plan_dL[t]
@@ -314,7 +334,7 @@ class Engine(LoadAdmission):
         now = self.t
         for layer in range(self.L):
             a0 = now
-            now += attn_by_copies[in_flight_at(a0) if shared else 0]
+            now += attn_work.shared_s(a0, bus) if shared else attn_s
             self.compute_busy_s += now - a0
             if rec_ops:
                 self.rec.op("compute", t, layer, "attention", a0, now)
@@ -385,8 +405,8 @@ class Engine(LoadAdmission):
             # compute: resident first, then loads in arrival order
             for key in ready:
                 c0 = now
-                if shared:  # slowed by the copies in flight when it starts
-                    now += expert_s_contended[in_flight_at(c0)]
+                if shared:  # slowed by the copies in flight while it runs
+                    now += expert_shared_s(c0, bus)
                 else:
                     now += expert_s
                 self.compute_busy_s += now - c0
@@ -406,8 +426,8 @@ class Engine(LoadAdmission):
                             now = trn.done_s
                         else:
                             s = 0.0
-                        if shared:  # slowed by the copies in flight when it starts
-                            dur = expert_s_contended[in_flight_at(now)]
+                        if shared:  # slowed by the copies in flight while it runs
+                            dur = expert_shared_s(now, bus)
                         else:
                             dur = expert_s
                         now += dur
@@ -487,12 +507,12 @@ class Engine(LoadAdmission):
 
     def _prefill(self, prompt: list[int]) -> None:
         """One batch per layer over the prompt: the union of experts, each on its tokens."""
-        cost, cache, E = self.cost, self.cache, self.E
+        cache, E = self.cache, self.E
         start = self.t
         P = len(prompt)
         for layer in range(self.L):
             self.ctx.now_layer = layer
-            self.t += cost.attention_s(0, P, self._bw_taken_now_Bps())
+            self.t += self._attention_s(self.t, 0, P)
             counts: dict[int, int] = {}
             for t in prompt:
                 ids, _, _ = self._decide(t, layer)
@@ -504,7 +524,7 @@ class Engine(LoadAdmission):
             todo: list[int] = []
             for key in order:
                 if cache.state[key] == RESIDENT:
-                    self.t += cost.expert_compute_s(counts[key], bw_taken_Bps=self._bw_taken_now_Bps())
+                    self.t += self._expert_s(self.t, counts[key])
                     self.cache_policy.on_access(key, prompt[0])
                 else:
                     todo.append(key)
@@ -518,7 +538,7 @@ class Engine(LoadAdmission):
                         outstanding.append(self.inflight[key])
                         continue
                     if cache.state[key] == RESIDENT:  # arrived meanwhile
-                        self.t += cost.expert_compute_s(counts[key], bw_taken_Bps=self._bw_taken_now_Bps())
+                        self.t += self._expert_s(self.t, counts[key])
                         self.cache_policy.on_access(key, prompt[0])
                         continue
                     cache.pinned.update(tr_.key for tr_ in outstanding)

@@ -66,8 +66,11 @@ class Link:
         #: waiting transfers, one FIFO per priority (DEMAND, PREFETCH): issue order within a priority
         self._queues: tuple[deque[Transfer], deque[Transfer]] = (deque(), deque())
         self._seq = 0
+        #: bumped by every change of the schedule (a submit, a preempt): the copy bodies are a
+        #: function of it (`sim.contention.MemoryBus` caches its bandwidth profile by it)
+        self.version = 0
         #: transfers that ended after the owner's clock (applied by a lookahead), in completion
-        #: order; None: not kept, and `active_at` then only sees what is still on a channel
+        #: order; None: not kept, and `copy_bodies` then only sees what is still on a channel
         self.history: deque[Transfer] | None = deque() if keep_history else None
         self.busy_s = 0.0  # sum of transfer durations (utilisation)
         self.bytes_moved = 0.0
@@ -81,7 +84,7 @@ class Link:
 
         `t_s` is the owner's clock: it will not ask about earlier times again. `lookahead=True`
         (`wait_started`) applies completions ahead of the owner's clock; with `keep_history` they
-        are remembered so that `active_at` still sees them in flight at earlier times."""
+        are remembered so that `copy_bodies` still sees them in flight at earlier times."""
         running, on_done, history = self.running_heap, self.on_done, self.history
         if history and not lookahead:
             while history and history[0].done_s <= t_s:  # ended before the owner's clock: forget
@@ -110,6 +113,7 @@ class Link:
         if t_s > self.now_s:
             self.now_s = t_s
         self._seq += 1
+        self.version += 1
         tr = Transfer(key, nbytes, priority, t_s, self._seq, tag)
         if len(running) < self.channels:
             self._start(tr, t_s)
@@ -144,6 +148,7 @@ class Link:
         self.bytes_moved -= (tr.done_s - new_done) * self.bandwidth_Bps
         tr.done_s = new_done
         tr.cancelled = True
+        self.version += 1
         self.running_heap[:] = [(d if x is not tr else new_done, q, x) for d, q, x in self.running_heap]  # in place: owners hold it
         heapq.heapify(self.running_heap)
         return new_done
@@ -162,30 +167,33 @@ class Link:
             assert self.running_heap, f"link {self.name}: transfer {tr.key} queued on an idle link"
             self.advance(self.running_heap[0][0], lookahead=True)
 
-    @property
-    def queued(self) -> int:
-        return len(self._queues[0]) + len(self._queues[1])
-
-    def in_flight_at(self, t_s: float) -> int:
-        """`advance(t_s)`, then the transfers on a channel at `t_s` (see `active_at`)."""
-        running = self.running_heap
-        if running and running[0][0] <= t_s:
-            self.advance(t_s)
-        return len(running) if t_s >= self.now_s else self.active_at(t_s)
-
-    def active_at(self, t_s: float) -> int:
-        """Transfers on a channel at `t_s`, after `advance(t_s)`.
-
-        The link's clock may be ahead of `t_s` when the owner looked ahead (`wait_started`):
-        transfers that ended in between are then in the history, which a link made with
-        `keep_history=True` keeps for this. `t_s` is the owner's clock (never decreasing): what
-        ended at or before it is forgotten."""
-        if t_s >= self.now_s:  # every running transfer started at or before the link's clock
-            return len(self.running_heap)
-        n = sum(1 for _, _, tr in self.running_heap if tr.start_s <= t_s)
+    def copy_bodies(self, t_s: float) -> list[tuple[float, float]]:
+        """(start, end) of the body (the transfer after its latency) of every copy submitted so far
+        whose body may still be in flight at or after `t_s`: ended ones the owner looked past
+        (`history`), those on a channel, and the queued ones at the times they will start if
+        nothing else is submitted (channels free in done order; demand before prefetch). This is
+        what a link that shares memory bandwidth takes from compute ops that start at `t_s`
+        (`sim/contention.py`); the owner issues nothing before such an op ends. `t_s` is the
+        owner's clock (never decreasing): history that ended before it is forgotten."""
+        lat = self.latency_s
         history = self.history
         if history:
             while history and history[0].done_s <= t_s:  # `t_s` is the owner's clock: ended before it
                 history.popleft()
-            n += sum(1 for tr in history if tr.start_s <= t_s)
-        return n
+        out = [(tr.start_s + lat, tr.done_s) for tr in history] if history else []
+        running = self.running_heap
+        out += [(tr.start_s + lat, done) for done, _, tr in running]
+        demand_q, prefetch_q = self._queues
+        if demand_q or prefetch_q:  # every channel is busy: each queued copy takes the next one to free
+            free = [done for done, _, _ in running]
+            heapq.heapify(free)
+            for tr in (*demand_q, *prefetch_q):
+                begin = heapq.heappop(free)
+                done = begin + (lat + tr.nbytes / self.bandwidth_Bps)  # as `_start` computes it
+                out.append((begin + lat, done))
+                heapq.heappush(free, done)
+        return out
+
+    @property
+    def queued(self) -> int:
+        return len(self._queues[0]) + len(self._queues[1])

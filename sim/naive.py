@@ -1,9 +1,14 @@
 """A deliberately naive SimPy simulator of the same decode semantics, for `bench` and cross-checks.
 
 One SimPy process per load, a `simpy.PriorityResource` request/release per transfer, a timeout
-per compute op (slowed, on a link that shares device memory bandwidth, by the copies holding the
-link when it starts); per-layer LRU + `pregate` prefetch (depth 1) only. It is what one writes first;
+per compute op; per-layer LRU + `pregate` prefetch (depth 1) only. It is what one writes first;
 `sim.engine` must give the same timeline (a test checks it) several times faster.
+
+On a link that shares the device's memory bandwidth, memory contention is simulated the direct
+way: a transfer announces when its body (after the latency) starts and ends on a shared bus
+object, and a compute op re-rates its remaining bytes at every such change
+(`sim/contention.py` states the model; the engine computes the same thing from the link's
+copy bodies without events).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import simpy
 
-from sim.cost import CostModel
+from sim.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS, CostModel
 from sim.trace import Trace
 
 
@@ -28,21 +33,50 @@ def naive_decode(trace: Trace, cost: CostModel, sizes: list[int], channels: int,
     loading: dict[int, simpy.Event] = {}  # key -> done event
     staging: set[int] = set()
     pred = np.argsort(-trace.pregate[1], axis=-1, kind="stable")[..., :k] if 1 in trace.pregate else None
-    load_s = cost.load_s(cost.expert_bytes)
     lat: list[float] = []
-
     shared = cost.shared_link
+    dev = cost.device
+    bus = {"copies": 0, "changed": env.event()}  # copy bodies in flight; fires at each change
 
-    def bw_taken() -> float:
-        """Memory bandwidth the copies holding the link take from compute (unified memory), else 0.
-        A process started at this instant has not requested the link yet: on a shared link the
-        loop first yields a zero timeout so that it has."""
-        return link.count * cost.link_bandwidth_Bps if shared else 0.0
+    def bus_change(delta: int) -> None:
+        bus["copies"] += delta
+        ev, bus["changed"] = bus["changed"], env.event()
+        ev.succeed()
+
+    def compute(nbytes: float, flops: float, kernels: int):
+        """One device op: its overhead, then its bytes at the bandwidth the copies leave."""
+        if not shared:
+            yield env.timeout(dev.op_s(nbytes, flops, kernels))
+            return
+        yield env.timeout(kernels * dev.kernel_overhead_s)
+        min_end = env.now + flops / dev.matmul_flops
+        left = nbytes
+        while left > 0.0:
+            rate = max(dev.memory_bandwidth_Bps - bus["copies"] * cost.link_bandwidth_Bps,
+                       0.1 * dev.memory_bandwidth_Bps)
+            t0, eta = env.now, env.timeout(left / rate)
+            yield eta | bus["changed"]
+            if eta.processed:  # (a Timeout is `triggered` from birth: it is scheduled at once)
+                break
+            left -= (env.now - t0) * rate
+        if env.now < min_end:
+            yield env.timeout(min_end - env.now)
+
+    def attention(pos: int):
+        return compute(*cost._attention_work(pos, 1), N_ATTN_KERNELS)
+
+    def expert():
+        return compute(cost.expert_bytes, cost.preset.expert_flops_per_token, N_EXPERT_KERNELS)
 
     def transfer(key: int, prio: int, done: simpy.Event, cached: bool):
         with link.request(priority=prio) as req:
             yield req
-            yield env.timeout(load_s)
+            yield env.timeout(cost.link_latency_s)
+            if shared:
+                bus_change(+1)
+            yield env.timeout(cost.expert_bytes / cost.link_bandwidth_Bps)
+            if shared:
+                bus_change(-1)
         loading.pop(key, None)
         if cached:
             resident[key // E][key] = "resident"
@@ -83,9 +117,7 @@ def naive_decode(trace: Trace, cost: CostModel, sizes: list[int], channels: int,
             t0 = env.now
             pos = int(trace.pos[t])
             for layer in range(L):
-                if shared:
-                    yield env.timeout(0)  # let transfers issued at this instant take the link first
-                yield env.timeout(cost.attention_s(pos, 1, bw_taken()))
+                yield env.process(attention(pos))
                 keys = [layer * E + int(e) for e in trace.experts[t, layer]]
                 pinned = set(keys)
                 ready, waits = [], []
@@ -108,18 +140,14 @@ def naive_decode(trace: Trace, cost: CostModel, sizes: list[int], channels: int,
                         if n == count:
                             break
                 for key in ready:
-                    if shared:
-                        yield env.timeout(0)
-                    yield env.timeout(cost.expert_compute_s(1, bw_taken_Bps=bw_taken()))
+                    yield env.process(expert())
                     resident[layer].move_to_end(key)
                 while waits:  # compute loaded experts in the order they arrive
                     yield env.any_of([ev for _, ev in waits])
                     arrived = sorted((w for w in waits if w[1].triggered), key=lambda w: w[1].value)
                     key, ev = arrived[0]
                     waits.remove((key, ev))
-                    if shared:
-                        yield env.timeout(0)
-                    yield env.timeout(cost.expert_compute_s(1, bw_taken_Bps=bw_taken()))
+                    yield env.process(expert())
                     if key in staging:
                         staging.discard(key)
                     elif key in resident[layer]:

@@ -1,0 +1,100 @@
+"""Copies and compute sharing the device's memory bandwidth (unified memory), piecewise in time.
+
+On a machine whose copies land in the memory the compute reads (Jetson, Apple, a CPU-only host),
+a copy in flight takes the link's bandwidth from the compute stream *while it is in flight*. A
+compute op (attention, an expert) is modelled as its fixed launch overhead followed by a body
+that must read `nbytes` from memory and takes at least `flops / matmul_flops`:
+
+    overhead = kernels * kernel_overhead_s          (no memory traffic)
+    bw(t)    = max(B - n(t) * b, FLOOR * B)          n(t): copies whose body is in flight at t
+    body     = max(the time T with  integral_{t0}^{t0+T} bw(t) dt = nbytes,  flops / matmul_flops)
+
+where `B` is the device's memory bandwidth, `b` the link's, and a copy's body is its transfer
+after the link latency (`[start_s + latency_s, done_s]`; the latency is request set-up, not
+traffic). `FLOOR` (10%) keeps compute progressing when copies would take everything.
+
+Why piecewise: a copy that overlaps an op for a microsecond slows it by a microsecond's worth of
+bandwidth, not for the op's whole duration. With `n(t) * b <= (1 - FLOOR) * B` the memory bus is
+work-conserving (copies and compute together never use more than `B`), so a faster link moves the
+same bytes in less time and takes the same bandwidth-time from compute: more link bandwidth, more
+memory bandwidth or more channels never slow a demand-only run (`tests/test_physics.py`).
+
+`MemoryBus` answers "how long does reading `nbytes` from `t0` take" from the link's copy bodies
+(`sim.link.Link.copy_bodies`): it keeps the cumulative bandwidth left to compute, W(t), as a
+piecewise-linear function rebuilt whenever the link's schedule changes (a submit or a preempt),
+so that an op costs two bisections. `sim/naive.py` simulates the same model the direct way (a
+compute process re-rated at every copy start and end), and the two agree to 1e-9.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+FLOOR = 0.1  # compute keeps at least this share of the memory bandwidth
+
+
+class MemoryBus:
+    """The device memory bandwidth that a link's copies leave to compute, over time.
+
+    States: the profile is valid for one `link.version`; any submit or preempt on the link bumps
+    the version and the next query rebuilds it from the copies that end after that query's
+    start. Queries come from one owner (the compute stream) in time order, and it issues nothing
+    before the op it asks about has ended, so the copies already submitted are all there is."""
+
+    def __init__(self, memory_Bps: float, copy_Bps: float, link):
+        if memory_Bps <= 0 or copy_Bps <= 0:
+            raise ValueError("memory and copy bandwidths must be > 0")
+        self.memory_Bps = float(memory_Bps)
+        self.copy_Bps = float(copy_Bps)
+        self.floor_Bps = FLOOR * self.memory_Bps
+        self.link = link
+        self._version = -1
+        #: change points of n(t), the rate left to compute after each, and W at each point
+        self._times: list[float] = []
+        self._rates: list[float] = []
+        self._work: list[float] = []
+
+    def _rate(self, copies: int) -> float:
+        return max(self.memory_Bps - copies * self.copy_Bps, self.floor_Bps)
+
+    def _rebuild(self, t0_s: float) -> None:
+        changes = []
+        for b0, b1 in self.link.copy_bodies(t0_s):
+            if b1 > b0:
+                changes.append((b0, 1))
+                changes.append((b1, -1))
+        changes.sort()
+        times, rates, work = [], [], []
+        n, w = 0, 0.0
+        for at, delta in changes:
+            if times:
+                w += rates[-1] * (at - times[-1])
+            n += delta
+            times.append(at)
+            rates.append(self._rate(n))
+            work.append(w)
+        self._times, self._rates, self._work = times, rates, work
+        self._version = self.link.version
+
+    def memory_time_s(self, t0_s: float, nbytes: float) -> float:
+        """Time from `t0_s` until `nbytes` have been read at the bandwidth the copies leave."""
+        if self._version != self.link.version:
+            self._rebuild(t0_s)
+        times = self._times
+        if not times or t0_s >= times[-1]:  # no copy in flight from t0 on
+            return nbytes / self.memory_Bps
+        rates, work = self._rates, self._work
+        i = bisect.bisect_right(times, t0_s) - 1  # the segment holding t0 (-1: before the first copy)
+        if i < 0:
+            w0 = (t0_s - times[0]) * self.memory_Bps  # W before the first change point (negative)
+            if w0 + nbytes <= 0.0:
+                return nbytes / self.memory_Bps
+        else:
+            w0 = work[i] + (t0_s - times[i]) * rates[i]
+        target = w0 + nbytes
+        j = bisect.bisect_right(work, target) - 1  # the segment where W reaches the target
+        if j < 0:
+            end = times[0] + target / self.memory_Bps
+        else:
+            end = times[j] + (target - work[j]) / rates[j]
+        return max(end - t0_s, 0.0)
