@@ -16,7 +16,7 @@ Tie-breaks are documented in each policy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +47,20 @@ class Context:
     cost: object | None = None  # sim.cost.CostModel
     gating_plan: GatingPlan | None = None  # the gating policy's decisions when stateless (set first)
     now_layer: int = 0  # the layer the engine is simulating (updated by the engine; read-only here)
+    prefill: bool = True  # the replay simulates each prompt's prefill (`engine.prefill`)
+    max_tokens: int = 0  # the replay stops after this many decode tokens (0: all; `engine.max_tokens`)
+    _steps: object | None = field(default=None, repr=False, compare=False)
+
+    def steps(self):
+        """The replay as steps with the keys each needs (`sim.offline.steps.Steps`), built on first
+        use: from the gating plan when the gating policy is stateless, else from the trace's top-k
+        (the experts a stateful gating runs are only known as it runs)."""
+        if self._steps is None:
+            from sim.offline.steps import build_steps
+
+            ids = self.gating_plan.ids if self.gating_plan is not None else self.trace.experts.astype(np.int64)
+            self._steps = build_steps(self.trace, ids, prefill=self.prefill, max_tokens=self.max_tokens)
+        return self._steps
 
     @property
     def layers(self) -> int:

@@ -29,6 +29,7 @@ class ExpertCache:
         self.used_bytes = 0.0
         self.peak_bytes = 0.0
         self.per_layer = [0] * layers  # experts resident or loading, per layer
+        self.slots_used = 0  # experts resident or loading
 
     def is_present(self, key: int) -> bool:
         """Resident or loading (a request for it needs no new transfer)."""
@@ -53,6 +54,7 @@ class ExpertCache:
         if self.used_bytes > self.peak_bytes:
             self.peak_bytes = self.used_bytes
         self.per_layer[key // self.experts] += 1
+        self.slots_used += 1
 
     def finish_load(self, key: int) -> None:
         """LOADING -> RESIDENT."""
@@ -66,6 +68,7 @@ class ExpertCache:
         self.used_bytes -= self.size_bytes[key]
         self.size_bytes[key] = 0.0
         self.per_layer[key // self.experts] -= 1
+        self.slots_used -= 1
 
     def insert_resident(self, key: int, nbytes: float) -> None:
         """ABSENT -> RESIDENT at once (warm start, static pinning)."""
@@ -80,6 +83,7 @@ class ExpertCache:
         self.used_bytes -= self.size_bytes[key]
         self.size_bytes[key] = 0.0
         self.per_layer[key // self.experts] -= 1
+        self.slots_used -= 1
 
     def resident_keys(self) -> list[int]:
         return [k for k, s in enumerate(self.state) if s == RESIDENT]

@@ -110,7 +110,8 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None,
     cost = CostModel(preset, hw)
     cache = ExpertCache(preset.layers, preset.experts, cap_bytes)
     ctx = Context(trace=trace, preset=preset, cache=cache, capacity_slots=slots,
-                  rng=np.random.default_rng(cfg.seed), hw=hw, cost=cost)
+                  rng=np.random.default_rng(cfg.seed), hw=hw, cost=cost, prefill=cfg.engine.prefill,
+                  max_tokens=cfg.engine.max_tokens)
     made = {}
     for fam, reg in (("gating", GATING), ("prefetch", PREFETCH), ("cache", CACHE), ("placement", PLACEMENT)):
         name, knobs = split_knobs(getattr(cfg, fam))
