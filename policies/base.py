@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sim.cache import ExpertCache
+from sim.errors import UserError
 from sim.models import ModelPreset
 from sim.trace import Trace
 
@@ -49,6 +50,7 @@ class Context:
     now_layer: int = 0  # the layer the engine is simulating (updated by the engine; read-only here)
     prefill: bool = True  # the replay simulates each prompt's prefill (`engine.prefill`)
     max_tokens: int = 0  # the replay stops after this many decode tokens (0: all; `engine.max_tokens`)
+    staging_buffers: int = 6  # transient buffers for loads that take no cache slot (`engine.staging_buffers`)
     _steps: object | None = field(default=None, repr=False, compare=False)
 
     def steps(self):
@@ -92,11 +94,25 @@ class GatingPolicy:
         """(expert ids, weights, dL) for token t at `layer`; only called when `plan()` is None."""
         raise NotImplementedError
 
+    def bound_plan(self) -> GatingPlan:
+        """The experts this policy runs in every run, whatever the cache holds (ids -1 elsewhere;
+        weights and dL unused): its plan when stateless. The lower bound on TPOT is computed on
+        these (`sim/offline/lower_bound.py`); a stateful policy overrides it."""
+        plan = self.plan()
+        if plan is None:
+            raise NotImplementedError(f"gating policy {self.name!r} is stateful and names no bound plan")
+        return plan
+
 
 class PrefetchPolicy:
     """Names experts to load ahead of need. Default: none."""
 
     name = "?"
+    #: an offline schedule whose evictions the cache policy must follow (`CachePolicy.follow`), or None
+    schedule: object | None = None
+    #: a prefetch the cache policy finds no slot for goes to a free staging buffer (held until its
+    #: use, then dropped) instead of being skipped
+    stage_without_slot: bool = False
 
     def __init__(self, knobs: object, ctx: Context):
         self.knobs = knobs
@@ -139,6 +155,11 @@ class CachePolicy:
     def on_evict(self, key: int) -> None:
         """`key` left the cache."""
 
+    def follow(self, schedule) -> None:
+        """Evict as the prefetch policy's offline `schedule` planned (`sim.offline.schedule`)."""
+        raise UserError(f"the prefetch policy plans its own evictions, which cache policy {self.name!r} cannot "
+                        f"follow; use cache.name=belady")
+
     def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
         """Residents to evict so that `key` (nbytes) fits; [] if it fits; None if it cannot now.
 
@@ -160,7 +181,8 @@ class PlacementPolicy:
         self.knobs = knobs
         self.ctx = ctx
 
-    low_bytes: float = 0.0  # bytes of a low-precision copy (policies that return LOW)
+    low_bytes: float = 0.0  # bytes of a low-precision copy (policies that may return LOW)
+    may_use_cpu = False  # True if `place` may return CPU (the lower bound then lets misses run there)
 
     def place(self, key: int, t: int, weight: float) -> str:
         """LOAD (bring to the device), CPU (compute in host memory) or LOW (load a low-precision copy)."""

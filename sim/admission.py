@@ -5,7 +5,7 @@ link busy; no room and no staging buffer), a load takes a cache slot (evicting t
 victims) or else a transient staging buffer, and an issued prefetch is counted and tracked. This
 mixin holds those decisions; each engine then submits the transfer to its own link (simulated or
 real). A host class provides: `cache`, `cache_policy`, `opt.staging_buffers`,
-`prefetch_idle_only`, `prefetch_staging`, `staging_in_use`, `prefetch_skipped`,
+`prefetch` (the policy), `prefetch_idle_only`, `prefetch_staging`, `staging_in_use`, `prefetch_skipped`,
 `unused_prefetch`, `prefetch_by_layer` (filled only if `track_prefetch_targets`: the policy waits for
 its prefetches or stages them), `rec`, `E`, and `_evict(key)`.
 """
@@ -27,7 +27,7 @@ class LoadAdmission:
             return REFUSED
         victims = None if staging else self.cache_policy.victims(key, nbytes, t, priority == DEMAND)
         if victims is None:
-            if priority == PREFETCH and (not self.prefetch_staging
+            if priority == PREFETCH and (not (self.prefetch_staging or self.prefetch.stage_without_slot)
                                          or self.staging_in_use >= self.opt.staging_buffers):
                 self.prefetch_skipped += 1
                 return REFUSED

@@ -47,7 +47,8 @@ class RunConfig:
     seed: int = 0
     out: str = ""  # results folder; default results/<timestamp>-<name>
     name: str = ""  # run name (default: policy and hardware)
-    oracle: bool = False  # also run the oracle preset and report oracle_ratio
+    oracle: bool = False  # also simulate the best offline schedule and compute the lower bound (sim/oracle.py)
+    bound: bool = False  # compute the lower bound on TPOT (tpot_lower_bound_s, bound_ratio)
     report: bool = True  # write report.html
 
 

@@ -209,7 +209,7 @@ class Engine(LoadAdmission):
         """After computing a loaded expert: free its staging buffer, or note the cache access."""
         if trn.tag[3]:  # staging data is dropped once used: a later request loads it again
             self._free_staging(trn)
-            if trn.tag[0] == "prefetch" and trn.nbytes == self.nbytes:
+            if trn.tag[0] == "prefetch" and self.prefetch_staging and trn.nbytes == self.nbytes:
                 # AdapMoE: a right prefetch enters the layer's cache once used, evicting its LRU expert
                 victims = self.cache_policy.victims(trn.key, self.nbytes, t)
                 if victims is not None:

@@ -1,25 +1,73 @@
-"""`oracle=true`: the latency bound for the same trace, hardware, cache size, gating and placement.
+"""`oracle=true` / `bound=true`: how far a run is from the best offline schedule and from a lower bound.
 
-The oracle run replaces the cache policy by `belady` (offline-optimal eviction) and the prefetch
-policy by `oracle` (perfect prefetch as far ahead as the cache can use), keeping everything else; `oracle_ratio` =
-this run's mean TPOT / the oracle run's (>= 1 up to the limits of a greedy bound).
+Two different things, both for the run's trace, hardware, cache size and gating:
+
+- `oracle_tpot_mean_s`: the best offline schedule of prefetches and evictions the project knows
+  (`policy=oracle`: Cao et al.'s Conservative schedule over the exact MIN's loads,
+  `sim/offline/schedule.py`), simulated in the engine, so it is achievable. It loads every missed
+  expert (placement `load`): a run that computes missed experts on the CPU or loads low-precision
+  copies can be faster than it (`oracle_ratio` < 1: that placement beats every loading schedule).
+  It is not a bound: a cleverer offline schedule could be faster still.
+- `tpot_lower_bound_s`: a proven lower bound (`sim/offline/lower_bound.py`, the proof in its
+  docstring) that no run of this configuration beats, whatever its prefetch and cache policies,
+  with the run's own placement. Where the gating policy decides from the cache state, it is
+  computed on the experts that policy runs whatever the cache holds, and stays valid.
+
+`oracle_ratio` = this run's mean TPOT / the offline schedule's; `bound_ratio` = this run's / the
+bound. An offline schedule needs the experts to be known in advance, so `oracle=true` with a
+gating policy that decides from the cache is refused (`bound=true` still works).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from sim.runner import RunResult, simulate
+from sim.errors import UserError
+from sim.offline.lower_bound import BoundInputs, tpot_lower_bound_s
+from sim.runner import RunResult, simulate  # noqa: F401 (RunResult: annotations)
+
+
+def check_oracle(cfg, gating) -> None:
+    """Refuse `oracle=true` for a gating policy that decides from the cache state."""
+    if cfg.oracle and gating.plan() is None:
+        raise UserError(
+            f"oracle=true: gating {gating.name!r} decides from the cache state, so no offline schedule "
+            f"with the same gating exists; the lower bound still holds for it: use bound=true "
+            f"(tpot_lower_bound_s, bound_ratio)")
 
 
 def oracle_config(cfg):
+    """The best offline schedule for `cfg`: its gating, `oracle` prefetch, `belady` cache, `load` placement."""
     cache = {"name": "belady"} | {k: v for k, v in cfg.cache.items() if k in ("slots", "bytes")}
-    return dataclasses.replace(cfg, cache=cache, prefetch={"name": "oracle"}, oracle=False)
+    return dataclasses.replace(cfg, cache=cache, prefetch={"name": "oracle"}, placement={"name": "load"},
+                               oracle=False, bound=False)
 
 
-def add_oracle_ratio(res: RunResult, trace=None) -> None:
-    ocfg = oracle_config(res.config)
-    ocfg.cache.setdefault("slots", res.summary["cache_slots"])
-    bound = simulate(ocfg, trace=trace, hw=res.hw)
-    res.summary["oracle_tpot_mean_s"] = bound.summary["tpot_mean_s"]
-    res.summary["oracle_ratio"] = res.summary["tpot_mean_s"] / bound.summary["tpot_mean_s"]
+def bound_inputs(engine) -> BoundInputs:
+    cost, link, placement = engine.cost, engine.link, engine.placement
+    nbytes = min(cost.expert_bytes, placement.low_bytes) if placement.low_bytes > 0 else cost.expert_bytes
+    cpu = cost.expert_compute_s(1, on_cpu=True) if placement.may_use_cpu else None
+    return BoundInputs(slots=engine.ctx.capacity_slots, staging_buffers=engine.opt.staging_buffers,
+                       channels=link.channels, fetch_s=link.duration_s(nbytes), expert_s=cost.expert_s,
+                       tail_s=cost.expert_s / 3.0 if engine.opt.pipelining else cost.expert_s, cpu_expert_s=cpu)
+
+
+def lower_bound_s(engine) -> float | None:
+    """`tpot_lower_bound_s` for a built engine's configuration."""
+    plan = engine.gating.bound_plan()
+    return tpot_lower_bound_s(engine.ctx, plan.ids, bound_inputs(engine), engine.cost.attention_decode_s)
+
+
+def add_bounds(res: RunResult, engine) -> None:
+    """Add the bound keys `res.config` asks for (`oracle`, `bound`) to `res.summary` (`simulate` calls it)."""
+    s, cfg = res.summary, res.config
+    tpot = s["tpot_mean_s"]
+    bound = lower_bound_s(engine)
+    s["tpot_lower_bound_s"] = bound
+    s["bound_ratio"] = tpot / bound if tpot is not None and bound else None
+    if cfg.oracle:
+        ocfg = oracle_config(cfg)
+        ocfg.cache.setdefault("slots", s["cache_slots"])
+        best = simulate(ocfg, trace=engine.ctx.trace, hw=res.hw, preset=engine.ctx.preset)
+        s["oracle_tpot_mean_s"] = best.summary["tpot_mean_s"]
+        s["oracle_ratio"] = tpot / best.summary["tpot_mean_s"] if tpot is not None else None

@@ -93,25 +93,48 @@ def cache_capacity(cfg: RunConfig, preset: ModelPreset, hw: HardwareProfile, tra
     return slots, slots * preset.expert_bytes
 
 
-def build_engine(cfg: RunConfig, trace: Trace | None = None,
-                 hw: HardwareProfile | None = None) -> tuple[Engine, dict[str, Any]]:
-    """Everything a run needs, validated; `trace` and `hw` override the config's paths (tests, sweeps)."""
+def check_copies_fit_memory(hw: HardwareProfile) -> None:
+    """Copies into the memory that compute reads cannot outrun that memory: on a link that shares
+    the device's memory bandwidth, all its channels together take at most 90% of it (compute keeps
+    the rest, `sim/contention.py`). A profile asking for more is refused rather than simulated
+    with a memory bus that does more than it can."""
+    link = hw.expert_link
+    if not link.shares_memory_bandwidth:
+        return
+    from sim.contention import FLOOR
+
+    copies = link.channels * link.bandwidth_Bps
+    limit = (1.0 - FLOOR) * hw.device.memory_bandwidth_Bps
+    if copies > limit:
+        raise UserError(
+            f"hardware profile {hw.name!r}: links.{link.name} moves {copies:.3g} B/s ({link.channels} channel(s) x "
+            f"{link.bandwidth_Bps:.3g} B/s) into the memory compute reads (shares_memory_bandwidth: true), more than "
+            f"{1 - FLOOR:.0%} of device.memory_bandwidth_Bps ({hw.device.memory_bandwidth_Bps:.3g} B/s); a copy cannot "
+            f"outrun the memory it writes: lower the link's bandwidth or channels, or raise the memory bandwidth")
+
+
+def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | None = None,
+                 preset: ModelPreset | None = None) -> tuple[Engine, dict[str, Any]]:
+    """Everything a run needs, validated; `trace`, `hw` and `preset` (a model preset, used as is)
+    override the config's `trace`, `hw` and `model`/`quant` (tests, sweeps, the oracle run)."""
     hw = hw if hw is not None else load_profile(cfg.hw)
     trace = trace if trace is not None else load_trace(cfg.trace)
-    quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
-    preset = load_preset(cfg.model, **quant)
+    if preset is None:
+        quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
+        preset = load_preset(cfg.model, **quant)
     check_trace(preset, trace.model.layers, trace.model.experts, trace.model.top_k)
     if cfg.engine.staging_buffers < preset.top_k:
         raise UserError(f"engine.staging_buffers must be >= top_k ({preset.top_k})")
     slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
     link_spec = hw.expert_link
+    check_copies_fit_memory(hw)
     link = Link(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
                 keep_history=link_spec.shares_memory_bandwidth)  # contention counts copies at past times
     cost = CostModel(preset, hw)
     cache = ExpertCache(preset.layers, preset.experts, cap_bytes)
     ctx = Context(trace=trace, preset=preset, cache=cache, capacity_slots=slots,
                   rng=np.random.default_rng(cfg.seed), hw=hw, cost=cost, prefill=cfg.engine.prefill,
-                  max_tokens=cfg.engine.max_tokens)
+                  max_tokens=cfg.engine.max_tokens, staging_buffers=cfg.engine.staging_buffers)
     made = {}
     for fam, reg in (("gating", GATING), ("prefetch", PREFETCH), ("cache", CACHE), ("placement", PLACEMENT)):
         name, knobs = split_knobs(getattr(cfg, fam))
@@ -119,6 +142,12 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None,
         made[fam] = cls(reg.knobs(name, knobs), ctx)
         if fam == "gating":  # later policies (belady, adapmoe_dp) read the gating decisions
             ctx.gating_plan = made[fam].plan()
+            if cfg.oracle:
+                from sim.oracle import check_oracle
+
+                check_oracle(cfg, made[fam])
+    if made["prefetch"].schedule is not None:  # an offline schedule plans the evictions too
+        made["cache"].follow(made["prefetch"].schedule)
     engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, cfg.engine)
     info = {"cache_slots": slots, "cache_bytes": cap_bytes, "expert_bytes": preset.expert_bytes,
             "prefetch_modelled": bool(made["prefetch"].modelled)}
@@ -126,10 +155,12 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None,
 
 
 def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | None = None,
-             engine: Engine | None = None, info: dict[str, Any] | None = None) -> RunResult:
-    """Run one configuration (or an engine already built by `build_engine`) and summarise it."""
+             engine: Engine | None = None, info: dict[str, Any] | None = None,
+             preset: ModelPreset | None = None) -> RunResult:
+    """Run one configuration (or an engine already built by `build_engine`) and summarise it;
+    with `oracle`/`bound` set, add the bound keys (`sim/oracle.py`)."""
     if engine is None:
-        engine, info = build_engine(cfg, trace, hw)
+        engine, info = build_engine(cfg, trace, hw, preset)
     rec: Recorder = engine.run()
     tokens = rec.tokens_frame()
     layers = rec.layers_frame()
@@ -142,4 +173,9 @@ def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | N
     summary = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=engine.link.busy_s,
                         link_channels=engine.link.channels, compute_busy_s=engine.compute_busy_s,
                         end_s=engine.t, extra=extra)
-    return RunResult(cfg, summary, tokens, layers, events, engine.ctx.hw, engine.ctx.preset)
+    res = RunResult(cfg, summary, tokens, layers, events, engine.ctx.hw, engine.ctx.preset)
+    if cfg.oracle or cfg.bound:
+        from sim.oracle import add_bounds
+
+        add_bounds(res, engine)
+    return res

@@ -50,11 +50,7 @@ def execute_point(cfg: Any, trace: Any = None, hw: Any = None) -> Outcome:
     try:
         from sim.runner import simulate
 
-        res = simulate(cfg, trace=trace, hw=hw)
-        if cfg.oracle:
-            from sim.oracle import add_oracle_ratio
-
-            add_oracle_ratio(res, trace=trace)
+        res = simulate(cfg, trace=trace, hw=hw)  # with oracle/bound set, the bound keys too
         return {"summary": res.summary, "layers": res.layers.to_dict(as_series=False), "error": None,
                 "wall_s": time.perf_counter() - t0}
     except Exception as err:  # a failing point is recorded, it does not stop the sweep

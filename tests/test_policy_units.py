@@ -60,11 +60,13 @@ def test_belady_evicts_furthest_and_bypasses():
     tr = trace([[[0]], [[1]], [[2]], [[0]], [[2]]], 1, 4)
     ctx = ctx_for(tr, slots=2)
     bel = make(CACHE, "belady", ctx)
-    fill(ctx, bel, [0, 1])
-    # at t2 expert 2 is needed (and again at t4): 1 is never used again, 0 at t3 -> evict 1
-    assert bel.victims(2, ctx.preset.expert_bytes, 2) == [1]
+    for t, key in enumerate([0, 1]):  # loaded and used at t0 and t1, as the engine tells the policy
+        fill(ctx, bel, [key])
+        bel.on_access(key, t)
     # at t1 loading 3 (never used again after now): bypass rather than evict 0 or 1
     assert bel.victims(3, ctx.preset.expert_bytes, 1) is None
+    # at t2 expert 2 is needed (and again at t4): 1 is never used again, 0 at t3 -> evict 1
+    assert bel.victims(2, ctx.preset.expert_bytes, 2) == [1]
 
 
 def test_static_pins_most_used():
@@ -98,13 +100,22 @@ def test_pregate_modelled_predictor_accuracy():
     assert hit == pytest.approx(0.7, abs=0.02)
 
 
-def test_oracle_prefetch_names_future_experts_in_order():
-    tr = trace([[[0], [1]], [[2], [3]]], 2, 4)
-    ctx = ctx_for(tr, slots=8)
+def test_oracle_issues_min_loads_as_early_as_their_victims_allow():
+    """One layer, 2 slots; uses t0 {0}, t1 {1}, t2 {1}, t3 {1}, t4 {2}, t5 {2}, t6 {1}. MIN loads 0
+    and 1 into free slots and, at t4, 2 in place of 0 (never used again; 1 is needed at t6).
+    Conservative: 1 may go as early as 0's load (step 0); 2 as soon as 0 is done with (step 1)."""
+    tr = trace([[[0]], [[1]], [[1]], [[1]], [[2]], [[2]], [[1]]], 1, 4)
+    ctx = ctx_for(tr, slots=2)
+    ctx.gating_plan = make(GATING, "topk", ctx).plan()
     o = make(PREFETCH, "oracle", ctx)
-    assert o.on_layer(0, 0) == [4 + 1, 2, 4 + 3]  # (t0, l1), (t1, l0), (t1, l1)
-    o = make(PREFETCH, "oracle", ctx, depth=1)
-    assert o.on_layer(0, 1) == [2]  # wraps to the next token's first layer
+    loads = [(ld.key, ld.step, ld.victims, ld.issue) for ld in o.schedule.loads]
+    assert loads == [(0, 0, (), 0), (1, 1, (), 0), (2, 4, (0,), 1)]
+    assert o.schedule.decision(0, 0) == []  # step 0: 0 is a demand load (the hook comes after)
+    assert o.on_layer(0, 0) == [1]
+    assert o.schedule.decision(1, 0) == []
+    assert o.on_layer(1, 0) == [2]
+    assert o.schedule.decision(2, 1) == [0]
+    assert o.on_layer(2, 0) == [] and o.schedule.pending == 0
 
 
 def test_history_prefetch_follows_similar_past_tokens():

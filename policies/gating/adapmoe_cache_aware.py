@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import Context, GatingPolicy
+from policies.base import Context, GatingPlan, GatingPolicy
+from policies.gating.adapmoe import drop_plan
 from policies.published import sensitivities
 from policies.registry import GATING
 
@@ -37,6 +38,13 @@ class AdapMoECacheAware(GatingPolicy):
         self.ids = tr.experts.tolist()
         w = tr.weights.astype(np.float64)
         self.w = (w / np.maximum(w.sum(-1, keepdims=True), 1e-30)).tolist()
+
+    def bound_plan(self) -> GatingPlan:
+        """Whatever the cache holds, it keeps at least what `adapmoe`'s rule keeps under the larger
+        of its two budgets (a smaller budget drops no more)."""
+        tr = self.ctx.trace
+        S = self.S if self.per_token else np.asarray(self.S, dtype=np.float64)
+        return drop_plan(tr.experts.astype(np.int64), tr.weights, S, max(self.knobs.T_miss, self.knobs.T_hit))
 
     def decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
         ids, w = self.ids[t][layer], self.w[t][layer]

@@ -12,9 +12,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import Context, GatingPolicy
+from policies.base import Context, GatingPlan, GatingPolicy
 from policies.published import sensitivities
 from policies.registry import GATING
+
+
+def kept_whatever_the_cache(trace, w_max: float) -> GatingPlan:
+    """Top-1 and every expert of renormalised weight >= `w_max` ([T, L, k] ids, -1 elsewhere)."""
+    w = trace.weights.astype(np.float64)
+    w = w / np.maximum(w.sum(-1, keepdims=True), 1e-30)
+    keep = w >= w_max
+    keep[..., 0] = True
+    T, L, _ = w.shape
+    return GatingPlan(ids=np.where(keep, trace.experts, -1).astype(np.int64), weights=np.where(keep, w, 0.0),
+                      dL=np.zeros((T, L)))
 
 
 @GATING.register("drop_on_miss")
@@ -29,6 +40,10 @@ class DropOnMiss(GatingPolicy):
         self.S = np.zeros(ctx.layers) if knobs.sensitivity == "none" else sensitivities(knobs.sensitivity, ctx)
         self.ids = ctx.trace.experts.tolist()
         self.w = ctx.trace.weights.tolist()
+
+    def bound_plan(self) -> GatingPlan:
+        """The experts it runs whatever the cache holds: it drops only a missed non-top-1 expert below `w_max`."""
+        return kept_whatever_the_cache(self.ctx.trace, self.knobs.w_max)
 
     def decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
         ids, w = self.ids[t][layer], self.w[t][layer]

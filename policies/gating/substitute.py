@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import Context, GatingPolicy
+from policies.base import Context, GatingPlan, GatingPolicy
+from policies.gating.drop_on_miss import kept_whatever_the_cache
 from policies.published import sensitivities
 from policies.registry import GATING
 from sim.cache import RESIDENT
@@ -35,6 +36,10 @@ class Substitute(GatingPolicy):
         self.w = tr.weights.tolist()
         # candidate order per (t, l): experts by descending router logit
         self.rank = np.argsort(-tr.logits, axis=-1, kind="stable").tolist() if tr.logits is not None else None
+
+    def bound_plan(self) -> GatingPlan:
+        """The experts it runs whatever the cache holds: it replaces only a missed non-top-1 expert below `w_max` (its substitute, a resident, is not counted)."""
+        return kept_whatever_the_cache(self.ctx.trace, self.knobs.w_max)
 
     def decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
         ids, w = self.ids[t][layer], self.w[t][layer]

@@ -28,6 +28,7 @@ class CostBased(PlacementPolicy):
         self.load_total_s = cost.load_s(cost.expert_bytes) + cost.expert_s
         self.cpu_s = cost.expert_compute_s(1, on_cpu=True)
         self.choice = CPU if self.cpu_s * knobs.slack < self.load_total_s else LOAD
+        self.may_use_cpu = self.choice == CPU
 
     def place(self, key: int, t: int, weight: float) -> str:
         return self.choice

@@ -21,6 +21,8 @@ def require_host_experts(ctx: Context, name: str) -> None:
 
 @PLACEMENT.register("cpu_on_miss")
 class CpuOnMiss(PlacementPolicy):
+    may_use_cpu = True
+
     def __init__(self, knobs: object, ctx: Context):
         super().__init__(knobs, ctx)
         require_host_experts(ctx, "cpu_on_miss")

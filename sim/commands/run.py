@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sim.config import parse_run_config
-from sim.metrics import SUMMARY_KEYS
+from sim.metrics import BOUND_KEYS, SUMMARY_KEYS
 
 
 def main(argv: list[str]) -> int:
@@ -21,17 +21,13 @@ def main(argv: list[str]) -> int:
 
     check_new_dir(out)
     t0 = time.perf_counter()
-    res = simulate(cfg)
-    if cfg.oracle:
-        from sim.oracle import add_oracle_ratio
-
-        add_oracle_ratio(res)
+    res = simulate(cfg)  # with oracle/bound set, the bound keys too (sim/oracle.py)
     wall = time.perf_counter() - t0
     write_results(res, out, report=cfg.report, title=name)
     s = res.summary
     print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
           f"{s['expert_bytes'] / 1e6:.1f} MB, simulated in {wall:.2f} s")
-    keys = list(SUMMARY_KEYS) + [k for k in ("oracle_ratio", "prefetch_modelled") if k in s]
+    keys = list(SUMMARY_KEYS) + [k for k in BOUND_KEYS + ("prefetch_modelled",) if k in s]
     print(summary_table(s, keys))
     print(f"results: {out}", file=sys.stderr)
     return 0

@@ -207,7 +207,7 @@ class RealEngine(LoadAdmission):
         self.staging_in_use -= 1
         if self.inflight.get(trn.key) is trn:
             del self.inflight[trn.key]
-        if trn.tag[0] == "prefetch" and trn.nbytes == self.nbytes:
+        if trn.tag[0] == "prefetch" and self.prefetch_staging and trn.nbytes == self.nbytes:
             victims = self.cache_policy.victims(trn.key, self.nbytes, t)
             if victims is not None:  # AdapMoE: a right prefetch enters the cache with its buffer
                 for v in victims:
