@@ -10,11 +10,11 @@ from sim.args import parse_args
 
 def main(argv: list[str]) -> int:
     from sim import atomic
-    from sim.paper import PaperArgs, markdown, run_paper
+    from sim.paper import PaperArgs, gaps, markdown, run_paper
 
     a = parse_args(PaperArgs, argv)
     rows = run_paper(a)
-    table = markdown(rows)
+    table = markdown(rows) + "\n\n" + gaps(rows)
     title = (f"trace `{a.trace}`, hw `{a.hw}`, model `{a.model}`, {a.slots}-slot cache, T = {a.T}, "
              f"sensitivities: {a.sensitivity}, DP fit: {a.fit}, seed {a.seed}")
     print(title)
