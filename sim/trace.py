@@ -220,13 +220,18 @@ def to_frame_columns(trace: Trace) -> list[str]:
 
 def write_trace(trace: Trace, out: Path, *, overwrite: bool = False) -> Path:
     """Write `trace` to the folder `out` atomically (a failure leaves nothing behind)."""
+    with atomic.new_dir(Path(out), overwrite=overwrite) as tmp:
+        fill_trace(trace, tmp)
+    return Path(out)
+
+
+def fill_trace(trace: Trace, tmp: Path) -> None:
+    """Write `trace`'s files into `tmp`, the temporary folder of a claimed output (`atomic.new_dir`)."""
     validate(trace)
     frame = to_frame(trace)
     meta = meta_dict(trace)
-    with atomic.new_dir(Path(out), overwrite=overwrite) as tmp:
-        frame.write_parquet(tmp / ROUTING_FILE, compression="zstd", statistics=False)
-        (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, width=100, default_flow_style=None))
-    return Path(out)
+    frame.write_parquet(tmp / ROUTING_FILE, compression="zstd", statistics=False)
+    (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, width=100, default_flow_style=None))
 
 
 # ------------------------------------------------------------------------------------------ read
