@@ -78,16 +78,19 @@ def parse_args(schema: type[T], argv: list[str], *, allow_config_file: bool = Tr
     layers = []
     text_keys = _str_keys(schema)
     keys = valid_keys(schema)
+    dotlist, texts = [], []
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key == "config" and allow_config_file:
+            layers.append(_load_yaml(Path(value)))
+        elif key in text_keys:
+            texts.append((key, value))
+        else:
+            dotlist.append(f"{key}={value}")
     try:
-        override = OmegaConf.create()
-        for pair in pairs:
-            key, _, value = pair.partition("=")
-            if key == "config" and allow_config_file:
-                layers.append(_load_yaml(Path(value)))
-            elif key in text_keys:
-                OmegaConf.update(override, key, value, merge=True)
-            else:
-                override = OmegaConf.merge(override, OmegaConf.from_dotlist([f"{key}={value}"]))
+        override = OmegaConf.from_dotlist(dotlist)
+        for key, value in texts:  # the string keys and the others are disjoint: order is kept per key
+            OmegaConf.update(override, key, value, merge=True)
         merged = OmegaConf.merge(base, *layers, override)
         obj = OmegaConf.to_object(merged)
     except (ConfigKeyError, ConfigAttributeError) as err:
