@@ -80,7 +80,7 @@ def check_number(value: Any, key: str, rng: Range = NUMBER, where: str = "") -> 
             raise _bad(key, where, repr(value), rng, "a whole number: ")
         value = int(value)
         if not -INT_MAX <= value <= INT_MAX:
-            raise _bad(key, where, repr(value), rng)
+            raise _bad(key, where, repr(value), rng, "below 2**63: ")
     if not rng.ok(value):
         raise _bad(key, where, f"{value:g}" if isinstance(value, float) else str(value), rng)
     return value

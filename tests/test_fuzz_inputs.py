@@ -209,7 +209,9 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("config-folder", ["run", "config={adir}", T, OUT], 2, "is a folder, not a file"),
     ("bench-hw-missing", ["bench", "hw=/missing/dir/jetson.yaml", T], 2, "file not found: /missing/dir"),
     ("paper-hw-missing", ["paper", "hw=/missing/x.yaml", T], 2, "file not found: /missing/x.yaml"),
-    ("model-path", ["run", "model=/some/dir/model", T, OUT], 2, "unknown model preset '/some/dir/model'"),
+    ("model-path", ["run", "model=/some/dir/model", T, OUT], 2, "model '/some/dir/model' is neither a model preset"),
+    ("realrun-live-model-missing", ["realrun", "live=true", "model=/some/dir/ckpt", T, OUT], 2,
+     "model folder not found: /some/dir/ckpt"),
     ("trace-cmd-model-missing", ["trace", "model=/nope/ckpt", "text={afile}", OUT], 2, "model folder not found"),
     # --- numbers: the valid range in the message
     ("quant-bits-0", ["run", T, "quant.bits=0", OUT], 2, "'quant.bits': 0 (must be a number > 0"),
@@ -348,6 +350,10 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("sweep-ray-missing", ["sweep", T, "executor=ray", "ray.address=::::", OUT], 2, "executor=ray needs Ray"),
     # --- the command line itself
     ("unknown-command", ["simulate"], 2, "unknown command 'simulate'"),
+    ("list-args", ["list", "x=1"], 2, "list takes no arguments"),
+    ("prefetch-accuracy-text", ["run", T, "prefetch.accuracy=abc", OUT], 2, "prefetch.accuracy must be 'published'"),
+    ("prefetch-accuracy-nan", ["run", T, "prefetch.accuracy=nan", OUT], 2, "a number in [0, 1], got 'nan'"),
+    ("slots-huge", ["run", T, "cache.slots=99999999999999999999", OUT], 2, "must be below 2**63"),
     ("not-key-value", ["run", "hw"], 2, "is not of the form key=value"),
     ("unknown-key", ["run", "cache_slots=8", OUT], 2, "unknown key 'cache_slots'"),
     ("unknown-policy", ["run", T, "policy=nope", OUT], 2, "unknown policy preset 'nope'"),

@@ -27,7 +27,11 @@ def main(argv: list[str]) -> int:
     live = opts.live or Path(cfg.model).is_dir()
     if live and not Path(cfg.model).is_dir():
         from sim.errors import UserError
+        from sim.paths import is_bare_name
         from sim.realrun.live import DEFAULT_MODEL
+
+        if not is_bare_name(cfg.model):  # a path that does not exist is never swapped for the toy model
+            raise UserError(f"model folder not found: {cfg.model}")
 
         if not DEFAULT_MODEL.is_dir():
             raise UserError(f"live=true needs model=DIR of a checkpoint (the toy model {DEFAULT_MODEL.name} is not built)")
