@@ -65,10 +65,13 @@ def os_error(err: BaseException, path: str | os.PathLike | None = None, doing: s
     code = errno_of(err)
     reason = os.strerror(code) if code is not None else _first_line(err)
     name = path if path is not None else getattr(err, "filename", None)
-    subject = " ".join(x for x in (doing, "" if name is None else str(name)) if x)
+    subject = " ".join(x for x in (doing or ("on" if name is not None else ""), "" if name is None else str(name))
+                       if x)
     if code in MACHINE_ERRNOS:
         return MachineError(f"the machine failed{' ' + subject if subject else ''}: {reason} "
                             "(not a problem with the command: free space or fix the disk, and rerun)")
+    if not doing:
+        subject = "" if name is None else str(name)
     return UserError(f"{subject}: {reason}" if subject else reason)
 
 
