@@ -106,8 +106,9 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _worker_deaths(workers: dict[int, Any]) -> str:
-    """`pid N killed by SIGKILL` for the pool's workers (`pid -> Process`) that died (best effort)."""
-    deaths = []
+    """`pid N killed by SIGKILL` for the pool's workers (`pid -> Process`) that died (best effort);
+    the ones the pool itself then ends with SIGTERM are left out when another death explains it."""
+    deaths, ended = [], []
     for pid, proc in workers.items():
         try:
             proc.join(timeout=1.0)  # reaped by now, or about to be
@@ -117,8 +118,8 @@ def _worker_deaths(workers: dict[int, Any]) -> str:
         if code is not None and code != 0:
             how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
                 else f"exited with status {code}"
-            deaths.append(f"pid {pid} {how}")
-    return ", ".join(deaths) or "a worker process ended abruptly"
+            (ended if code == -signal.SIGTERM else deaths).append(f"pid {pid} {how}")
+    return ", ".join(deaths or ended) or "a worker process ended abruptly"
 
 
 def run_local(todo: list[tuple[str, Any]], jobs: int, on_result: OnResult,
