@@ -489,10 +489,12 @@ def test_two_runs_to_one_folder_the_second_fails_at_once(tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: list(tmp_path.glob(".o.tmp-*")), first)  # the first has claimed `out`
+        first.send_signal(signal.SIGSTOP)  # held mid-run while the second tries
         second = _sim(["run", f"out={out}", "report=false"])
         lines = second.stderr.splitlines()
         assert second.returncode == 2 and len(lines) == 1 and "is being written by another command" in lines[0]
     finally:
+        first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=300) == 0, first.stderr.read()
     third = _sim(["run", f"out={out}", "report=false"])
     assert third.returncode == 2 and "already exists and is not empty" in third.stderr
