@@ -110,11 +110,15 @@ def _worker_deaths(workers: dict[int, Any]) -> str:
     the ones the pool itself then ends with SIGTERM are left out when another death explains it."""
     deaths, ended = [], []
     for pid, proc in workers.items():
-        try:
-            proc.join(timeout=1.0)  # reaped by now, or about to be
-        except (AssertionError, ValueError, OSError):  # pragma: no cover - not ours to join
-            pass
-        code = getattr(proc, "exitcode", None)
+        code = None
+        for _ in range(50):  # the pool's own thread may be reaping it right now: its exit code comes soon
+            try:
+                proc.join(timeout=0.1)
+            except (AssertionError, ValueError, OSError):  # pragma: no cover - not ours to join
+                pass
+            code = getattr(proc, "exitcode", None)
+            if code is not None:
+                break
         if code is not None and code != 0:
             how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
                 else f"exited with status {code}"
