@@ -38,15 +38,21 @@ def sensitivities(spec: str, ctx) -> np.ndarray:
     elif spec == "published":
         s = published("sensitivity", ctx.preset.name)["S_l"]
     else:
+        from sim.errors import read_text
+
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"sensitivity file not found: {spec} (or use 'trace' / 'published')")
+        text = read_text(path, "sensitivity file")
         try:
-            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as err:
             raise UserError(f"sensitivity file {spec} does not parse: {str(err).splitlines()[0]}") from None
         s = data.get("S_l") if isinstance(data, dict) else data
-    arr = np.asarray(s, dtype=np.float64) if s is not None else np.zeros(0)
+    try:
+        arr = np.asarray(s, dtype=np.float64) if s is not None else np.zeros(0)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"sensitivities must be {L} numbers >= 0 (one per layer), got {str(s)[:60]!r}") from None
     if arr.shape != (L,) or not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise UserError(f"sensitivities must be {L} finite values >= 0 (one per layer), got shape {arr.shape}")
     return arr

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from sim.errors import UserError
+from sim.validate import check_knobs
 
 
 class Registry:
@@ -71,12 +72,13 @@ class Registry:
                     f"valid: {', '.join(f'{self.family}.{k}' for k in ['name', *valid])}"
                 )
         try:
-            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+            knobs = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
         except (ValidationError, ConfigKeyError) as err:
             key = getattr(err, "full_key", "?")
             raise UserError(f"bad value for '{self.family}.{key}': {str(err).splitlines()[0]}") from None
         except OmegaConfBaseException as err:
             raise UserError(f"{self.family} policy {name!r}: {str(err).splitlines()[0]}") from None
+        return check_knobs(self.family, knobs)  # every number finite and in range (sim/validate.py)
 
 
 GATING = Registry("gating", "policies.gating")

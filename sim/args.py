@@ -46,26 +46,53 @@ def split_pairs(argv: list[str]) -> list[str]:
     return argv
 
 
+def _str_keys(schema: Any, prefix: str = "") -> set[str]:
+    """Dotted keys of `str` fields: their value is taken as typed, never parsed as YAML (`::::`)."""
+    import typing
+
+    out: set[str] = set()
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: parse every value
+        return out
+    for f in dataclasses.fields(schema):
+        hint = hints.get(f.name)
+        if hint is str:
+            out.add(prefix + f.name)
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out |= _str_keys(hint, prefix + f.name + ".")
+    return out
+
+
 def parse_args(schema: type[T], argv: list[str], *, allow_config_file: bool = True) -> T:
     """Build a `schema` instance from `[config=FILE.yaml] key=value ...`.
 
     Raises UserError for: an argument without `=`, an unknown key (lists the valid ones), a value
-    of the wrong type, a missing or unparsable config file.
+    of the wrong type, a number out of its range (`sim.validate`), a missing or unparsable config
+    file. A `str` key takes its value as typed (`ray.address=::::` is that string, not YAML).
     """
+    from sim.validate import check_args
+
     pairs = split_pairs(argv)
     base = OmegaConf.structured(schema)
     layers = []
-    dotlist = []
+    text_keys = _str_keys(schema)
+    keys = valid_keys(schema)
+    dotlist, texts = [], []
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key == "config" and allow_config_file:
             layers.append(_load_yaml(Path(value)))
+        elif key in text_keys:
+            texts.append((key, value))
         else:
             dotlist.append(f"{key}={value}")
-    keys = valid_keys(schema)
     try:
-        merged = OmegaConf.merge(base, *layers, OmegaConf.from_dotlist(dotlist))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        override = OmegaConf.from_dotlist(dotlist)
+        for key, value in texts:  # the string keys and the others are disjoint: order is kept per key
+            OmegaConf.update(override, key, value, merge=True)
+        merged = OmegaConf.merge(base, *layers, override)
+        obj = OmegaConf.to_object(merged)
     except (ConfigKeyError, ConfigAttributeError) as err:
         key = getattr(err, "full_key", None) or str(err).split("\n")[0]
         raise UserError(f"unknown key {key!r}; valid keys: {', '.join(keys)}") from None
@@ -75,15 +102,20 @@ def parse_args(schema: type[T], argv: list[str], *, allow_config_file: bool = Tr
         raise UserError(f"bad value for {key!r}: {msg}") from None
     except OmegaConfBaseException as err:
         raise UserError(str(err).split("\n")[0]) from None
+    return check_args(obj)  # type: ignore[return-value]
 
 
 def _load_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+    from sim.errors import read_text
+
+    text = read_text(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
-    return OmegaConf.create(data)
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as err:
+        raise UserError(f"config file {path}: {str(err).splitlines()[0]}") from None

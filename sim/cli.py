@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 
-from sim.errors import UserError
+from sim.errors import UserError, classify
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,23 +41,55 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error a user (or a failing machine) can cause ends here as one line.
+
+    Exit status: 0 done; 2 a user error (`error: ...`, one line); 1 the machine failed (a full
+    disk, an I/O error: one line saying so) or a sweep with failed points; 130 interrupted;
+    141 stdout closed early (`python -m sim list | head`: quiet, as any Unix tool killed by SIGPIPE).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except Exception as err:
+        known = classify(err)
+        if known is None:
+            raise  # a programming error: visible as one, with its traceback
+        print(f"error: {_one_line(known)}", file=sys.stderr)
+        return int(getattr(known, "exit_code", 2))
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+    module = importlib.import_module(COMMANDS[command][0])
+    if any(a in ("-h", "--help", "help") for a in rest):  # the command's own docstring: its keys and defaults
+        print(inspect.cleandoc(module.__doc__ or COMMANDS[command][1]))
+        return 0
+    code = int(module.main(rest) or 0)
+    sys.stdout.flush()  # a closed pipe shows here, inside the error handling, not at exit
+    return code
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())  # a message is one line, whatever it quotes
+    return text or type(err).__name__
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not complain about the pipe."""
     try:
-        module = importlib.import_module(COMMANDS[command][0])
-        if any(a in ("-h", "--help", "help") for a in rest):  # the command's own docstring: its keys and defaults
-            print(inspect.cleandoc(module.__doc__ or COMMANDS[command][1]))
-            return 0
-        return int(module.main(rest) or 0)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return UserError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured in tests)
+        pass

@@ -81,8 +81,11 @@ def resolve_sections(cfg: RunConfig, user: dict[str, dict[str, Any]]) -> RunConf
 
 def parse_run_config(argv: list[str]) -> RunConfig:
     """`[config=FILE] key=value ...` -> a resolved RunConfig (policy sections filled in)."""
+    from sim.validate import check_cache_sizes
+
     cfg = parse_args(RunConfig, argv)
     user = {sec: dict(getattr(cfg, sec)) for sec in SECTIONS}
+    user["cache"] = check_cache_sizes(user["cache"])  # whole slots, positive bytes: never truncated
     return resolve_sections(cfg, user)
 
 

@@ -15,7 +15,6 @@ naming the file and the dotted field.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -25,7 +24,9 @@ from typing import Any
 import yaml
 
 from sim import REPO_ROOT
-from sim.errors import UserError
+from sim.errors import UserError, os_error
+from sim.validate import PROFILE as PROFILE_LIMITS
+from sim.validate import Range, check_number
 
 PROFILES_DIR = REPO_ROOT / "hwprofiles"
 TIERS = ("device", "host", "storage")
@@ -180,15 +181,14 @@ class _Reader:
             raise self.fail(
                 field, f"value must be a raw number in SI units (no unit strings), got {entry['value']!r}"
             )
-        if not math.isfinite(value):
-            raise self.fail(field, f"value must be finite, got {value}")
-        if integer and value != int(value):
-            raise self.fail(field, f"value must be a whole number, got {value}")
-        if value < minimum or (strict and value == minimum):
-            bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-            raise self.fail(field, f"value must be {bound}, got {value:g}")
+        rng = PROFILE_LIMITS.get(key) or Range(lo=minimum, lo_open=strict, integer=integer)
+        try:
+            value = check_number(value, field, rng)
+        except UserError as err:  # "value must be ...": the valid range, from sim/validate.py
+            got, _, need = str(err).split(": ", 1)[1].partition(" (must be ")
+            raise self.fail(field, f"value must be {need.removesuffix(')')}, got {got}") from None
         self.sources[field] = self.source(entry["source"], field)
-        return int(value) if integer else value
+        return int(value) if rng.integer else float(value)
 
     def source(self, src: Any, field: str) -> str:
         if not isinstance(src, str) or not src.strip():
@@ -319,18 +319,12 @@ def list_profiles() -> list[str]:
 
 
 def _resolve(name_or_path: str) -> Path:
-    """A path first, then `hwprofiles/<name>`; the `.yaml` suffix is optional in both."""
-    given = Path(name_or_path)
-    candidates = [given, PROFILES_DIR / given.name]
-    if given.suffix not in (".yaml", ".yml"):
-        candidates += [given.with_name(given.name + ".yaml"), PROFILES_DIR / (given.name + ".yaml")]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise UserError(
-        f"hardware profile {name_or_path!r} not found (neither a file nor in hwprofiles/); "
-        f"available: {', '.join(list_profiles()) or 'none'}"
-    )
+    """A path as given (`.yaml` optional); a bare name (no folder part) is looked up in
+    `hwprofiles/`. A path that does not exist is an error naming it, never another file."""
+    from sim.paths import resolve_input
+
+    return resolve_input(name_or_path, PROFILES_DIR, what="hardware profile", suffixes=(".yaml", ".yml"),
+                         available=list_profiles(), example="jetson.yaml")
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
@@ -338,8 +332,10 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     path = _resolve(str(name_or_path))
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{_display(path)}: cannot read hardware profile: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{_display(path)}: hardware profile is not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise os_error(e, _display(path), "reading hardware profile") from None
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:

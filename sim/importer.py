@@ -166,10 +166,15 @@ def read_csv(path: Path, names: dict[str, str]) -> Records:
 
 def read_npz(path: Path, names: dict[str, str]) -> Records:
     """NumPy .npz with `experts [T, L, k]`, `weights [T, L, k]`, optional `seq`, `pos`, `phase [T]`."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # np.load would try a pickle and talk about it
+        raise UserError(f"{path} is not an .npz file (not a zip archive of arrays); is format= right? "
+                        f"(known: {', '.join(FORMATS)})")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:  # not a zip / not numpy / object arrays
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # damaged / not numpy / object arrays
         raise UserError(f"{path} is not a readable .npz file: {str(err).splitlines()[0][:200]}") from None
     res = _resolve(names, set(arrays), str(path), required=("experts", "weights"))
     ex, w = arrays[res["experts"]], arrays[res["weights"]]  # type: ignore[index]
@@ -427,27 +432,39 @@ def _getter(obj: dict[str, Any], where: str) -> Callable[[str | None], Any]:
 def _int(v: Any, where: str, name: str | None) -> int:
     if isinstance(v, str):
         try:
-            return int(v)
+            v = int(v)
         except ValueError:
             raise UserError(f"{where}: field {name!r} must be an integer, got {v!r}") from None
     if isinstance(v, float) and v.is_integer():
-        return int(v)
+        v = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
         raise UserError(f"{where}: field {name!r} must be an integer, got {v!r}")
+    if not -(2**31) <= v < 2**31:  # ids, positions and layers are int32 in a trace
+        raise UserError(f"{where}: field {name!r} = {v} is out of range (|value| < 2**31)")
     return v
 
 
 def _label(v: Any, where: str, name: str | None) -> Any:
+    """A sequence label: a string, or an integer (one beyond int64 is kept as its text)."""
     if isinstance(v, str):
         return v
-    return _int(v, where, name)
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 2**63:
+        return str(int(v))
+    if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+        return str(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UserError(f"{where}: field {name!r} must be an integer or a string, got {v!r}")
+    return v
 
 
 def _csv_label(v: str) -> Any:
     try:
-        return int(v)
+        n = int(v)
     except ValueError:
         return v
+    return n if -(2**63) <= n < 2**63 else v
 
 
 def _int_list(v: Any, where: str, name: str | None) -> list[int]:

@@ -140,6 +140,9 @@ PRESETS: dict[str, ModelPreset] = {
 def load_preset(name: str, **overrides: object) -> ModelPreset:
     """The preset called `name`, with field overrides (e.g. bits=4). UserError if unknown."""
     if name not in PRESETS:
+        if "/" in name:  # a path: presets are bare names
+            raise UserError(f"model {name!r} is neither a model preset (a bare name) nor an existing checkpoint "
+                            f"folder; presets: {', '.join(sorted(PRESETS))}")
         raise UserError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     preset = PRESETS[name]
     fields = {f.name for f in dataclasses.fields(ModelPreset)}

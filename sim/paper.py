@@ -80,6 +80,8 @@ def run_paper(a: PaperArgs, progress: bool = True) -> list[dict[str, Any]]:
         rows.append({"arm": label, "reference": ref, "args": " ".join(args), "tpot_ms": s["tpot_mean_s"] * 1e3,
                      "bound_ms": s["tpot_lower_bound_s"] * 1e3, "x_bound": s["bound_ratio"],
                      **{k: s[k] for k in COLUMNS[5:]}, "prefetch_modelled": s["prefetch_modelled"]})
+    if "error" in rows[0]:  # the baseline did not run: there is nothing to compare with
+        raise UserError(f"the baseline arm ({rows[0]['arm']}) cannot run here: {rows[0]['error']}")
     ref = rows[0]["tpot_ms"]
     offline = {r["reference"]: r["tpot_ms"] for r in rows if r["arm"] in OFFLINE.values() and "error" not in r}
     for r in rows:

@@ -54,19 +54,31 @@ def _rel(path: Path | None) -> str | None:
         return str(path)
 
 
-def write_results(res: RunResult, out: Path, *, report: bool = True, title: str = "") -> Path:
-    with atomic.new_dir(out) as tmp:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(resolved_config(res), sort_keys=False))
-        (tmp / "summary.json").write_text(json.dumps(res.summary, indent=2))
-        res.tokens.write_parquet(tmp / "tokens.parquet")
-        res.layers.write_parquet(tmp / "layers.parquet")
-        res.events.write_parquet(tmp / "events.parquet")
-        if report:
-            from sim.report import run_report, write_html
+#: free space a run's folder is checked for before the run (about 1.6 MB of tables for the bundled
+#: trace, plus 4.5 MB of plotly.js in report.html, with a margin)
+RESULTS_BYTES = 8e6
+REPORT_BYTES = 8e6
 
-            write_html(run_report(res.summary, res.tokens, res.layers, res.events, title or out.name),
-                       tmp / "report.html")
+
+def write_results(res: RunResult, out: Path, *, report: bool = True, title: str = "") -> Path:
+    """The results folder `out`, written atomically (claimed now: see `fill_results` to claim earlier)."""
+    with atomic.new_dir(out, need_bytes=RESULTS_BYTES + (REPORT_BYTES if report else 0)) as tmp:
+        fill_results(res, tmp, report=report, title=title or Path(out).name)
     return out
+
+
+def fill_results(res: RunResult, tmp: Path, *, report: bool = True, title: str = "") -> None:
+    """Write a run's files into `tmp`, the temporary folder of a claimed output (`atomic.new_dir`)."""
+    (tmp / "config.yaml").write_text(yaml.safe_dump(resolved_config(res), sort_keys=False))
+    (tmp / "summary.json").write_text(json.dumps(res.summary, indent=2))
+    res.tokens.write_parquet(tmp / "tokens.parquet")
+    res.layers.write_parquet(tmp / "layers.parquet")
+    res.events.write_parquet(tmp / "events.parquet")
+    if report:
+        from sim.report import run_report, write_html
+
+        write_html(run_report(res.summary, res.tokens, res.layers, res.events, title or tmp.name),
+                   tmp / "report.html")
 
 
 def _fmt(key: str, v: Any) -> str:

@@ -186,10 +186,12 @@ def adapmoe_share(
 def read_sensitivity(path: Path | str, layers: int) -> np.ndarray:
     """S_l [layers] from a file: a YAML/JSON list, a mapping with `S_l` (or a trace's meta.yaml with
     `sensitivity: {S_l: [...]}`), or plain numbers separated by spaces, commas or newlines."""
+    from sim.errors import read_text
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sensitivity file not found: {path}")
-    text = path.read_text()
+    text = read_text(path, "sensitivity file")
     try:
         data: Any = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -201,7 +203,7 @@ def read_sensitivity(path: Path | str, layers: int) -> np.ndarray:
         data = text.replace(",", " ").split()
     try:
         arr = np.asarray([float(x) for x in data], dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{path}: expected {layers} numbers (S_l per layer)") from None
     if arr.shape != (layers,) or not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise UserError(f"{path}: expected {layers} finite numbers >= 0 (S_l per layer), got {arr.size}")

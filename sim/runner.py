@@ -32,10 +32,10 @@ from sim.trace import Trace, read_trace
 
 
 def resolve_trace_path(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir() or p.is_absolute():
-        return p
-    return REPO_ROOT / p if (REPO_ROOT / p).is_dir() else p
+    """The trace folder `path` names (`sim.paths`: a bare name is looked up in traces/); UserError if none."""
+    from sim.paths import resolve_input
+
+    return resolve_input(str(path), REPO_ROOT / "traces", what="trace", want_dir=True, example="toy")
 
 
 @functools.lru_cache(maxsize=8)

@@ -180,6 +180,8 @@ def plan(grid: dict[str, list[str]], log: Callable[[str], None] | None = None) -
                 p.error = f"UserError: {err}"
                 p.config = None
     _refuse_values_no_point_can_use(grid, pts)
+    _build_points(pts)
+    _refuse_values_no_point_can_use(grid, pts)
     fingerprints: dict[tuple[str, str], dict[str, str]] = {}
     for p in pts:
         if p.error is not None:
@@ -191,6 +193,54 @@ def plan(grid: dict[str, list[str]], log: Callable[[str], None] | None = None) -
             fingerprints[ident] = _inputs(p.config)
         p.key = point_key(p.flat, fingerprints[ident], SWEEP_FORMAT)
     return pts
+
+
+def _signature(cfg: Any) -> str:
+    """What decides whether a point's simulation can be built, but its cache size and seed."""
+    import json
+
+    flat = {k: v for k, v in flat_config(cfg).items() if k not in ("cache.slots", "cache.bytes", "seed")}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def _build_points(pts: list[Point]) -> None:
+    """Build each valid point's simulation without running it, so that what would fail it (a trace
+    that does not load or match the model, a cache smaller than top-k, a policy that refuses the
+    hardware or the trace) fails it now, before the first point runs.
+
+    Every point gets the checks of its own inputs and cache size; the policies and the engine
+    (`sim.runner.build_engine`, the dear part) are built for the points that differ only in cache
+    size and seed until one builds (grid order), and that one stands for the rest. A point that
+    fails is recorded with its error and not run.
+    """
+    import dataclasses
+
+    from sim.hardware import load_profile
+    from sim.models import load_preset
+    from sim.runner import build_engine, cache_capacity, load_trace
+
+    profiles: dict[str, Any] = {}
+    groups: dict[str, list[Point]] = {}
+    for p in pts:
+        if p.config is None or p.error is not None:
+            continue
+        cfg = p.config
+        try:
+            if cfg.hw not in profiles:
+                profiles[cfg.hw] = load_profile(cfg.hw)
+            quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
+            cache_capacity(cfg, load_preset(cfg.model, **quant), profiles[cfg.hw], load_trace(cfg.trace))
+        except UserError as err:
+            p.error, p.config = f"UserError: {err}", None
+            continue
+        groups.setdefault(_signature(cfg), []).append(p)
+    for members in groups.values():
+        for p in members:
+            try:
+                build_engine(p.config, hw=profiles[p.config.hw])
+                break
+            except UserError as err:
+                p.error, p.config = f"UserError: {err}", None
 
 
 def _inputs(cfg: Any) -> dict[str, str]:
@@ -285,8 +335,15 @@ def run_sweep(grid: dict[str, Any] | Iterable[str], out: str | Path, *, executor
         from sim.sweep_exec import import_ray
 
         import_ray()  # refuse before any work when Ray is not installed
+    from sim.atomic import check_output_path
+
+    check_output_path(Path(out), folder=True, overwrite=True, what="sweep folder")  # a name, a place to write
     g = normalise_grid(grid)
     pts = plan(g, log)
+    if report and baseline:  # the report's baseline must be a policy of the sweep: refused now, not at the end
+        policies = list(dict.fromkeys(p.config.policy for p in pts if p.config is not None))
+        if baseline not in policies:
+            raise UserError(f"baseline={baseline} is not a policy of this sweep; its policies: {', '.join(policies)}")
     store = SweepStore(Path(out))
     resumed = store.open(g, [p.key for p in pts], extend=extend)
     try:
@@ -331,7 +388,7 @@ def _run(pts, store, executor, jobs, ray_address, progress, report, baseline, re
         if executor == "ray":
             sweep_exec.run_ray(todo, jobs, ray_address, on_result)
         else:
-            sweep_exec.run_local(todo, jobs, on_result)
+            sweep_exec.run_local(todo, jobs, on_result, log=log)
     finally:
         bar.close()
         if executor == "ray" and started:

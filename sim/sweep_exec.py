@@ -9,7 +9,11 @@ from the config's seed).
 - `local`, jobs = 1: one point after another in this process (no start-up cost; notebooks, tests).
 - `local`, jobs > 1: `concurrent.futures.ProcessPoolExecutor` with `spawn` workers; each worker
   reads a trace once and keeps it (`sim.runner.load_trace` memoises). A worker that dies (killed,
-  out of memory) breaks the pool: the points still pending are recorded as failed, to be rerun.
+  out of memory) breaks the pool: the points still pending are recorded as failed, to be rerun,
+  and one line says which worker died and how. Workers die with their parent: on Linux the
+  kernel kills them when it exits (`prctl(PR_SET_PDEATHSIG)`), and everywhere a watchdog thread
+  in each worker ends it once its parent is gone (the parent pid changes), so a sweep whose
+  parent is killed leaves no worker behind.
 - `ray`: one Ray task per point. Without `ray.address` a local Ray instance with `jobs` CPUs is
   started (and stopped at the end); `ray.address=auto` or `HOST:PORT` joins an existing cluster;
   if Ray is already initialised in this process (a notebook, a test) that instance is used. The
@@ -19,7 +23,11 @@ from the config's seed).
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -69,26 +77,86 @@ def run_serial(todo: list[tuple[str, Any]], on_result: OnResult) -> None:
         on_result(key, execute_point(cfg))
 
 
-def run_local(todo: list[tuple[str, Any]], jobs: int, on_result: OnResult) -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+WATCHDOG_PERIOD_S = 0.5
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: this process ends when the sweep's parent process does (module docstring)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl here: the watchdog below still works
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above ran
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="sweep-parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(WATCHDOG_PERIOD_S)
+    os._exit(1)  # orphaned: re-parented to init or a subreaper
+
+
+def _worker_deaths(workers: dict[int, Any]) -> str:
+    """`pid N killed by SIGKILL` for the pool's workers (`pid -> Process`) that died (best effort);
+    the ones the pool itself then ends with SIGTERM are left out when another death explains it."""
+    deaths, ended = [], []
+    for pid, proc in workers.items():
+        code = None
+        for _ in range(50):  # the pool's own thread may be reaping it right now: its exit code comes soon
+            try:
+                proc.join(timeout=0.1)
+            except (AssertionError, ValueError, OSError):  # pragma: no cover - not ours to join
+                pass
+            code = getattr(proc, "exitcode", None)
+            if code is not None:
+                break
+        if code is not None and code != 0:
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+                else f"exited with status {code}"
+            (ended if code == -signal.SIGTERM else deaths).append(f"pid {pid} {how}")
+    return ", ".join(deaths or ended) or "a worker process ended abruptly"
+
+
+def run_local(todo: list[tuple[str, Any]], jobs: int, on_result: OnResult,
+              log: Callable[[str], None] | None = None) -> None:
     """Points on `jobs` spawned worker processes (in this process when jobs == 1)."""
     if jobs <= 1 or len(todo) <= 1:
         run_serial(todo, on_result)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"),
+                             initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(execute_point, cfg): key for key, cfg in todo}
+        workers = dict(getattr(pool, "_processes", None) or {})  # spawned by the submits (private state)
+        broken: list[str] = []
+        lost = 0
         try:
             for fut in as_completed(futures):
                 try:
                     outcome = fut.result()
-                except Exception as err:  # BrokenProcessPool: a worker died
+                except BrokenProcessPool:  # a worker died: this point and every pending one
+                    if not broken:
+                        broken.append(_worker_deaths(workers))
+                    lost += 1
+                    outcome = {"summary": None, "layers": None, "wall_s": None,
+                               "error": f"WorkerDied: the sweep's worker process died ({broken[0]}); rerun to run it"}
+                except Exception as err:
                     outcome = failed(err)
                 on_result(futures[fut], outcome)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+        if broken and log:
+            log(f"error: a sweep worker died ({broken[0]}); {lost} unfinished point(s) are recorded as "
+                "failed: rerun the same command to run them")
 
 
 # ----------------------------------------------------------------------------------------- ray

@@ -56,13 +56,46 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_table(path: Path) -> pl.DataFrame:
+    """A Parquet table of a results or sweep folder; a damaged one is a UserError naming it."""
+    try:
+        return pl.read_parquet(path)
+    # polars raises several types for a damaged file; a Rust panic is a BaseException
+    except (Exception, pl.exceptions.PanicException) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise UserError(f"{path} is corrupt or not Parquet: {lines[0][:160]}") from None
+
+
+def _check_columns(frame: pl.DataFrame, path: Path, numeric: tuple[str, ...], text: tuple[str, ...] = ()) -> None:
+    """The columns the report draws must have their kind (numbers, text) where present."""
+    for col in numeric:
+        if col in frame.columns and not (frame[col].dtype.is_numeric() or frame[col].dtype == pl.Null):
+            raise UserError(f"{path}: column {col!r} must hold numbers, holds {frame[col].dtype}")
+    for col in text:
+        if col in frame.columns and frame[col].dtype not in (pl.Utf8, pl.Null, pl.Categorical):
+            raise UserError(f"{path}: column {col!r} must hold text, holds {frame[col].dtype}")
+
+
+#: what the report reads from each table (the rest is carried along)
+TABLE_NUMERIC = ("tpot_mean_s", "dL_est", "cache_slots", "hit_rate")
+LAYERS_NUMERIC = ("layer", "hit_rate")
+EVENTS_NUMERIC = ("start_s", "end_s")
+
+
 def read_run_folder(path: Path) -> dict[str, Any]:
     """A `python -m sim run` folder -> {row, layers, tokens, events}."""
+    from sim.errors import read_text
+
     try:
-        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, ValueError, yaml.YAMLError) as err:
+        cfg = yaml.safe_load(read_text(path / "config.yaml", "run config")) or {}
+        summary = json.loads(read_text(path / "summary.json", "run summary"))
+    except (ValueError, yaml.YAMLError) as err:
         raise UserError(f"{path}: not a readable run folder ({err.__class__.__name__})") from None
+    if not isinstance(cfg, dict) or not isinstance(summary, dict):
+        raise UserError(f"{path}: not a run folder (config.yaml and summary.json must hold mappings)")
+    bad = [k for k, v in summary.items() if not (v is None or isinstance(v, (bool, int, float, str)))]
+    if bad:
+        raise UserError(f"{path / 'summary.json'}: {bad[0]!r} must be a number, text or null")
     cfg.pop("resolved", None)
     for key in ("out", "name", "report"):
         cfg.pop(key, None)
@@ -70,7 +103,16 @@ def read_run_folder(path: Path) -> dict[str, Any]:
     frames = {}
     for name in ("layers", "tokens", "events"):
         f = path / f"{name}.parquet"
-        frames[name] = pl.read_parquet(f) if f.is_file() else None
+        frames[name] = read_table(f) if f.is_file() else None
+    if frames["layers"] is not None:
+        _check_columns(frames["layers"], path / "layers.parquet", LAYERS_NUMERIC)
+    for name, need in (("tokens", ("start_s", "end_s")), ("events", ("kind", "start_s", "end_s"))):
+        frame = frames[name]
+        if frame is not None:
+            missing = [c for c in need if c not in frame.columns]
+            if missing:
+                raise UserError(f"{path / (name + '.parquet')}: column {missing[0]!r} is missing")
+            _check_columns(frame, path / f"{name}.parquet", ("start_s", "end_s"), ("kind",))
     return {"row": row, **frames}
 
 
@@ -82,10 +124,13 @@ def load_inputs(dirs: list[Path]) -> tuple[pl.DataFrame, pl.DataFrame, list[tupl
     for d in dirs:
         d = Path(d)
         if (d / TABLE_FILE).is_file():
-            t = pl.read_parquet(d / TABLE_FILE)
+            t = read_table(d / TABLE_FILE)
+            _check_columns(t, d / TABLE_FILE, TABLE_NUMERIC, ("point", "error", "policy"))
             tables.append(t.with_columns(pl.lit(d.name).alias("source")))
             if (d / LAYERS_FILE).is_file():
-                layers.append(pl.read_parquet(d / LAYERS_FILE))
+                lay = read_table(d / LAYERS_FILE)
+                _check_columns(lay, d / LAYERS_FILE, LAYERS_NUMERIC, ("point",))
+                layers.append(lay)
         elif (d / "summary.json").is_file():
             run = read_run_folder(d)
             tables.append(rows_to_frame([run["row"]]))

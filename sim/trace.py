@@ -63,17 +63,20 @@ class ModelInfo:
         object.__setattr__(self, "moe_layer_ids", tuple(int(i) for i in self.moe_layer_ids))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+    def from_dict(cls, data: dict[str, Any], where: str = "meta.yaml") -> ModelInfo:
+        """The `model` section of a meta.yaml, every field of its type and in range (sim/validate.py)."""
+        from sim.validate import META_MODEL, check_record
+
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(map(str, data)) - set(names))
         if unknown:
-            raise UserError(f"meta.yaml: unknown model field(s) {sorted(unknown)}; valid: {sorted(names)}")
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise UserError(f"meta.yaml: model section is incomplete: {err}") from None
-        except ValueError as err:  # e.g. `layers: abc`
-            raise UserError(f"meta.yaml: model section has a value of the wrong type: {err}") from None
+            raise UserError(f"{where}: unknown model field(s) {unknown}; valid: {sorted(names)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise UserError(f"{where}: model.{missing[0]} is missing (required: {', '.join(required)})")
+        values = check_record(cls, data, META_MODEL, where, section="model")
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -217,13 +220,18 @@ def to_frame_columns(trace: Trace) -> list[str]:
 
 def write_trace(trace: Trace, out: Path, *, overwrite: bool = False) -> Path:
     """Write `trace` to the folder `out` atomically (a failure leaves nothing behind)."""
+    with atomic.new_dir(Path(out), overwrite=overwrite) as tmp:
+        fill_trace(trace, tmp)
+    return Path(out)
+
+
+def fill_trace(trace: Trace, tmp: Path) -> None:
+    """Write `trace`'s files into `tmp`, the temporary folder of a claimed output (`atomic.new_dir`)."""
     validate(trace)
     frame = to_frame(trace)
     meta = meta_dict(trace)
-    with atomic.new_dir(Path(out), overwrite=overwrite) as tmp:
-        frame.write_parquet(tmp / ROUTING_FILE, compression="zstd", statistics=False)
-        (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, width=100, default_flow_style=None))
-    return Path(out)
+    frame.write_parquet(tmp / ROUTING_FILE, compression="zstd", statistics=False)
+    (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, width=100, default_flow_style=None))
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -235,16 +243,20 @@ def read_trace(path: Path | str) -> Trace:
     if not path.is_dir():
         raise UserError(f"trace folder not found: {path}")
     meta = _read_meta(path)
-    model = ModelInfo.from_dict(meta["model"])
+    model = ModelInfo.from_dict(meta["model"], where=str(path / META_FILE))
     frame = _read_frame(path / ROUTING_FILE)
     trace = from_frame(frame, model, where=str(path / ROUTING_FILE))
     sens = meta.get("sensitivity") or {}
     s_l = sens.get("S_l")  # `sensitivity` and `source` are known to be mappings (_read_meta)
     if s_l is not None:
-        s_arr = np.asarray(s_l, dtype=np.float64)
-        if s_arr.shape != (model.layers,) or not np.all(np.isfinite(s_arr)) or np.any(s_arr < 0):
-            raise UserError(f"{path / META_FILE}: sensitivity.S_l must be {model.layers} finite values >= 0")
-        trace.sensitivity = s_arr
+        from sim.validate import check_number
+
+        where = str(path / META_FILE)
+        if not isinstance(s_l, list) or len(s_l) != model.layers:
+            raise UserError(f"{where}: sensitivity.S_l must be a list of {model.layers} numbers (one per MoE "
+                            f"layer), got {str(s_l)[:60]!r}")
+        trace.sensitivity = np.asarray([check_number(x, f"sensitivity.S_l[{i}]", where=where)
+                                        for i, x in enumerate(s_l)], dtype=np.float64)
     trace.sensitivity_info = {k: v for k, v in sens.items() if k != "S_l"}
     trace.source = dict(meta.get("source") or {})
     trace.path = path
@@ -258,8 +270,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{path} is not a trace: {META_FILE} is missing")
+    from sim.errors import read_text
+
+    text = read_text(meta_path, "trace metadata")
     try:
-        meta = yaml.safe_load(meta_path.read_text())
+        meta = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"{meta_path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):

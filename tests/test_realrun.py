@@ -145,7 +145,10 @@ def test_store_folder_without_space(trace_dir, tmp_path, capsys, monkeypatch):
     class Tiny:
         free = 1000
 
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: Tiny)
+    class TinyDisk:  # the store's view of the disk only (the results folder is checked for space too)
+        disk_usage = staticmethod(lambda p: Tiny)
+
+    monkeypatch.setattr(store, "shutil", TinyDisk)
     rc, _, err = cli(["realrun", f"trace={trace_dir}", *SMALL, f"store_dir={tmp_path / 'full'}",
                       f"out={tmp_path / 'res'}"], capsys)
     assert rc == 2 and "GB free" in err and err.count("\n") == 1

@@ -140,20 +140,29 @@ def test_process_pool_equals_serial(trace_dir, tmp_path):
 
 def test_failing_point_is_recorded_and_does_not_stop_the_sweep(trace_dir, tmp_path, capsys):
     out = tmp_path / "sw"
-    # adapmoe's DP cache needs a slot per layer: 8 slots over 32 layers fails when the engine is built
-    args = ["sweep", f"trace={trace_dir}", "policy=adapmoe", "cache.slots=8,32,64", f"out={out}", "jobs=2",
+    # adapmoe's DP cache needs a slot per layer: 8 slots over 32 layers fails when its engine is built
+    # (before any point runs); baseline runs with 8 slots, so the combination fails, not the value
+    args = ["sweep", f"trace={trace_dir}", "policy=adapmoe,baseline", "cache.slots=8,64", f"out={out}", "jobs=2",
             "progress=false"]
     rc, stdout, _ = run_cli(args, capsys)
     assert rc == 1
-    assert "1 failed" in stdout.splitlines()[-1]
+    assert "3 run, 0 done before, 1 failed" in stdout.splitlines()[-1]
     t = pl.read_parquet(out / "sweep.parquet")
-    assert t.height == 3
-    assert t["error"].to_list()[1:] == [None, None] and "does not fit 8 slots" in t["error"][0]
+    assert t.height == 4
+    assert t["error"].to_list()[1:] == [None, None, None] and "does not fit 8 slots" in t["error"][0]
     assert t["tpot_mean_s"][0] is None and t["tpot_mean_s"][1] > 0
     assert "Failed points (1)" in (out / "report.html").read_text()
-    # a rerun tries the failed point again (and only it)
+    # a rerun builds the failed point again (it still fails, and runs nothing)
     rc, stdout, _ = run_cli(args, capsys)
-    assert rc == 1 and "1 run, 2 done before, 1 failed" in stdout.splitlines()[-1]
+    assert rc == 1 and "0 run, 3 done before, 1 failed" in stdout.splitlines()[-1]
+
+
+def test_a_value_no_point_can_build_is_refused_before_any_point_runs(trace_dir, tmp_path, capsys):
+    out = tmp_path / "sw"
+    rc, _, err = run_cli(["sweep", f"trace={trace_dir}", "policy=adapmoe", "cache.slots=8,32,64", f"out={out}",
+                          "jobs=1", "progress=false"], capsys)
+    assert "cache.slots=8: cache.min_slots=1 does not fit 8 slots" in one_line_error(rc, err)
+    assert not (out / "points").exists() or not list((out / "points").iterdir())
 
 
 def test_knob_of_another_policy_is_dropped_where_it_does_not_apply(trace_dir, tmp_path, capsys):
@@ -207,7 +216,9 @@ def one_line_error(rc: int, err: str) -> str:
     (["gating.T=1,2"], "gating policy 'topk' takes no knobs"),
     (["hw=nope.yaml"], "hardware profile 'nope.yaml' not found"),
     (["executor=dask"], "unknown executor 'dask'"),
-    (["jobs=-1"], "jobs must be >= 1"),
+    (["jobs=-1"], "bad value for 'jobs': -1 (must be an integer >= 0 and <= 4096)"),
+    (["baseline=nope"], "baseline=nope is not a policy of this sweep"),
+    (["quant.bits=2.5,nan"], "quant.bits=nan: bad value for 'quant.bits': nan (must be finite"),
     (["seed=x"], "bad value for 'seed'"),
 ])
 def test_bad_inputs_one_line_exit_2(trace_dir, tmp_path, capsys, extra, message):

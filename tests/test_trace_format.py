@@ -163,9 +163,13 @@ def test_duplicate_row(trace, tmp_path):
         ({"format_version": 2}, "format_version 2 is not supported"),
         ({"format_version": None}, "format_version None is not supported"),
         ({"model": "mixtral"}, "'model' section"),
-        ({"model__layers": "three"}, "wrong type"),
+        ({"model__layers": "three"}, r"model.layers.*must be an integer"),
+        ({"model__layers": 32.7}, r"model.layers.*whole number"),
+        ({"model__top_k": "2"}, r"model.top_k.*'2' \(str\)"),
+        ({"model__renormalize": "yes please"}, r"model.renormalize.*true or false"),
+        ({"sensitivity__S_l": ["oops", 1.0, 2.0]}, r"sensitivity.S_l\[0\].*'oops'"),
         ({"model__colour": "red"}, r"unknown model field\(s\) \['colour'\]"),
-        ({"sensitivity__S_l": [1.0, 2.0]}, "sensitivity.S_l must be 3"),
+        ({"sensitivity__S_l": [1.0, 2.0]}, "sensitivity.S_l must be a list of 3"),
     ],
 )
 def test_meta_mismatch(trace, tmp_path, edits, message):

@@ -87,6 +87,7 @@ class Pregate(PrefetchPolicy):
                 f"prefetch 'pregate' with depth={knobs.depth} needs trace columns "
                 f"{', '.join(f'pregate_{d}' for d in missing)}, which this trace lacks; "
                 f"use prefetch.predictor=modelled or prefetch.depth={min(tr.pregate or [1])}")
+        self._accuracy_spec(knobs.accuracy)  # refused even where the trace's own predictions are used
         self._modelled = bool(use_model)
         self.admit_on_use = knobs.admit == "on_use"
         self.idle_only = knobs.idle_only
@@ -105,6 +106,17 @@ class Pregate(PrefetchPolicy):
             keys = ids + (np.arange(L)[None, :, None] + d) * E  # key in layer l + d
             self.pred[d] = keys.tolist()  # nested lists: fast scalar access on the hot path
         self._layers = L
+
+    @staticmethod
+    def _accuracy_spec(spec: str) -> None:
+        if spec == "published":
+            return
+        try:
+            value = float(spec)
+        except ValueError:
+            raise UserError(f"prefetch.accuracy must be 'published' or a number in [0, 1], got {spec!r}") from None
+        if not 0.0 <= value <= 1.0:  # NaN fails this too
+            raise UserError(f"prefetch.accuracy must be 'published' or a number in [0, 1], got {spec!r}")
 
     @staticmethod
     def _accuracy(spec: str, ctx: Context) -> np.ndarray:

@@ -27,7 +27,7 @@ def write_profile(prof: dict, out: Path, header: str) -> None:
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".yaml")
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None
     try:
@@ -43,16 +43,18 @@ def write_profile(prof: dict, out: Path, header: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from sim import atomic
     from sim.args import parse_args
     from sim.realrun.calibrate import CalibrateOptions
     from sim.realrun.profile import calibrate
 
     opts = parse_args(CalibrateOptions, argv, allow_config_file=False)
     cmd = command_line(argv)
-    prof, rows = calibrate(opts, cmd)
-    header = (f"# Measured on this machine by `{cmd}`.\n"
-              "# Every number's source says how; schema and conventions in hwprofiles/README.md.\n")
-    write_profile(prof, Path(opts.out), header)
+    with atomic.claim_file(Path(opts.out), what="profile"):  # checked and claimed before measuring
+        prof, rows = calibrate(opts, cmd)
+        header = (f"# Measured on this machine by `{cmd}`.\n"
+                  "# Every number's source says how; schema and conventions in hwprofiles/README.md.\n")
+        write_profile(prof, Path(opts.out), header)
     width = max(len(r[0]) for r in rows)
     print(f"{'measured'.ljust(width)}  {'value'.ljust(28)}  spread (p10-p90 / median)")
     for what, value, spread in rows:

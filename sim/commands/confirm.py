@@ -102,10 +102,9 @@ def main(argv: list[str]) -> int:
     check_options(RealOptions(device=opts.device, store=opts.store, threads=opts.threads))
     arms = parse_arms(opts.arms, opts)
     out = Path(opts.out) if opts.out else default_out("confirm")
-    atomic.check_new_dir(out)
-    trace, trace_desc = default_trace(opts)
     t0 = time.perf_counter()
-    with atomic.new_dir(out) as tmp:
+    with atomic.new_dir(out, need_bytes=32e6) as tmp:  # claimed before the first measurement
+        trace, trace_desc = default_trace(opts)
         sessions, probes = [], []
         if opts.profile and not opts.calibrate:
             hw = load_profile(opts.profile)

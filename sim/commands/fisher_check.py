@@ -40,6 +40,8 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 
 
 def main(argv: list[str]) -> int:
+    import contextlib
+
     args = parse_args(FisherCheckArgs, argv)
     for key in ("model", "text"):
         if not getattr(args, key):
@@ -49,10 +51,17 @@ def main(argv: list[str]) -> int:
             raise UserError(f"{key} must be >= 1, got {getattr(args, key)}")
     if args.decode_tokens < 0:
         raise UserError(f"decode_tokens must be >= 0, got {args.decode_tokens}")
-    for key in ("out", "figure"):
-        p = Path(getattr(args, key)) if getattr(args, key) else None
-        if p is not None and (p.is_dir() or not p.parent.is_dir()):
-            raise UserError(f"{key}={p}: not a file path in an existing folder")
+    with contextlib.ExitStack() as claims:  # out= and figure= are checked and claimed before the work
+        for key in ("out", "figure"):
+            p = Path(getattr(args, key)) if getattr(args, key) else None
+            if p is not None:
+                if p.is_dir() or not p.parent.is_dir():
+                    raise UserError(f"{key}={p}: not a file path in an existing folder")
+                claims.enter_context(atomic.claim_file(p, what=f"{key} file"))
+        return _main(args, argv)
+
+
+def _main(args: FisherCheckArgs, argv: list[str]) -> int:
 
     import numpy as np
     from tqdm import tqdm

@@ -16,7 +16,7 @@ from sim.args import parse_args
 from sim.errors import UserError
 from sim.importer import EXTENSIONS, FORMATS, import_log
 from sim.models import load_preset
-from sim.trace import write_trace
+from sim.trace import fill_trace
 
 
 @dataclass
@@ -53,11 +53,13 @@ def main(argv: list[str]) -> int:
     if not path.is_file():
         raise UserError(f"import file not found: {path}")
     out = Path(args.out)
-    atomic.check_new_dir(out, overwrite=args.overwrite)
     names = {role: getattr(args, f"{role}_field") for role in ("seq", "pos", "layer", "experts", "weights", "phase")}
-    trace, report = import_log(path, fmt, preset, strict=args.strict, names={k: v for k, v in names.items() if v})
-    if args.routing != trace.model.routing:
-        trace.model = replace(trace.model, routing=args.routing)
-    write_trace(trace, out, overwrite=args.overwrite)
+    # claimed before the log is read; a trace takes about as much room as its log (zstd Parquet)
+    with atomic.new_dir(out, overwrite=args.overwrite, need_bytes=path.stat().st_size + 1e6) as tmp:
+        trace, report = import_log(path, fmt, preset, strict=args.strict,
+                                   names={k: v for k, v in names.items() if v})
+        if args.routing != trace.model.routing:
+            trace.model = replace(trace.model, routing=args.routing)
+        fill_trace(trace, tmp)
     print(f"imported {path.name}: {report.line(preset.layers)} -> {out}")
     return 0

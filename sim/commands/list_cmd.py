@@ -6,6 +6,10 @@ from sim import REPO_ROOT
 
 
 def main(argv: list[str]) -> int:
+    if argv:
+        from sim.errors import UserError
+
+        raise UserError(f"list takes no arguments, got {' '.join(argv)!r}")
     from policies.presets import PRESETS as POLICY_PRESETS
     from policies.registry import FAMILIES
     from sim.hardware import list_profiles

@@ -19,7 +19,7 @@ REAL_KEYS = ("realrun_device", "realrun_store", "page_cache_cold_s", "page_cache
 
 
 def main(argv: list[str]) -> int:
-    from sim.atomic import check_new_dir
+    from sim import atomic
     from sim.realrun.build import parse_realrun
     from sim.results import default_out, summary_table
 
@@ -27,26 +27,31 @@ def main(argv: list[str]) -> int:
     live = opts.live or Path(cfg.model).is_dir()
     if live and not Path(cfg.model).is_dir():
         from sim.errors import UserError
+        from sim.paths import is_bare_name
         from sim.realrun.live import DEFAULT_MODEL
+
+        if not is_bare_name(cfg.model):  # a path that does not exist is never swapped for the toy model
+            raise UserError(f"model folder not found: {cfg.model}")
 
         if not DEFAULT_MODEL.is_dir():
             raise UserError(f"live=true needs model=DIR of a checkpoint (the toy model {DEFAULT_MODEL.name} is not built)")
         cfg.model = str(DEFAULT_MODEL)
     name = cfg.name or f"realrun-{cfg.policy}-{opts.device}-{opts.store}"
     out = Path(cfg.out) if cfg.out else default_out(name)
-    check_new_dir(out)
     t0 = time.perf_counter()
     if live:
-        from sim.realrun.live import live_run, print_live, write_live
+        from sim.realrun.live import fill_live, live_run, print_live
 
-        res = live_run(cfg, opts)
-        write_live(res, opts, out)
+        with atomic.new_dir(out, need_bytes=8e6) as tmp:  # claimed before the run
+            res = live_run(cfg, opts)
+            fill_live(res, opts, tmp)
         print_live(res)
     else:
-        from sim.realrun.run import real_run, write_real_results
+        from sim.realrun.run import fill_real_results, real_run
 
-        res = real_run(cfg, opts)
-        write_real_results(res, opts, out, report=cfg.report)
+        with atomic.new_dir(out, need_bytes=16e6 if cfg.report else 8e6) as tmp:  # claimed before the run
+            res = real_run(cfg, opts)
+            fill_real_results(res, opts, tmp, report=cfg.report, title=f"realrun {out.name}")
         s = res.summary
         print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
               f"{s['expert_bytes'] / 1e6:.1f} MB, measured in {time.perf_counter() - t0:.1f} s")

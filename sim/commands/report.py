@@ -30,10 +30,21 @@ def main(argv: list[str]) -> int:
         if not d.is_dir():
             raise UserError(f"{d}: folder not found")
     out = Path(opts.out) if opts.out else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
-    if out.is_dir() or not out.parent.exists():
-        raise UserError(f"out={out}: not a file path in an existing folder")
+    import polars as pl
+
+    from sim import atomic
     from sim.sweep_report import write_report
 
-    write_report(dirs, out, baseline=opts.baseline, title=opts.title)
+    atomic.check_output_path(out, folder=False, what="report")  # a valid name, a place to write
+    if out.is_dir() or not out.parent.exists():
+        raise UserError(f"out={out}: not a file path in an existing folder")
+
+    with atomic.claim_file(out, need_bytes=8e6, what="report"):  # checked and claimed before the work
+        try:
+            write_report(dirs, out, baseline=opts.baseline, title=opts.title)
+        except pl.exceptions.PolarsError as err:  # a table of the right kinds that still does not fit
+            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise UserError(f"cannot draw a report of {', '.join(map(str, dirs))}: its tables do not have "
+                            f"the expected columns ({line})") from None
     print(f"report: {out}")
     return 0

@@ -1,4 +1,9 @@
-"""`python -m sim run hw=jetson.yaml [trace=DIR] [model=PRESET] [policy=PRESET] [key=value ...]`."""
+"""`python -m sim run hw=jetson.yaml [trace=DIR] [model=PRESET] [policy=PRESET] [key=value ...]`.
+
+The results folder (`out=`, default `results/<timestamp>-<name>`) is claimed before the simulation
+starts (`sim.atomic`): a second run to the same folder is refused at once, and a run that fails
+leaves nothing behind.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +16,19 @@ from sim.metrics import BOUND_KEYS, SUMMARY_KEYS
 
 
 def main(argv: list[str]) -> int:
-    from sim.results import default_out, summary_table, write_results
+    from sim import atomic
+    from sim.results import REPORT_BYTES, RESULTS_BYTES, default_out, fill_results, summary_table
     from sim.runner import simulate
 
     cfg = parse_run_config(argv)
     name = cfg.name or f"{cfg.policy}-{Path(cfg.hw).stem}"
     out = Path(cfg.out) if cfg.out else default_out(name)
-    from sim.atomic import check_new_dir
-
-    check_new_dir(out)
-    t0 = time.perf_counter()
-    res = simulate(cfg)  # with oracle/bound set, the bound keys too (sim/oracle.py)
-    wall = time.perf_counter() - t0
-    write_results(res, out, report=cfg.report, title=name)
+    need = RESULTS_BYTES + (REPORT_BYTES if cfg.report else 0)
+    with atomic.new_dir(out, need_bytes=need) as tmp:
+        t0 = time.perf_counter()
+        res = simulate(cfg)  # with oracle/bound set, the bound keys too (sim/oracle.py)
+        wall = time.perf_counter() - t0
+        fill_results(res, tmp, report=cfg.report, title=name)
     s = res.summary
     print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
           f"{s['expert_bytes'] / 1e6:.1f} MB, simulated in {wall:.2f} s")

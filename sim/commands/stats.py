@@ -8,6 +8,7 @@ for each threshold T (when S_l is known: from the trace's meta.yaml or `sensitiv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from sim import atomic
 from sim.args import parse_args
 from sim.errors import UserError
 from sim.routing_stats import read_sensitivity, summarize
+from sim.runner import resolve_trace_path
 from sim.trace import read_trace
 
 
@@ -33,22 +35,25 @@ class StatsArgs:
 def main(argv: list[str]) -> int:
     # `T=0.001,0.005` is friendlier than OmegaConf's `T=[0.001,0.005]`; accept both.
     argv = [f"T=[{a[2:]}]" if re.fullmatch(r"T=[^\[].*", a) else a for a in argv]
-    args = parse_args(StatsArgs, argv)
+    args = parse_args(StatsArgs, argv)  # T: finite, >= 0 (sim/validate.py)
     if not args.trace:
         raise UserError("stats needs trace=DIR (a trace folder)")
-    trace = read_trace(args.trace)
-    s_l = read_sensitivity(args.sensitivity, trace.model.layers) if args.sensitivity else None
-    if any(t < 0 for t in args.T):
-        raise UserError(f"T must be >= 0, got {args.T}")
-    stats = summarize(trace, T=args.T, s_l=s_l, phase=args.phase)
-    stats["trace"] = str(args.trace)
-    stats["sensitivity_source"] = args.sensitivity or ("trace" if trace.sensitivity is not None else None)
+    with contextlib.ExitStack() as claims:
+        if args.json:  # checked and claimed before the work, not after the table is printed
+            out = Path(args.json)
+            if not out.parent.is_dir():
+                raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+            claims.enter_context(atomic.claim_file(out, what="json file"))
+        trace = read_trace(resolve_trace_path(args.trace))
+        s_l = read_sensitivity(args.sensitivity, trace.model.layers) if args.sensitivity else None
+        stats = summarize(trace, T=args.T, s_l=s_l, phase=args.phase)
+        stats["trace"] = str(args.trace)
+        stats["sensitivity_source"] = args.sensitivity or ("trace" if trace.sensitivity is not None else None)
+        text = json.dumps(stats, indent=1) + "\n"
+        if args.json:
+            atomic.write_text(out, text)
     print(format_table(stats))
     if args.json:
-        out = Path(args.json)
-        if not out.parent.is_dir():
-            raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-        atomic.write_text(out, json.dumps(stats, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
 

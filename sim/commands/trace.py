@@ -60,7 +60,26 @@ def check(args: TraceArgs) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(TraceArgs, argv)
     check(args)
-    from sim.trace import write_trace
+    # the output is claimed before the checkpoint is loaded: a second trace to it fails at once
+    with atomic.new_dir(Path(args.out), overwrite=args.overwrite, need_bytes=16e6) as tmp:
+        trace = _trace(args)
+        from sim.trace import fill_trace
+
+        fill_trace(trace, tmp)
+    m = trace.model
+    s_l = (
+        ""
+        if trace.sensitivity is None
+        else f"; S_l from {trace.sensitivity.max():.3g} to {trace.sensitivity.min():.3g}"
+    )
+    print(
+        f"wrote {args.out}: {trace.num_tokens} tokens ({trace.num_decode} decode) x {m.layers} MoE layers, "
+        f"{m.experts} experts, top-{m.top_k}, routing {m.routing}{s_l}; {trace.checksum()}"
+    )
+    return 0
+
+
+def _trace(args: TraceArgs):
     from sim.tracer import build, loader, prompts
 
     loaded = loader.load(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
@@ -85,7 +104,7 @@ def main(argv: list[str]) -> int:
     }
     if depth != args.pregate_depth:
         extra["pregate_depth_requested"] = args.pregate_depth
-    trace = build.assemble(
+    return build.assemble(
         loaded,
         ps,
         results,
@@ -94,15 +113,3 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         extra_source=extra,
     )
-    write_trace(trace, Path(args.out), overwrite=args.overwrite)
-    m = trace.model
-    s_l = (
-        ""
-        if trace.sensitivity is None
-        else f"; S_l from {trace.sensitivity.max():.3g} to {trace.sensitivity.min():.3g}"
-    )
-    print(
-        f"wrote {args.out}: {trace.num_tokens} tokens ({trace.num_decode} decode) x {m.layers} MoE layers, "
-        f"{m.experts} experts, top-{m.top_k}, routing {m.routing}{s_l}; {trace.checksum()}"
-    )
-    return 0

@@ -35,17 +35,16 @@ def main(argv: list[str]) -> int:
     cfg = TrainConfig(**{k: v for k, v in asdict(args).items() if k not in ("out", "overwrite", "progress")})
     cfg.model = args.model
     cfg.check()
-    atomic.check_new_dir(out, overwrite=args.overwrite)  # fail before training, not after
 
     from sim.toy.card import model_card
     from sim.toy.corpus import load_corpus
     from sim.toy.tokenizer import save_tokenizer
     from sim.toy.train import train
 
-    corpus = load_corpus()
-    result = train(cfg, corpus, progress=args.progress)
     command = " ".join(["python -m sim train-toy", *argv])
-    with atomic.new_dir(out, overwrite=args.overwrite) as tmp:
+    with atomic.new_dir(out, overwrite=args.overwrite, need_bytes=16e6) as tmp:  # claimed before training
+        corpus = load_corpus()
+        result = train(cfg, corpus, progress=args.progress)
         result.model.save_pretrained(str(tmp))
         save_tokenizer(tmp, model_max_length=cfg.model.context)
         (tmp / "train_log.csv").write_text(log_csv(result.log))

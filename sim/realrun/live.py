@@ -418,6 +418,13 @@ def write_live(res: LiveResult, opts: RealOptions, out: Path) -> None:
     write_real_results(res.run, opts, out, report=False)
 
 
+def fill_live(res: LiveResult, opts: RealOptions, tmp: Path) -> None:
+    """`write_live` into `tmp`, the temporary folder of a claimed output."""
+    from sim.realrun.run import fill_real_results
+
+    fill_real_results(res.run, opts, tmp, report=False)
+
+
 def print_live(res: LiveResult) -> None:
     from sim.results import summary_table
 

@@ -181,19 +181,24 @@ def result_of(cfg: RunConfig, real: RealEngine, rec, info: dict, hw, preset, fac
 
 def write_real_results(res: RunResult, opts: RealOptions, out: Path, report: bool = True) -> Path:
     """The `run` results folder layout, plus `realrun.yaml` (the backend's options)."""
+    with atomic.new_dir(out) as tmp:
+        fill_real_results(res, opts, tmp, report=report, title=f"realrun {Path(out).name}")
+    return out
+
+
+def fill_real_results(res: RunResult, opts: RealOptions, tmp: Path, report: bool = True, title: str = "") -> None:
+    """Write `write_real_results`' files into `tmp`, the temporary folder of a claimed output."""
     from sim.results import resolved_config
 
-    with atomic.new_dir(out) as tmp:
-        cfg = resolved_config(res)
-        cfg["realrun"] = dataclasses.asdict(opts)
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        (tmp / "summary.json").write_text(json.dumps(res.summary, indent=2))
-        res.tokens.write_parquet(tmp / "tokens.parquet")
-        res.layers.write_parquet(tmp / "layers.parquet")
-        res.events.write_parquet(tmp / "events.parquet")
-        if report:
-            from sim.report import run_report, write_html
+    cfg = resolved_config(res)
+    cfg["realrun"] = dataclasses.asdict(opts)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (tmp / "summary.json").write_text(json.dumps(res.summary, indent=2))
+    res.tokens.write_parquet(tmp / "tokens.parquet")
+    res.layers.write_parquet(tmp / "layers.parquet")
+    res.events.write_parquet(tmp / "events.parquet")
+    if report:
+        from sim.report import run_report, write_html
 
-            write_html(run_report(res.summary, res.tokens, res.layers, res.events, f"realrun {out.name}"),
-                       tmp / "report.html")
-    return out
+        write_html(run_report(res.summary, res.tokens, res.layers, res.events, title or f"realrun {tmp.name}"),
+                   tmp / "report.html")
