@@ -14,10 +14,12 @@ after the link latency (`[start_s + latency_s, done_s]`; the latency is request 
 traffic). `FLOOR` (10%) keeps compute progressing when copies would take everything.
 
 Why piecewise: a copy that overlaps an op for a microsecond slows it by a microsecond's worth of
-bandwidth, not for the op's whole duration. With `n(t) * b <= (1 - FLOOR) * B` the memory bus is
-work-conserving (copies and compute together never use more than `B`), so a faster link moves the
-same bytes in less time and takes the same bandwidth-time from compute: more link bandwidth, more
-memory bandwidth or more channels never slow a demand-only run (`tests/test_physics.py`).
+bandwidth, not for the op's whole duration. With `n(t) * b <= (1 - FLOOR) * B` copies and compute
+together never use more than `B`, so a faster link moves the same bytes in less time and takes
+the same bandwidth-time from compute; beyond that the floor keeps compute at 10% (the copies are
+not slowed: `B` is the bandwidth compute attains, which on a CPU is well below what the memory
+bus can carry, so a copy can be as fast as a GEMV's reads). More link bandwidth, more memory
+bandwidth or more channels never slow a demand-only run (`tests/test_physics.py`).
 
 `MemoryBus` answers "how long does reading `nbytes` from `t0` take" from the link's copy bodies
 (`sim.link.Link.copy_bodies`): it keeps the cumulative bandwidth left to compute, W(t), as a

@@ -93,26 +93,6 @@ def cache_capacity(cfg: RunConfig, preset: ModelPreset, hw: HardwareProfile, tra
     return slots, slots * preset.expert_bytes
 
 
-def check_copies_fit_memory(hw: HardwareProfile) -> None:
-    """Copies into the memory that compute reads cannot outrun that memory: on a link that shares
-    the device's memory bandwidth, all its channels together take at most 90% of it (compute keeps
-    the rest, `sim/contention.py`). A profile asking for more is refused rather than simulated
-    with a memory bus that does more than it can."""
-    link = hw.expert_link
-    if not link.shares_memory_bandwidth:
-        return
-    from sim.contention import FLOOR
-
-    copies = link.channels * link.bandwidth_Bps
-    limit = (1.0 - FLOOR) * hw.device.memory_bandwidth_Bps
-    if copies > limit:
-        raise UserError(
-            f"hardware profile {hw.name!r}: links.{link.name} moves {copies:.3g} B/s ({link.channels} channel(s) x "
-            f"{link.bandwidth_Bps:.3g} B/s) into the memory compute reads (shares_memory_bandwidth: true), more than "
-            f"{1 - FLOOR:.0%} of device.memory_bandwidth_Bps ({hw.device.memory_bandwidth_Bps:.3g} B/s); a copy cannot "
-            f"outrun the memory it writes: lower the link's bandwidth or channels, or raise the memory bandwidth")
-
-
 def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | None = None,
                  preset: ModelPreset | None = None) -> tuple[Engine, dict[str, Any]]:
     """Everything a run needs, validated; `trace`, `hw` and `preset` (a model preset, used as is)
@@ -127,7 +107,6 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
         raise UserError(f"engine.staging_buffers must be >= top_k ({preset.top_k})")
     slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
     link_spec = hw.expert_link
-    check_copies_fit_memory(hw)
     link = Link(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
                 keep_history=link_spec.shares_memory_bandwidth)  # contention counts copies at past times
     cost = CostModel(preset, hw)

@@ -13,10 +13,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sim.errors import UserError
 from sim.synthetic import random_trace
 from tests.engine_helpers import config, hw, preset
 from tests.test_engine_golden import _run
@@ -43,14 +42,8 @@ def scenario(draw):
     machine = dict(bw_Bps=draw(st.sampled_from([2e8, 1e9, 5e9, 3e10])), latency_s=draw(st.sampled_from([0.0, 2e-5])),
                    channels=draw(st.integers(1, 3)), mem_bw=draw(st.sampled_from([5e9, 2e10, 1e11])),
                    overhead_s=draw(st.sampled_from([0.0, 5e-6])), shared=draw(st.booleans()))
-    assume(_physical(machine))
     pipelining = draw(st.booleans())
     return tr, preset(layers, experts, k, hidden=512, width=1024), name, slots, machine, pipelining
-
-
-def _physical(m: dict) -> bool:
-    """Copies into shared memory cannot outrun it (`sim.runner.check_copies_fit_memory`)."""
-    return not m["shared"] or m["channels"] * m["bw_Bps"] <= 0.9 * m["mem_bw"]
 
 
 def _tpot(tr, pre, name, slots, machine, pipelining) -> float:
@@ -66,7 +59,6 @@ def _never_slower(sc, change) -> None:
     tr, pre, name, slots, machine, pipelining = sc
     before = _tpot(tr, pre, name, slots, machine, pipelining)
     faster_machine, more_slots = change(dict(machine), slots, name)
-    assume(_physical(faster_machine))
     after = _tpot(tr, pre, name, more_slots, faster_machine, pipelining)
     assert after <= before * (1 + 1e-9), (name, machine, faster_machine, slots, more_slots, before, after)
 
@@ -134,12 +126,9 @@ def test_a_larger_cache_never_slows_belady_many(sc):
 def test_the_unified_memory_counterexample_is_gone():
     """A Jetson-like machine (71.4 GB/s memory) whose only change is a faster link was up to 1.8x
     slower (2e10 -> 7e10 B/s), because a copy in flight took the link's whole bandwidth from
-    compute for the whole op, however briefly they overlapped. A link faster than 90% of the
-    memory it writes is now refused as unphysical."""
+    compute for the whole op, however briefly they overlapped; the same up to 1e308 B/s."""
     tr = random_trace(np.random.default_rng(0), tokens=20, layers=4, experts=8, top_k=2, locality=0.4)
     pre = preset(4, 8, 2, hidden=4096, width=14336)
     machine = dict(latency_s=1e-4, channels=1, mem_bw=7.14e10, overhead_s=1e-5, shared=True)
-    tpot = [_tpot(tr, pre, "baseline", 8, dict(machine, bw_Bps=bw), False) for bw in (1.36e9, 2e10, 4e10, 6.4e10)]
+    tpot = [_tpot(tr, pre, "baseline", 8, dict(machine, bw_Bps=bw), False) for bw in (1.36e9, 2e10, 7e10, 1e300)]
     assert tpot == sorted(tpot, reverse=True)
-    with pytest.raises(UserError, match="cannot outrun the memory"):
-        _tpot(tr, pre, "baseline", 8, dict(machine, bw_Bps=7e10), False)
