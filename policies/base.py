@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sim.cache import ExpertCache
+from sim.engine.cache import ExpertCache
 from sim.errors import UserError
-from sim.models import ModelPreset
-from sim.trace import Trace
+from sim.machine.models import ModelPreset
+from sim.trace.format import Trace
 
 
 @dataclass
@@ -44,8 +44,8 @@ class Context:
     cache: ExpertCache  # read it, never mutate it
     capacity_slots: int  # cache capacity in experts of the preset's size
     rng: np.random.Generator
-    hw: object | None = None  # sim.hardware.HardwareProfile (for cost-aware policies)
-    cost: object | None = None  # sim.cost.CostModel
+    hw: object | None = None  # sim.machine.hardware.HardwareProfile (for cost-aware policies)
+    cost: object | None = None  # sim.machine.cost.CostModel
     gating_plan: GatingPlan | None = None  # the gating policy's decisions when stateless (set first)
     now_layer: int = 0  # the layer the engine is simulating (updated by the engine; read-only here)
     prefill: bool = True  # the replay simulates each prompt's prefill (`engine.prefill`)

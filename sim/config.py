@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sim.args import parse_args
-from sim.engine import EngineOptions
+from sim.engine.engine import EngineOptions
 from sim.errors import UserError
 
 DEFAULT_TRACE = "traces/toy"
@@ -47,7 +47,7 @@ class RunConfig:
     seed: int = 0
     out: str = ""  # results folder; default results/<timestamp>-<name>
     name: str = ""  # run name (default: policy and hardware)
-    oracle: bool = False  # also simulate the best offline schedule and compute the lower bound (sim/oracle.py)
+    oracle: bool = False  # also simulate the best offline schedule and compute the lower bound (sim/offline/oracle.py)
     bound: bool = False  # compute the lower bound on TPOT (tpot_lower_bound_s, bound_ratio)
     report: bool = True  # write report.html
 

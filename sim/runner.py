@@ -18,17 +18,17 @@ import polars as pl
 from policies.base import Context
 from policies.registry import CACHE, GATING, PLACEMENT, PREFETCH
 from sim import REPO_ROOT
-from sim.cache import ExpertCache
 from sim.config import RunConfig, split_knobs
-from sim.cost import CostModel
-from sim.engine import Engine
+from sim.engine.cache import ExpertCache
+from sim.engine.engine import Engine
+from sim.engine.link import Link
+from sim.engine.recorder import Recorder
 from sim.errors import UserError
-from sim.hardware import HardwareProfile, load_profile
-from sim.link import Link
-from sim.metrics import summarize
-from sim.models import ModelPreset, check_trace, load_preset
-from sim.recorder import Recorder
-from sim.trace import Trace, read_trace
+from sim.machine.cost import CostModel
+from sim.machine.hardware import HardwareProfile, load_profile
+from sim.machine.models import ModelPreset, check_trace, load_preset
+from sim.results.metrics import summarize
+from sim.trace.format import Trace, read_trace
 
 
 def resolve_trace_path(path: str) -> Path:
@@ -122,7 +122,7 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
         if fam == "gating":  # later policies (belady, adapmoe_dp) read the gating decisions
             ctx.gating_plan = made[fam].plan()
             if cfg.oracle:
-                from sim.oracle import check_oracle
+                from sim.offline.oracle import check_oracle
 
                 check_oracle(cfg, made[fam])
     if made["prefetch"].schedule is not None:  # an offline schedule plans the evictions too
@@ -137,7 +137,7 @@ def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | N
              engine: Engine | None = None, info: dict[str, Any] | None = None,
              preset: ModelPreset | None = None) -> RunResult:
     """Run one configuration (or an engine already built by `build_engine`) and summarise it;
-    with `oracle`/`bound` set, add the bound keys (`sim/oracle.py`)."""
+    with `oracle`/`bound` set, add the bound keys (`sim/offline/oracle.py`)."""
     if engine is None:
         engine, info = build_engine(cfg, trace, hw, preset)
     rec: Recorder = engine.run()
@@ -154,7 +154,7 @@ def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | N
                         end_s=engine.t, extra=extra)
     res = RunResult(cfg, summary, tokens, layers, events, engine.ctx.hw, engine.ctx.preset)
     if cfg.oracle or cfg.bound:
-        from sim.oracle import add_bounds
+        from sim.offline.oracle import add_bounds
 
         add_bounds(res, engine)
     return res

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from sim.config import RunConfig, resolve_sections
-from sim.hardware import Compute, HardwareProfile, Link
-from sim.models import ModelPreset
-from sim.trace import ModelInfo, Trace
+from sim.machine.hardware import Compute, HardwareProfile, Link
+from sim.machine.models import ModelPreset
+from sim.trace.format import ModelInfo, Trace
 
 
 def hw(bw_Bps: float = 1e9, latency_s: float = 0.0, channels: int = 1, mem_bw: float = 1e11,

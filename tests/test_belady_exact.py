@@ -13,7 +13,7 @@ import pytest
 
 import sim
 from policies.cache.partition import uniform_sizes
-from sim.synthetic import random_trace
+from sim.trace.synthetic import random_trace
 from tests.engine_helpers import config, hw, preset
 from tests.exact_paging import exhaustive_hits, milp_hits
 from tests.test_engine_golden import _run
@@ -81,10 +81,10 @@ def test_belady_is_exact_on_real_mixtral_routing(scope, tmp_path):
     """64 slots, AdapMoE gating (published S_l, T = 0.005): the old greedy lost 0.8% of the hits
     per layer (9,976 of the optimum's 10,057)."""
     from sim.config import parse_run_config
-    from sim.importer import import_log
-    from sim.models import load_preset
+    from sim.machine.models import load_preset
     from sim.runner import build_engine, simulate
-    from sim.trace import write_trace
+    from sim.trace.format import write_trace
+    from sim.trace.importer import import_log
 
     trace, _ = import_log(HUMANEVAL, "jsonl", load_preset("mixtral-8x7b"))
     write_trace(trace, tmp_path / "he")

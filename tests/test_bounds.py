@@ -1,4 +1,4 @@
-"""The offline schedule and the lower bound sit where they claim to (sim/oracle.py).
+"""The offline schedule and the lower bound sit where they claim to (sim/offline/oracle.py).
 
 1. The best offline schedule (`oracle=true`: the better of Conservative, `policy=oracle`, and
    `belady` without prefetch) is never slower than `belady` without prefetch on the same gating,
@@ -25,7 +25,7 @@ from policies.presets import PRESETS
 from sim.config import parse_run_config
 from sim.errors import UserError
 from sim.runner import simulate
-from sim.synthetic import random_trace
+from sim.trace.synthetic import random_trace
 from tests.engine_helpers import config, hw, preset
 
 GATINGS = {
@@ -130,9 +130,9 @@ HUMANEVAL = sim.REPO_ROOT.parent / "shared" / "traces" / "mixtral-8x7b-humaneval
 def he_trace(tmp_path_factory):
     if not HUMANEVAL.is_file():
         pytest.skip("shared Mixtral HumanEval log not present")
-    from sim.importer import import_log
-    from sim.models import load_preset
-    from sim.trace import write_trace
+    from sim.machine.models import load_preset
+    from sim.trace.format import write_trace
+    from sim.trace.importer import import_log
 
     trace, _ = import_log(HUMANEVAL, "jsonl", load_preset("mixtral-8x7b"))
     out = tmp_path_factory.mktemp("he") / "he"

@@ -8,7 +8,7 @@ pytest.importorskip("torch")
 yaml = pytest.importorskip("yaml")
 
 from sim.cli import main  # noqa: E402
-from sim.hardware import load_profile  # noqa: E402
+from sim.machine.hardware import load_profile  # noqa: E402
 
 
 def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
@@ -61,7 +61,7 @@ def test_machine_probes_pool_into_the_models_sizes_only(tmp_path):
     """A probe times the links, the expert and the CPU worker at the model's expert size and the
     stand-in at its non-expert size; `add_probes` adds those samples to the same points of a
     session (batch means and the copy worker's own times alike) and leaves the other sizes alone."""
-    from sim.models import load_preset
+    from sim.machine.models import load_preset
     from sim.realrun.backend import Backend
     from sim.realrun.calibrate import CalibrateOptions, add_probes, measure, probe_machine
 

@@ -13,9 +13,9 @@ import pytest
 
 from sim import REPO_ROOT
 from sim.cli import main
-from sim.metrics import SUMMARY_KEYS
-from sim.synthetic import random_trace
-from sim.trace import write_trace
+from sim.results.metrics import SUMMARY_KEYS
+from sim.trace.format import write_trace
+from sim.trace.synthetic import random_trace
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("torch")
 
 from sim.cli import main  # noqa: E402
-from sim.synthetic import random_trace  # noqa: E402
-from sim.trace import write_trace  # noqa: E402
+from sim.trace.format import write_trace  # noqa: E402
+from sim.trace.synthetic import random_trace  # noqa: E402
 
 TINY = ["model=toy-mixtral", "layers=4", "tokens=8", "slots=12", "progress=false"]
 
@@ -56,7 +56,7 @@ def test_confirm_calibrates_first(trace_dir, tmp_path, capsys):
     rc = main(["confirm", "calibrate", "quick=true", "cal_repeats=3", "arms=baseline,mixtral_offloading",
                f"trace={trace_dir}", *TINY, f"store_dir={tmp_path / 'store'}", f"out={out}"])
     assert rc == 0, capsys.readouterr().err
-    from sim.hardware import load_profile
+    from sim.machine.hardware import load_profile
 
     assert load_profile(str(out / "profile.yaml")).expert_tier == "storage"
     frame = pl.read_parquet(out / "confirm.parquet")
@@ -82,7 +82,7 @@ def test_run_link_diagnostic_scales_the_link(trace_dir):
     from types import SimpleNamespace
 
     from sim.config import parse_run_config
-    from sim.hardware import load_profile
+    from sim.machine.hardware import load_profile
     from sim.realrun.confirm import run_link_tpot_s, with_link_speed
     from sim.runner import load_trace, simulate
 

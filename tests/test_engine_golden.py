@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS, CostModel
+from sim.machine.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS, CostModel
 from sim.runner import build_engine, simulate
 from tests.engine_helpers import config, hw, preset, trace
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sim.cost import CostModel
-from sim.synthetic import random_trace
+from sim.machine.cost import CostModel
+from sim.trace.synthetic import random_trace
 from tests.engine_helpers import config, hw, preset
 from tests.test_engine_golden import _run
 

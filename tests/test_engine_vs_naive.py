@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.naive import naive_decode
-from sim.synthetic import random_trace
+from sim.engine.naive import naive_decode
+from sim.trace.synthetic import random_trace
 from tests.engine_helpers import config, hw, preset
 from tests.test_engine_golden import _run
 

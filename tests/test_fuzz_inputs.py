@@ -35,8 +35,8 @@ import yaml
 
 from sim import REPO_ROOT
 from sim.cli import main
-from sim.synthetic import random_trace
-from sim.trace import write_trace
+from sim.trace.format import write_trace
+from sim.trace.synthetic import random_trace
 
 JETSON = (REPO_ROOT / "hwprofiles" / "jetson.yaml").read_text()
 NOT_UTF8 = b"name: \xff\xfe\xfa bad bytes\n"

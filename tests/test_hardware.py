@@ -12,8 +12,8 @@ import yaml
 
 from sim import REPO_ROOT
 from sim.errors import UserError
-from sim.hardware import PROFILES_DIR, Compute, HardwareProfile, list_profiles, load_profile
-from sim.models import load_preset
+from sim.machine.hardware import PROFILES_DIR, Compute, HardwareProfile, list_profiles, load_profile
+from sim.machine.models import load_preset
 
 REQUIRED = {"jetson", "jetson-agx-orin", "rtx4090", "rtx3090", "t4", "a100", "h100", "h200"}
 

@@ -1,4 +1,4 @@
-"""`python -m sim import`: JSONL / CSV / NPZ routing logs -> traces (sim.importer)."""
+"""`python -m sim import`: JSONL / CSV / NPZ routing logs -> traces (sim.trace.importer)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import yaml
 
 import sim
 from sim.cli import main as cli
-from sim.importer import import_log
-from sim.models import load_preset
-from sim.synthetic import random_trace
-from sim.trace import read_trace
+from sim.machine.models import load_preset
+from sim.trace.format import read_trace
+from sim.trace.importer import import_log
+from sim.trace.synthetic import random_trace
 
 HUMANEVAL = sim.REPO_ROOT.parent / "shared" / "traces" / "mixtral-8x7b-humaneval" / "routing.jsonl"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from sim.paper import OFFLINE, PaperArgs, gaps, markdown, run_paper
-from sim.synthetic import random_trace
-from sim.trace import write_trace
+from sim.trace.format import write_trace
+from sim.trace.synthetic import random_trace
 
 
 def test_paper_rows_sit_between_their_bounds(tmp_path):

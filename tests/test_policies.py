@@ -13,7 +13,7 @@ from policies.cache.adapmoe_dp import dp_sizes, lru_miss_curve, uniform_cost
 from policies.gating.adapmoe import drop_plan
 from policies.published import published
 from sim import REPO_ROOT
-from sim.synthetic import random_trace
+from sim.trace.synthetic import random_trace
 from tests.engine_helpers import config, hw, preset
 from tests.test_engine_golden import _run
 
@@ -81,10 +81,10 @@ def test_adapmoe_rule_top2_and_topk():
 @pytest.mark.skipif(not HUMANEVAL.is_file(), reason="shared Mixtral trace absent")
 def test_single_expert_share_on_mixtral_trace(tmp_path):
     from sim.config import parse_run_config
-    from sim.importer import import_log
-    from sim.models import load_preset
+    from sim.machine.models import load_preset
     from sim.runner import simulate
-    from sim.trace import write_trace
+    from sim.trace.format import write_trace
+    from sim.trace.importer import import_log
 
     trace, _ = import_log(HUMANEVAL, "jsonl", load_preset("mixtral-8x7b"))
     write_trace(trace, tmp_path / "he")

@@ -7,8 +7,8 @@ import pytest
 
 from policies.base import CPU, LOAD, LOW, Context
 from policies.registry import CACHE, GATING, PLACEMENT, PREFETCH
-from sim.cache import ExpertCache
-from sim.cost import CostModel
+from sim.engine.cache import ExpertCache
+from sim.machine.cost import CostModel
 from tests.engine_helpers import hw, preset, trace
 
 

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 
 from sim.cli import main  # noqa: E402
 from sim.config import parse_run_config  # noqa: E402
-from sim.metrics import SUMMARY_KEYS  # noqa: E402
-from sim.synthetic import random_trace  # noqa: E402
-from sim.trace import write_trace  # noqa: E402
+from sim.results.metrics import SUMMARY_KEYS  # noqa: E402
+from sim.trace.format import write_trace  # noqa: E402
+from sim.trace.synthetic import random_trace  # noqa: E402
 
 # toy-mixtral: 32 layers x 8 experts, top-2, bf16 experts of 49 KB: fast on any CPU
 SMALL = ["model=toy-mixtral", "layers=4", "tokens=10", "cache.slots=12", "hw=rtx4090", "progress=false",

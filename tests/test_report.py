@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from sim.cli import main
 from sim.sweep import run_sweep
-from sim.sweep_report import pareto_mask, pick_baseline, report_html, speedup_table
-from sim.synthetic import random_trace
-from sim.trace import write_trace
+from sim.sweep.report import pareto_mask, pick_baseline, report_html, speedup_table
+from sim.trace.format import write_trace
+from sim.trace.synthetic import random_trace
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Routing statistics (sim.routing_stats) and the `stats` command."""
+"""Routing statistics (sim.trace.stats) and the `stats` command."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from sim import routing_stats as rs
 from sim.cli import main as cli
 from sim.errors import UserError
-from sim.synthetic import random_trace
-from sim.trace import ModelInfo, Trace, write_trace
+from sim.trace import stats as rs
+from sim.trace.format import ModelInfo, Trace, write_trace
+from sim.trace.synthetic import random_trace
 
 
 def make_trace(experts: np.ndarray, *, E: int, seq=None, is_decode=None, weights=None) -> Trace:

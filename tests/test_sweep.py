@@ -22,9 +22,9 @@ from sim.config import parse_run_config
 from sim.errors import UserError
 from sim.runner import simulate
 from sim.sweep import run_sweep
-from sim.sweep_grid import parse_grid, parse_values
-from sim.synthetic import random_trace
-from sim.trace import write_trace
+from sim.sweep.grid import parse_grid, parse_values
+from sim.trace.format import write_trace
+from sim.trace.synthetic import random_trace
 
 
 @pytest.fixture(scope="module")

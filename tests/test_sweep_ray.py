@@ -9,8 +9,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from sim.sweep import run_sweep
-from sim.synthetic import random_trace
-from sim.trace import write_trace
+from sim.trace.format import write_trace
+from sim.trace.synthetic import random_trace
 
 ray = pytest.importorskip("ray")
 

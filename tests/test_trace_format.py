@@ -12,8 +12,8 @@ import yaml
 
 from sim.cli import main as cli
 from sim.errors import UserError
-from sim.synthetic import random_trace
-from sim.trace import META_FILE, ROUTING_FILE, meta_dict, read_trace, to_frame, write_trace
+from sim.trace.format import META_FILE, ROUTING_FILE, meta_dict, read_trace, to_frame, write_trace
+from sim.trace.synthetic import random_trace
 
 
 @pytest.fixture

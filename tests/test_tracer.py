@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from sim.cli import main as cli  # noqa: E402
-from sim.trace import read_trace  # noqa: E402
+from sim.trace.format import read_trace  # noqa: E402
 from sim.tracer.tiny import save_tiny  # noqa: E402
 
 PROMPTS, PROMPT_TOKENS, DECODE = 3, 12, 4

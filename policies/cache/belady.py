@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from policies.base import CachePolicy, Context
 from policies.cache.partition import uniform_sizes
 from policies.registry import CACHE
-from sim.cache import ABSENT, LOADING
+from sim.engine.cache import ABSENT, LOADING
 from sim.errors import UserError
 from sim.offline.steps import NEVER
 

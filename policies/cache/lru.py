@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from policies.base import CachePolicy, Context
 from policies.cache.partition import check_sizes, uniform_sizes
 from policies.registry import CACHE
-from sim.cache import RESIDENT
+from sim.engine.cache import RESIDENT
 
 
 @CACHE.register("lru")

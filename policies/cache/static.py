@@ -26,7 +26,7 @@ class Static(CachePolicy):
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
         if knobs.profile:
-            from sim.models import check_trace
+            from sim.machine.models import check_trace
             from sim.runner import load_trace
 
             prof = load_trace(knobs.profile)

@@ -18,7 +18,7 @@ from policies.base import Context, GatingPlan, GatingPolicy
 from policies.gating.drop_on_miss import kept_whatever_the_cache
 from policies.published import sensitivities
 from policies.registry import GATING
-from sim.cache import RESIDENT
+from sim.engine.cache import RESIDENT
 
 
 @GATING.register("substitute")

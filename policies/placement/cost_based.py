@@ -1,7 +1,7 @@
 """`cost_based`: per missed expert, the cheaper of load-then-compute and CPU compute.
 
 Load-then-compute costs `link.latency + expert_bytes / link.bandwidth + device expert time`;
-CPU compute costs the CPU expert time (cost model, `sim/cost.py`). Ties go to loading (it also
+CPU compute costs the CPU expert time (cost model, `sim/machine/cost.py`). Ties go to loading (it also
 warms the cache). With `slack` > 1, loading is preferred unless the CPU is that many times faster.
 """
 

@@ -34,7 +34,7 @@ import numpy as np
 from policies.base import Context, PrefetchPolicy
 from policies.published import published
 from policies.registry import PREFETCH
-from sim.cache import ABSENT
+from sim.engine.cache import ABSENT
 from sim.errors import UserError
 
 

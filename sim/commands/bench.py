@@ -1,7 +1,7 @@
 """`python -m sim bench [trace=DIR] [hw=jetson.yaml] [model=mixtral-8x7b] [repeats=3]`.
 
 Simulated (token, layer) decode steps per second of the engine (per-layer LRU + pregate, no
-prefill, no timeline recording) and, in the same run, of the naive SimPy loop in `sim/naive.py`
+prefill, no timeline recording) and, in the same run, of the naive SimPy loop in `sim/engine/naive.py`
 (one process per load), with their ratio. Single-threaded: this measures one core. Last line:
 `steps_per_s=<n> ratio=<r>`.
 """
@@ -28,7 +28,7 @@ class BenchArgs:
 
 def main(argv: list[str]) -> int:
     from sim.config import parse_run_config
-    from sim.naive import naive_decode
+    from sim.engine.naive import naive_decode
     from sim.runner import build_engine, load_trace
 
     args = parse_args(BenchArgs, argv)

@@ -2,7 +2,7 @@
 [sizes=B,B,...] [repeats=N]`: measure this machine with the real-run code and write a profile.
 
 Every number in the written profile carries `measured: python -m sim calibrate ..., <date>` as
-its source; the file is checked with `sim.hardware.load_profile` before it replaces `out`.
+its source; the file is checked with `sim.machine.hardware.load_profile` before it replaces `out`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def command_line(argv: list[str]) -> str:
 def write_profile(prof: dict, out: Path, header: str) -> None:
     """Write atomically, after checking that the profile loads."""
     from sim.errors import UserError
-    from sim.hardware import load_profile
+    from sim.machine.hardware import load_profile
 
     out = Path(out)
     try:

@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
     from sim import atomic
     from sim.args import parse_args
     from sim.commands.calibrate import write_profile
-    from sim.hardware import load_profile
+    from sim.machine.hardware import load_profile
     from sim.realrun.build import RealOptions, check_options
     from sim.realrun.confirm import (
         ConfirmOptions,
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
         real_rounds,
         verdict,
     )
-    from sim.results import default_out
+    from sim.results.folder import default_out
 
     argv = ["calibrate=true" if a == "calibrate" else a for a in argv]
     opts = parse_args(ConfirmOptions, argv, allow_config_file=False)
@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
         v = verdict(frame)
         frame.write_parquet(tmp / "confirm.parquet")
         from sim.realrun.run import write_real_results
-        from sim.results import write_results
+        from sim.results.folder import write_results
 
         for (row, real, sim) in results:
             write_real_results(real, RealOptions(device=opts.device, store=row["store"]), tmp / row["arm"] / "realrun",

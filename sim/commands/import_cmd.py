@@ -1,7 +1,7 @@
 """`python -m sim import FILE format=jsonl|csv|npz model=PRESET out=DIR [strict=true] [seq_field=..]`
 
 Converts an external routing log (expert ids + weights, no logits) to a trace folder (format v1,
-spec in `traces/README.md`; layouts in `sim.importer`). The model shape comes from the preset.
+spec in `traces/README.md`; layouts in `sim.trace.importer`). The model shape comes from the preset.
 Tokens missing from some layers are dropped and counted (meta.yaml `source`), reported in one
 printed line; `strict=true` refuses such a log instead. `format` defaults to the file extension.
 """
@@ -14,16 +14,16 @@ from pathlib import Path
 from sim import atomic
 from sim.args import parse_args
 from sim.errors import UserError
-from sim.importer import EXTENSIONS, FORMATS, import_log
-from sim.models import load_preset
-from sim.trace import fill_trace
+from sim.machine.models import load_preset
+from sim.trace.format import fill_trace
+from sim.trace.importer import EXTENSIONS, FORMATS, import_log
 
 
 @dataclass
 class ImportArgs:
     file: str = ""  # the log (also accepted as the first, positional argument)
     format: str = ""  # jsonl | csv | npz (default: from the file extension)
-    model: str = ""  # model preset name (sim.models.PRESETS)
+    model: str = ""  # model preset name (sim.machine.models.PRESETS)
     out: str = ""  # trace folder to create
     strict: bool = False  # refuse a log with tokens missing from some layers
     overwrite: bool = False  # replace an existing `out`

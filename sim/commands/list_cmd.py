@@ -12,8 +12,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"list takes no arguments, got {' '.join(argv)!r}")
     from policies.presets import PRESETS as POLICY_PRESETS
     from policies.registry import FAMILIES
-    from sim.hardware import list_profiles
-    from sim.models import PRESETS
+    from sim.machine.hardware import list_profiles
+    from sim.machine.models import PRESETS
 
     print("policies:")
     for fam, reg in FAMILIES.items():

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim.metrics import SUMMARY_KEYS
+from sim.results.metrics import SUMMARY_KEYS
 
 REAL_KEYS = ("realrun_device", "realrun_store", "page_cache_cold_s", "page_cache_warm_s",
              "page_cache_cold_again_s", "page_cache_not_a_page_cache_hit", "realrun_wall_s")
@@ -21,7 +21,7 @@ REAL_KEYS = ("realrun_device", "realrun_store", "page_cache_cold_s", "page_cache
 def main(argv: list[str]) -> int:
     from sim import atomic
     from sim.realrun.build import parse_realrun
-    from sim.results import default_out, summary_table
+    from sim.results.folder import default_out, summary_table
 
     cfg, opts = parse_realrun(argv)
     live = opts.live or Path(cfg.model).is_dir()

@@ -1,6 +1,6 @@
 """`python -m sim report DIR... [out=FILE.html] [baseline=POLICY] [title=TEXT]`
 
-One self-contained plotly HTML page from sweep folders and run folders (sim/sweep_report.py):
+One self-contained plotly HTML page from sweep folders and run folders (sim/sweep/report.py):
 Pareto front, TPOT vs cache size, speedup over the baseline, hit rate per layer, and the timeline
 of each run folder. The default `out` is `DIR/report.html` for one folder, `report.html` otherwise.
 """
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     import polars as pl
 
     from sim import atomic
-    from sim.sweep_report import write_report
+    from sim.sweep.report import write_report
 
     atomic.check_output_path(out, folder=False, what="report")  # a valid name, a place to write
     if out.is_dir() or not out.parent.exists():

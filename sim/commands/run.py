@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from sim.config import parse_run_config
-from sim.metrics import BOUND_KEYS, SUMMARY_KEYS
+from sim.results.metrics import BOUND_KEYS, SUMMARY_KEYS
 
 
 def main(argv: list[str]) -> int:
     from sim import atomic
-    from sim.results import REPORT_BYTES, RESULTS_BYTES, default_out, fill_results, summary_table
+    from sim.results.folder import REPORT_BYTES, RESULTS_BYTES, default_out, fill_results, summary_table
     from sim.runner import simulate
 
     cfg = parse_run_config(argv)
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     need = RESULTS_BYTES + (REPORT_BYTES if cfg.report else 0)
     with atomic.new_dir(out, need_bytes=need) as tmp:
         t0 = time.perf_counter()
-        res = simulate(cfg)  # with oracle/bound set, the bound keys too (sim/oracle.py)
+        res = simulate(cfg)  # with oracle/bound set, the bound keys too (sim/offline/oracle.py)
         wall = time.perf_counter() - t0
         fill_results(res, tmp, report=cfg.report, title=name)
     s = res.summary

@@ -1,6 +1,6 @@
 """`python -m sim stats trace=DIR [sensitivity=FILE] [T=0.005,0.01] [phase=decode] [json=FILE]`
 
-Prints a per-layer table and a summary of a trace's routing (definitions in `sim.routing_stats`):
+Prints a per-layer table and a summary of a trace's routing (definitions in `sim.trace.stats`):
 expert-usage entropy vs uniform, reuse of the previous token's experts vs chance, pre-gating
 accuracy per depth (when the trace has `pregate_d` columns), and the AdapMoE single-expert share
 for each threshold T (when S_l is known: from the trace's meta.yaml or `sensitivity=FILE`).
@@ -18,9 +18,9 @@ from typing import Any
 from sim import atomic
 from sim.args import parse_args
 from sim.errors import UserError
-from sim.routing_stats import read_sensitivity, summarize
 from sim.runner import resolve_trace_path
-from sim.trace import read_trace
+from sim.trace.format import read_trace
+from sim.trace.stats import read_sensitivity, summarize
 
 
 @dataclass

@@ -5,7 +5,7 @@ Simulates every point of the grid (the product of the value lists; any RunConfig
 `hw=jetson.yaml,rtx4090.yaml policy=adapmoe,lru cache.slots=32:256:32 gating.T=0.001,0.005`),
 writes `DIR/sweep.parquet` (one row per point) and `DIR/report.html`. Rerunning the same command
 finishes an interrupted sweep. Exit status: 0, 1 if any point failed, 2 for bad input. The options
-besides the grid keys are the sweep's own; see sim/sweep.py and docs/sweeps.md.
+besides the grid keys are the sweep's own; see sim/sweep/run.py and docs/sweeps.md.
 """
 
 from __future__ import annotations

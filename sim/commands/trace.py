@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     # the output is claimed before the checkpoint is loaded: a second trace to it fails at once
     with atomic.new_dir(Path(args.out), overwrite=args.overwrite, need_bytes=16e6) as tmp:
         trace = _trace(args)
-        from sim.trace import fill_trace
+        from sim.trace.format import fill_trace
 
         fill_trace(trace, tmp)
     m = trace.model

@@ -23,10 +23,10 @@ share the device's memory bandwidth: the two runs move the same experts in the s
 (within a step, demand loads may go first) and evict the same ones; every load is issued no
 later than the demand run issues it, so with the link's FIFO order each one completes no later;
 a step computes each expert once its load is in, and compute takes the same time in both, so
-every step ends no later. Where copies do share it (`sim/contention.py`), a copy moved under
+every step ends no later. Where copies do share it (`sim/machine/contention.py`), a copy moved under
 compute slows that compute by the bandwidth it takes, which can cost more than the stall it
 saves (rarely: about 1 random small case in 1,000, by under 1%); `oracle=true` therefore takes
-the better of this schedule and `belady` without prefetch (`sim/oracle.py`).
+the better of this schedule and `belady` without prefetch (`sim/offline/oracle.py`).
 `tests/test_bounds.py` checks both claims on random cases and on the shipped and real traces.
 
 States of a planned load: pending, then issued (`decision` was asked for it: by the prefetch
@@ -41,7 +41,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 
-from sim.cache import ABSENT, RESIDENT, ExpertCache
+from sim.engine.cache import ABSENT, RESIDENT, ExpertCache
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A *step* is what the engine does at one MoE layer: for a decode token, one (token, layer); for a
 prompt's prefill, one batch per layer over the prompt (its experts are the union over the
-prompt's tokens). Steps are numbered in replay order (`sim.replay.replay_steps`: each sequence's
+prompt's tokens). Steps are numbered in replay order (`sim.engine.replay.replay_steps`: each sequence's
 prefill, then its decode tokens; `max_tokens` respected), so step `s` happens before step `s + 1`.
 A key is `layer * experts + expert`.
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.replay import replay_steps
-from sim.trace import Trace
+from sim.engine.replay import replay_steps
+from sim.trace.format import Trace
 
 NEVER = 1 << 62  # the next use of a key that is not used again
 

@@ -17,8 +17,8 @@ from sim import REPO_ROOT
 from sim.args import parse_args, split_pairs
 from sim.config import RunConfig, parse_run_config
 from sim.errors import UserError
-from sim.models import PRESETS, ModelPreset
-from sim.trace import ModelInfo, Trace
+from sim.machine.models import PRESETS, ModelPreset
+from sim.trace.format import ModelInfo, Trace
 
 STORES = ("disk", "host")
 
@@ -106,7 +106,7 @@ def with_layers(cfg: RunConfig, trace: Trace, preset: ModelPreset, layers: int) 
 
 
 def preset_of(cfg: RunConfig) -> ModelPreset:
-    from sim.models import load_preset
+    from sim.machine.models import load_preset
 
     quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
     return load_preset(cfg.model, **quant)

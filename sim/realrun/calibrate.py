@@ -364,10 +364,10 @@ class Calibrator:
 
         Returns {"device": s per layer, "layer_bytes", "expert_bytes", "k"}."""
         from sim.config import parse_run_config
-        from sim.models import ModelPreset
+        from sim.machine.models import ModelPreset
         from sim.realrun.build import RealOptions, register_preset
         from sim.realrun.run import real_run
-        from sim.synthetic import random_trace
+        from sim.trace.synthetic import random_trace
 
         bits = 32 if self.dtype == "float32" else 16
         preset = register_preset(ModelPreset(name=f"calibrate-tiny-{bits}", layers=8, experts=8, top_k=2, hidden=64,
@@ -444,14 +444,14 @@ class Calibrator:
 
 
 def register_and_get(name: str):
-    from sim.models import PRESETS
+    from sim.machine.models import PRESETS
 
     return PRESETS[name]
 
 
 def stub_profile():
     """A profile for building policies only (no cost-aware policy runs in the fixed-cost probe)."""
-    from sim.hardware import Compute, HardwareProfile, Link
+    from sim.machine.hardware import Compute, HardwareProfile, Link
 
     c = Compute(1e10, 1e10, 0.0)
     return HardwareProfile(name="stub", description="stub", device=c, cpu=c, device_memory_bytes=1e12,
@@ -513,7 +513,7 @@ def plan_sizes(opts: CalibrateOptions) -> tuple[list[float], int, str, tuple[flo
     non-expert bytes, which the fits weigh most."""
     hidden, dtype, extra = opts.hidden, "float32", []
     if opts.model:
-        from sim.models import load_preset
+        from sim.machine.models import load_preset
         from sim.realrun.run import synthetic_layout
 
         preset = load_preset(opts.model)
@@ -614,7 +614,7 @@ def calibrator(opts: CalibrateOptions, backend: Backend, sizes: list[float], bar
     _, hidden, dtype, anchors = plan_sizes(opts)
     model_store = None
     if opts.model and "disk" in link_kinds(opts):
-        from sim.models import load_preset
+        from sim.machine.models import load_preset
         from sim.realrun.run import model_disk_store
 
         model_store = model_disk_store(load_preset(opts.model), backend, opts.store_dir, progress=progress)

@@ -9,7 +9,7 @@ pipelined expert starts each GEMM as soon as its matrix has arrived):
 
 `RandomKernels` (synthetic runs): matrices gate [W, H], up [W, H], down [H, W]; the stand-in for
 a layer's attention, router and norms is one GEMV over a weight of the preset's
-`non_expert_bytes_per_layer` plus the KV cache bytes of the context (`sim/cost.py` counts the
+`non_expert_bytes_per_layer` plus the KV cache bytes of the context (`sim/machine/cost.py` counts the
 same bytes), one weight per layer so that it is read from memory, not from a CPU cache.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sim.models import ModelPreset
+from sim.machine.models import ModelPreset
 from sim.realrun.backend import Backend
 from sim.realrun.store import Layout
 

@@ -34,7 +34,7 @@ import polars as pl
 from sim import REPO_ROOT
 from sim.config import parse_run_config
 from sim.errors import UserError
-from sim.hardware import HardwareProfile
+from sim.machine.hardware import HardwareProfile
 
 DEFAULT_ARMS = "baseline,mixtral_offloading,adapmoe,half,cpu_on_miss"
 METRICS = ("tpot_mean_s", "tpot_p90_s", "stall_share", "hit_rate")
@@ -114,11 +114,11 @@ def default_trace(opts: ConfirmOptions):
         return load_trace(opts.trace), opts.trace
     if (REPO_ROOT / "traces" / "toy" / "meta.yaml").is_file():
         return load_trace("traces/toy"), "traces/toy"
-    from sim.synthetic import random_trace
+    from sim.trace.synthetic import random_trace
 
     tr = random_trace(np.random.default_rng(opts.seed), tokens=max(opts.tokens, 1), layers=32, experts=8,
                       top_k=2, locality=0.5, pregate_depth=2, name="synthetic-mixtral")
-    return tr, f"synthetic (sim.synthetic.random_trace, seed {opts.seed}, locality 0.5)"
+    return tr, f"synthetic (sim.trace.synthetic.random_trace, seed {opts.seed}, locality 0.5)"
 
 
 def plan_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace) -> list[tuple]:

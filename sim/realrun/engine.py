@@ -1,4 +1,4 @@
-"""The real-run loop: the simulator's engine (`sim/engine.py`) with real copies and real compute.
+"""The real-run loop: the simulator's engine (`sim/engine/engine.py`) with real copies and real compute.
 
 Per decoded token t and MoE layer l, in the simulator's order and with the same policy calls:
   1. non-expert work (the stand-in GEMV; a live model runs its own attention);
@@ -10,7 +10,7 @@ Per decoded token t and MoE layer l, in the simulator's order and with the same 
   5. (AdapMoE) wait for this layer's in-flight prefetches;
   6. compute: resident experts first, then loaded ones in arrival order (per matrix when
      pipelining); then wait for the CPU worker; the block output sums experts by expert id.
-Cache residency lives in the same `sim.cache.ExpertCache` the policies read; a completed copy is
+Cache residency lives in the same `sim.engine.cache.ExpertCache` the policies read; a completed copy is
 applied (LOADING -> RESIDENT) where the simulator applies it: at `link.advance()`. Each cache
 entry and each staging transfer owns one buffer of the `SlotPool`; a used AdapMoE staged
 prefetch enters the cache by handing its buffer over (no copy). Times are wall-clock seconds
@@ -25,17 +25,17 @@ from __future__ import annotations
 import time
 
 from policies.base import CPU, LOAD
-from sim.admission import LoadAdmission
-from sim.cache import ABSENT, RESIDENT
+from sim.engine.admission import LoadAdmission
+from sim.engine.cache import ABSENT, RESIDENT
+from sim.engine.recorder import Recorder
+from sim.engine.replay import replay_steps
 from sim.errors import UserError
 from sim.realrun.link import DEMAND, PREFETCH, CopyWorker
-from sim.recorder import Recorder
-from sim.replay import replay_steps
 
 
 class RealEngine(LoadAdmission):
     def __init__(self, sim_engine, backend, store, pool, kernels, cpu_worker=None, channels: int = 1):
-        src = sim_engine  # a `sim.engine.Engine` built by the simulator's builder: its policies and plan
+        src = sim_engine  # a `sim.engine.engine.Engine` built by the simulator's builder: its policies and plan
         self.ctx, self.opt = src.ctx, src.opt
         self.gating, self.prefetch, self.cache_policy, self.placement = (
             src.gating, src.prefetch, src.cache_policy, src.placement)
@@ -130,7 +130,7 @@ class RealEngine(LoadAdmission):
         return self.gating.decide(t, layer)
 
     def _load(self, key: int, priority: int, t: int, layer: int, staging: bool = False):
-        """As `Engine._load`: the same admission (`sim.admission`), then a real copy into a buffer."""
+        """As `Engine._load`: the same admission (`sim.engine.admission`), then a real copy into a buffer."""
         self.link.advance()
         staging = self._admit(key, priority, t, self.nbytes, staging, self.link.busy_channels() >= self.link.channels)
         if staging is None:
@@ -449,7 +449,7 @@ class RealEngine(LoadAdmission):
         pf["end_s"].append(self.t_end)
 
     def run_trace(self) -> Recorder:
-        """Replay the trace in the simulator's order (`sim.replay`)."""
+        """Replay the trace in the simulator's order (`sim.engine.replay`)."""
         opt = self.opt
         self.t_end = self.now()
         for step in replay_steps(self.ctx.trace, opt.prefill, opt.max_tokens, opt.timeline_tokens):

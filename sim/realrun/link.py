@@ -1,6 +1,6 @@
 """The copy worker: real transfers from the store into slot buffers, one at a time per channel.
 
-States of a transfer (as in `sim/link.py`): QUEUED (in the priority queue) -> ACTIVE (a worker is
+States of a transfer (as in `sim/engine/link.py`): QUEUED (in the priority queue) -> ACTIVE (a worker is
 copying it; `start_s` set) -> DONE (`done_s` set; the owner applies it in `advance`). A queued
 transfer with a lower `priority` starts first (demand 0 before prefetch 1), ties in issue order;
 a transfer in flight is never stopped unless the owner asks (`request_cancel`, for prefetch
@@ -25,7 +25,7 @@ DEMAND, PREFETCH = 0, 1
 
 @dataclass(eq=False)
 class RealTransfer:
-    """One copy of expert `key` into pool buffer `buf` (field names as `sim.link.Transfer`)."""
+    """One copy of expert `key` into pool buffer `buf` (field names as `sim.engine.link.Transfer`)."""
 
     key: int
     nbytes: float

@@ -33,18 +33,18 @@ import torch.nn.functional as F
 from policies.base import Context
 from policies.registry import GATING
 from sim import REPO_ROOT
-from sim.cache import ExpertCache
 from sim.config import RunConfig, split_knobs
+from sim.engine.cache import ExpertCache
 from sim.errors import UserError
-from sim.hardware import load_profile
-from sim.models import ModelPreset
+from sim.machine.hardware import load_profile
+from sim.machine.models import ModelPreset
 from sim.realrun.backend import Backend
 from sim.realrun.build import RealOptions, register_preset, store_folder, tier_for
 from sim.realrun.compute import CpuWorker, SlotPool
 from sim.realrun.engine import RealEngine
 from sim.realrun.store import HostStore, Layout, open_disk_store
 from sim.runner import RunResult, build_engine
-from sim.trace import ModelInfo, Trace
+from sim.trace.format import ModelInfo, Trace
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "toy-mixtral"
 ROW0 = torch.zeros(1, dtype=torch.long)
@@ -426,6 +426,6 @@ def fill_live(res: LiveResult, opts: RealOptions, tmp: Path) -> None:
 
 
 def print_live(res: LiveResult) -> None:
-    from sim.results import summary_table
+    from sim.results.folder import summary_table
 
     print(summary_table(res.run.summary, list(LIVE_KEYS)))

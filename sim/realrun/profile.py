@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS
+from sim.machine.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS
 from sim.realrun.calibrate import (
     CONTENTION_THRESHOLD,
     CalibrateOptions,

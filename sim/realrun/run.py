@@ -19,15 +19,15 @@ import yaml
 from sim import atomic
 from sim.config import RunConfig
 from sim.errors import UserError
-from sim.hardware import HardwareProfile, load_profile
-from sim.metrics import summarize
+from sim.machine.hardware import HardwareProfile, load_profile
 from sim.realrun.backend import Backend, check_memory, dtype_for
 from sim.realrun.build import RealOptions, preset_of, store_folder, tier_for, with_layers
 from sim.realrun.compute import CpuWorker, RandomKernels, SlotPool
 from sim.realrun.engine import RealEngine
 from sim.realrun.store import DiskStore, HostStore, Layout, open_disk_store, random_fill
+from sim.results.metrics import summarize
 from sim.runner import RunResult, build_engine, load_trace
-from sim.trace import Trace
+from sim.trace.format import Trace
 
 
 def synthetic_layout(preset) -> Layout:
@@ -188,7 +188,7 @@ def write_real_results(res: RunResult, opts: RealOptions, out: Path, report: boo
 
 def fill_real_results(res: RunResult, opts: RealOptions, tmp: Path, report: bool = True, title: str = "") -> None:
     """Write `write_real_results`' files into `tmp`, the temporary folder of a claimed output."""
-    from sim.results import resolved_config
+    from sim.results.folder import resolved_config
 
     cfg = resolved_config(res)
     cfg["realrun"] = dataclasses.asdict(opts)
@@ -198,7 +198,7 @@ def fill_real_results(res: RunResult, opts: RealOptions, tmp: Path, report: bool
     res.layers.write_parquet(tmp / "layers.parquet")
     res.events.write_parquet(tmp / "events.parquet")
     if report:
-        from sim.report import run_report, write_html
+        from sim.results.report import run_report, write_html
 
         write_html(run_report(res.summary, res.tokens, res.layers, res.events, title or f"realrun {tmp.name}"),
                    tmp / "report.html")

@@ -10,7 +10,7 @@ at module level):
 - `capture`    forward hooks that record MoE inputs / router outputs, add gradient taps on MoE
                outputs, or perturb a router's decision at chosen positions
 - `core`       prefill + greedy decode with the KV cache, pre-gating logits, and the Fisher pass
-- `build`      turn the per-batch arrays into a `sim.trace.Trace`
+- `build`      turn the per-batch arrays into a `sim.trace.format.Trace`
 - `fisher_check`  drop experts for real and compare with the Fisher estimates
 
 What exactly is computed is documented in `docs/tracer.md`.

@@ -1,4 +1,4 @@
-"""Run the tracer over all prompts (in batches) and assemble a `sim.trace.Trace`."""
+"""Run the tracer over all prompts (in batches) and assemble a `sim.trace.format.Trace`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 import sim
-from sim.trace import ModelInfo, Trace
+from sim.trace.format import ModelInfo, Trace
 from sim.tracer.core import BatchResult, fisher_pass, generate
 from sim.tracer.families import routing_name
 from sim.tracer.loader import Loaded

@@ -209,7 +209,7 @@ def run_ray(todo: list[tuple[str, Any]], jobs: int, address: str, on_result: OnR
     ray = import_ray()
     started = start_ray(ray, jobs, address)
     try:
-        from sim.hardware import load_profile
+        from sim.machine.hardware import load_profile
         from sim.runner import load_trace
 
         remote = ray.remote(num_cpus=1, max_retries=0)(execute_point)

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from sim.errors import UserError
-from sim.trace import Trace
+from sim.trace.format import Trace
 
 # ----------------------------------------------------------------------------------- selection
 

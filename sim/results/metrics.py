@@ -18,7 +18,7 @@ SUMMARY_KEYS = (
     "experts_per_token_layer", "single_expert_share", "dL_est", "link_utilization", "compute_utilization",
 )
 
-#: with `oracle=true` (all) or `bound=true` (the last two): `sim/oracle.py`, docs/metrics.md
+#: with `oracle=true` (all) or `bound=true` (the last two): `sim/offline/oracle.py`, docs/metrics.md
 BOUND_KEYS = ("oracle_tpot_mean_s", "oracle_schedule", "oracle_ratio", "tpot_lower_bound_s", "bound_ratio")
 
 

@@ -6,7 +6,7 @@
         points/KEY.json  one finished point: its flat config, summary, per-layer table, error
         sweep.parquet    one row per point, in grid order (rebuilt from points/)
         layers.parquet   one row per (point, layer): the per-layer tables of the finished points
-        report.html      plotly report of the table (sim/sweep_report.py)
+        report.html      plotly report of the table (sim/sweep/report.py)
         .lock            held (flock) while a sweep writes here
 
 Every file is written to a temporary sibling and renamed into place (`sim.atomic`), so a reader,

@@ -11,7 +11,7 @@ release exactly when their transfer ends. The link schedules them itself (event 
 transfer creates no SimPy event; completions are applied lazily, in time order, whenever the
 owner calls `advance(t)` before looking at or changing the link at time `t`. With one issuing
 stream (batch-1 decode) this is exact, and it is what makes the engine several times faster than
-a process per load; `tests/test_engine_vs_naive.py` checks it against `sim/naive.py`, which uses
+a process per load; `tests/test_engine_vs_naive.py` checks it against `sim/engine/naive.py`, which uses
 `simpy.PriorityResource` and one process per load, to 1e-9.
 """
 
@@ -67,7 +67,7 @@ class Link:
         self._queues: tuple[deque[Transfer], deque[Transfer]] = (deque(), deque())
         self._seq = 0
         #: bumped by every change of the schedule (a submit, a preempt): the copy bodies are a
-        #: function of it (`sim.contention.MemoryBus` caches its bandwidth profile by it)
+        #: function of it (`sim.machine.contention.MemoryBus` caches its bandwidth profile by it)
         self.version = 0
         #: transfers that ended after the owner's clock (applied by a lookahead), in completion
         #: order; None: not kept, and `copy_bodies` then only sees what is still on a channel
@@ -173,7 +173,7 @@ class Link:
         (`history`), those on a channel, and the queued ones at the times they will start if
         nothing else is submitted (channels free in done order; demand before prefetch). This is
         what a link that shares memory bandwidth takes from compute ops that start at `t_s`
-        (`sim/contention.py`); the owner issues nothing before such an op ends. `t_s` is the
+        (`sim/machine/contention.py`); the owner issues nothing before such an op ends. `t_s` is the
         owner's clock (never decreasing): history that ended before it is forgotten."""
         lat = self.latency_s
         history = self.history

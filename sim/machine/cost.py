@@ -9,7 +9,7 @@ Batch-1 decode is memory-bound: a kernel's time is its fixed launch overhead plu
     transfer:                  link.latency_s + bytes / link.bandwidth_Bps
 
 Where copies share the device's memory bandwidth (unified memory), a copy takes the link's
-bandwidth from compute while its body is in flight, piecewise in time (`sim/contention.py`);
+bandwidth from compute while its body is in flight, piecewise in time (`sim/machine/contention.py`);
 `OpWork.shared_s` gives an op's duration beside the copies around it. All times in seconds.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sim.models import ModelPreset
+from sim.machine.models import ModelPreset
 
 N_ATTN_KERNELS = 8  # norm, qkv, rope, attention, out-proj, norm, router, residual
 N_EXPERT_KERNELS = 4  # gate, up, act*mul, down
@@ -34,7 +34,7 @@ class Roofline:
         return kernels * self.kernel_overhead_s + max(nbytes / self.memory_bandwidth_Bps, flops / self.matmul_flops)
 
     def work(self, nbytes: float, flops: float, kernels: float) -> OpWork:
-        """The parts of an op that memory contention treats differently (`sim/contention.py`)."""
+        """The parts of an op that memory contention treats differently (`sim/machine/contention.py`)."""
         return OpWork(kernels * self.kernel_overhead_s, nbytes, flops / self.matmul_flops)
 
 
@@ -49,7 +49,7 @@ class OpWork:
     matmul_s: float
 
     def shared_s(self, start_s: float, bus) -> float:
-        """Its duration from `start_s` beside the copies of a `sim.contention.MemoryBus`."""
+        """Its duration from `start_s` beside the copies of a `sim.machine.contention.MemoryBus`."""
         return self.overhead_s + max(bus.memory_time_s(start_s + self.overhead_s, self.nbytes), self.matmul_s)
 
 

@@ -2,12 +2,12 @@
 
 One SimPy process per load, a `simpy.PriorityResource` request/release per transfer, a timeout
 per compute op; per-layer LRU + `pregate` prefetch (depth 1) only. It is what one writes first;
-`sim.engine` must give the same timeline (a test checks it) several times faster.
+`sim.engine.engine` must give the same timeline (a test checks it) several times faster.
 
 On a link that shares the device's memory bandwidth, memory contention is simulated the direct
 way: a transfer announces when its body (after the latency) starts and ends on a shared bus
 object, and a compute op re-rates its remaining bytes at every such change
-(`sim/contention.py` states the model; the engine computes the same thing from the link's
+(`sim/machine/contention.py` states the model; the engine computes the same thing from the link's
 copy bodies without events).
 """
 
@@ -18,8 +18,8 @@ from collections import OrderedDict
 import numpy as np
 import simpy
 
-from sim.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS, CostModel
-from sim.trace import Trace
+from sim.machine.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS, CostModel
+from sim.trace.format import Trace
 
 
 def naive_decode(trace: Trace, cost: CostModel, sizes: list[int], channels: int, count: int = 1,

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from sim.errors import UserError
-from sim.models import ModelPreset
-from sim.trace import PHASES, ModelInfo, Trace
+from sim.machine.models import ModelPreset
+from sim.trace.format import PHASES, ModelInfo, Trace
 
 FORMATS = ("jsonl", "csv", "npz")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".npz": "npz"}

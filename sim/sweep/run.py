@@ -7,9 +7,9 @@
 
 A point is a full `run` (`sim.runner.simulate`) of one resolved RunConfig; its row holds the
 flattened config (`cache.slots`, `gating.T`, ...), every summary key, `point` (the key: a hash of
-the config and of the content of its inputs, `sim.sweep_grid.point_key`) and `error` (null, or
-why the point failed). Rows are in grid order. Folder layout and atomicity: `sim/sweep_store.py`;
-executors: `sim/sweep_exec.py`.
+the config and of the content of its inputs, `sim.sweep.grid.point_key`) and `error` (null, or
+why the point failed). Rows are in grid order. Folder layout and atomicity: `sim/sweep/store.py`;
+executors: `sim/sweep/execute.py`.
 
 Checks before anything runs (UserError, exit 2): an unknown key (the first point is parsed as a
 RunConfig: the message lists the valid keys), an empty value list, a bad range, a value that no
@@ -32,8 +32,8 @@ from typing import Any
 import polars as pl
 
 from sim.errors import UserError
-from sim.sweep_grid import flat_config, input_fingerprint, parse_grid, point_key, points
-from sim.sweep_store import SWEEP_FORMAT, SweepStore, layers_frame, rows_to_frame
+from sim.sweep.grid import flat_config, input_fingerprint, parse_grid, point_key, points
+from sim.sweep.store import SWEEP_FORMAT, SweepStore, layers_frame, rows_to_frame
 
 EXECUTORS = ("local", "ray")
 SAVE_EVERY_S = 5.0  # rebuild sweep.parquet at most this often while points finish
@@ -215,8 +215,8 @@ def _build_points(pts: list[Point]) -> None:
     """
     import dataclasses
 
-    from sim.hardware import load_profile
-    from sim.models import load_preset
+    from sim.machine.hardware import load_profile
+    from sim.machine.models import load_preset
     from sim.runner import build_engine, cache_capacity, load_trace
 
     profiles: dict[str, Any] = {}
@@ -332,7 +332,7 @@ def run_sweep(grid: dict[str, Any] | Iterable[str], out: str | Path, *, executor
     if jobs < 1:
         raise UserError(f"jobs must be >= 1 (0: one per CPU), got {jobs}")
     if executor == "ray":
-        from sim.sweep_exec import import_ray
+        from sim.sweep.execute import import_ray
 
         import_ray()  # refuse before any work when Ray is not installed
     from sim.atomic import check_output_path
@@ -355,7 +355,7 @@ def run_sweep(grid: dict[str, Any] | Iterable[str], out: str | Path, *, executor
 def _run(pts, store, executor, jobs, ray_address, progress, report, baseline, resumed, t0, log) -> SweepResult:
     from tqdm import tqdm
 
-    from sim import sweep_exec
+    from sim.sweep import execute as sweep_exec
 
     wanted = {p.key for p in pts}
     records = {k: r for k, r in store.load_points().items() if k in wanted and r.get("error") is None}
@@ -396,7 +396,7 @@ def _run(pts, store, executor, jobs, ray_address, progress, report, baseline, re
         table, layers = tables(pts, records)
         store.write_tables(table, layers)
     if report:
-        from sim.sweep_report import write_report
+        from sim.sweep.report import write_report
 
         write_report([store.out], store.out / "report.html", baseline=baseline)
     n_failed = int(table["error"].is_not_null().sum()) if "error" in table.columns else 0

@@ -136,7 +136,7 @@ def _sha(data: bytes) -> str:
 
 def input_fingerprint(cfg: Any) -> dict[str, str]:
     """What the config's paths point to: the trace checksum (`meta.yaml`) and the profile's bytes."""
-    from sim.hardware import load_profile
+    from sim.machine.hardware import load_profile
     from sim.runner import resolve_trace_path
 
     out: dict[str, str] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sim.trace import Trace
+from sim.trace.format import Trace
 
 
 def replay_steps(trace: Trace, prefill: bool, max_tokens: int, timeline_tokens: int) -> Iterator[tuple]:

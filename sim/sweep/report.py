@@ -11,7 +11,7 @@ folders (`config.yaml`, `summary.json`, `*.parquet` written by `python -m sim ru
   the first policy): baseline TPOT / policy TPOT, a heatmap of hardware x cache size per policy,
   each cell the best point of that policy there (over the other swept keys);
 - hit rate per layer of every point (a heatmap, points x layers);
-- the timeline lanes of each run folder (`sim.report.timeline_figure`);
+- the timeline lanes of each run folder (`sim.results.report.timeline_figure`);
 - the failed points and their errors, as a table.
 
 Figures that the data cannot fill (one hardware, no dL variation) still draw; missing columns
@@ -118,7 +118,7 @@ def read_run_folder(path: Path) -> dict[str, Any]:
 
 def load_inputs(dirs: list[Path]) -> tuple[pl.DataFrame, pl.DataFrame, list[tuple[str, dict[str, Any]]]]:
     """(table of all points, layers table keyed by point, run folders) of sweep and run folders."""
-    from sim.sweep_store import LAYERS_FILE, TABLE_FILE, rows_to_frame
+    from sim.sweep.store import LAYERS_FILE, TABLE_FILE, rows_to_frame
 
     tables, layers, runs = [], [], []
     for d in dirs:
@@ -402,7 +402,7 @@ def report_html(dirs: list[Path], *, baseline: str = "", title: str = "") -> str
     """The whole page for sweep and run folders `dirs`."""
     from plotly.offline import get_plotlyjs
 
-    from sim.report import timeline_figure
+    from sim.results.report import timeline_figure
 
     table, layers, runs = load_inputs([Path(d) for d in dirs])
     base = pick_baseline(_ok(table), baseline)

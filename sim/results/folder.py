@@ -2,7 +2,7 @@
 
     results/<timestamp>-<name>/
         config.yaml      the fully resolved configuration (and what it resolved to)
-        summary.json     flat metrics, SI units (sim/metrics.py; README "Metrics")
+        summary.json     flat metrics, SI units (sim/results/metrics.py; README "Metrics")
         tokens.parquet   one row per decode token
         layers.parquet   one row per MoE layer
         events.parquet   one row per transfer, plus compute ops of the first decode tokens
@@ -75,7 +75,7 @@ def fill_results(res: RunResult, tmp: Path, *, report: bool = True, title: str =
     res.layers.write_parquet(tmp / "layers.parquet")
     res.events.write_parquet(tmp / "events.parquet")
     if report:
-        from sim.report import run_report, write_html
+        from sim.results.report import run_report, write_html
 
         write_html(run_report(res.summary, res.tokens, res.layers, res.events, title or tmp.name),
                    tmp / "report.html")

@@ -1,8 +1,8 @@
 """The engine: replays a trace's routing against a hardware profile under policies (DESIGN 4).
 
-Resources: the device compute stream (`self.t`, its clock), the expert link (`sim.link.Link`, a
+Resources: the device compute stream (`self.t`, its clock), the expert link (`sim.engine.link.Link`, a
 priority resource with `channels`), the CPU compute stream (`self.cpu_t`, for experts placed on
-the CPU) and the expert cache (`sim.cache.ExpertCache`, a plain class). The run is a SimPy process
+the CPU) and the expert cache (`sim.engine.cache.ExpertCache`, a plain class). The run is a SimPy process
 (`_main`); SimPy's clock reaches the end of each token. Within a token nothing needs a SimPy
 event: with one issuing stream every time is known when it is needed, the link applies its
 completions lazily (`Link.advance`), and so a cache hit, a load and a wait cost no event at all.
@@ -32,13 +32,13 @@ import numpy as np
 import simpy
 
 from policies.base import CPU, LOAD, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
-from sim.admission import LoadAdmission
-from sim.cache import ABSENT, RESIDENT, ExpertCache
-from sim.contention import MemoryBus
-from sim.cost import CostModel
-from sim.link import DEMAND, PREFETCH, Link, Transfer
-from sim.recorder import Recorder
-from sim.replay import replay_steps
+from sim.engine.admission import LoadAdmission
+from sim.engine.cache import ABSENT, RESIDENT, ExpertCache
+from sim.engine.link import DEMAND, PREFETCH, Link, Transfer
+from sim.engine.recorder import Recorder
+from sim.engine.replay import replay_steps
+from sim.machine.contention import MemoryBus
+from sim.machine.cost import CostModel
 
 _KIND = {DEMAND: "demand", PREFETCH: "prefetch"}
 
@@ -235,7 +235,7 @@ class Engine(LoadAdmission):
 
     def _expert_s(self, start_s: float, tokens: int = 1, fraction: float = 1.0) -> float:
         """An expert (or `fraction` of it) on `tokens` tokens starting at `start_s`; on a link that shares
-        the device's memory, slowed by the copies in flight meanwhile (`sim/contention.py`)."""
+        the device's memory, slowed by the copies in flight meanwhile (`sim/machine/contention.py`)."""
         cost = self.cost
         if self.bus is not None:
             work = self.expert_work if tokens == 1 and fraction == 1.0 else cost.expert_work(tokens, fraction)

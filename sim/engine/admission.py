@@ -12,7 +12,7 @@ its prefetches or stages them), `rec`, `E`, and `_evict(key)`.
 
 from __future__ import annotations
 
-from sim.link import DEMAND, PREFETCH
+from sim.engine.link import DEMAND, PREFETCH
 
 REFUSED = None
 

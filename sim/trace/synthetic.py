@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.trace import ModelInfo, Trace
+from sim.trace.format import ModelInfo, Trace
 
 
 def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,5 +61,5 @@ def random_trace(
         fisher=rng.exponential(1.0, (T, layers)).astype(np.float32),
         sensitivity=np.geomspace(10.0, 0.1, layers),
         sensitivity_info={"definition": "synthetic"},
-        source={"tool": "sim.synthetic.random_trace"},
+        source={"tool": "sim.trace.synthetic.random_trace"},
     )

@@ -1,0 +1,1 @@
+"""The simulation engine: the replay of a trace's steps on a machine under policies."""

@@ -1,0 +1,1 @@
+"""The machine: hardware profiles, model presets, the cost model, memory contention."""

@@ -1,0 +1,1 @@
+"""Traces: the format (read, write, validate), import of external logs, synthetic traces, statistics."""
