@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sim.cache import ABSENT
+from sim.cache import ABSENT, RESIDENT
 from sim.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS, CostModel
 from sim.hardware import Compute
 from sim.runner import build_engine, simulate
@@ -205,3 +205,125 @@ def test_yield_bytes_loaded_counts_the_part_moved():
     X = pre.expert_bytes
     assert res.summary["prefetch_cancelled"] == 1
     assert res.summary["bytes_loaded_per_token"] == pytest.approx(X + 2 * X / 8, rel=1e-9)
+
+
+# ---------------------------------------------------------------------- 2. idle-only prefetch
+def _idle_case(idle_only: bool):
+    """3 layers, 2 experts, top-1, one token: layers use expert 0. Layer 1's expert is resident;
+    layer 0's is not (a demand load at a). At layer 0 pregate names layer 1's expert 1 (wrong, absent),
+    at layer 1 it names layer 2's expert 0 (right)."""
+    pre, h = preset(3, 2, 1), hw(bw_Bps=1e12, latency_s=0.0, channels=1, mem_bw=1e11)
+    tr = trace([[[0], [0], [0]]], 3, 2, pregate={1: _pregate(1, 3, 2, {(0, 0): 1, (0, 1): 0})})
+    cfg = _cfg(policy="mixtral_offloading", cache={"slots": 6}, prefetch={"idle_only": idle_only})
+    res, _ = _run_warm(cfg, tr, h, pre, warm=[2])
+    return res, pre, h
+
+
+def test_idle_only_prefetch_skipped_when_busy_issued_when_idle():
+    """Idle-only prefetch (`prefetch.idle_only=true`).
+
+    Layer 0: attention [0, a]; expert 0's demand load on the only channel [a, a + l]; the prefetch
+    for layer 1 (issued after it, at a) finds every channel busy and is skipped; expert 0 computes
+    [a + l, a + l + c]. Layer 1 gates at g1 = 2a + l + c with the link idle: the prefetch of layer 2's
+    expert 0 is issued and runs [g1, g1 + l]; layer 1's resident expert computes [g1, g1 + c].
+    Layer 2 gates at g2 = 3a + l + 2c >= g1 + l (l <= a + c): a hit. TPOT = 3a + l + 3c."""
+    res, pre, h = _idle_case(True)
+    a, c, l_ = _prims(pre, h)
+    assert l_ <= a + c
+    g1, g2 = 2 * a + l_ + c, 3 * a + l_ + 2 * c
+    dm = _one(res, lane="link", kind="demand")
+    assert (dm["layer"], dm["start_s"], dm["end_s"]) == (0, _approx(a), _approx(a + l_))
+    pf = _one(res, lane="link", kind="prefetch")
+    assert (pf["layer"], pf["expert"]) == (2, 0)
+    assert pf["issued_s"] == _approx(g1) and pf["start_s"] == _approx(g1) and pf["end_s"] == _approx(g1 + l_)
+    assert _one(res, lane="compute", layer=2, what="expert 0")["start_s"] == _approx(g2)
+    s = res.summary
+    assert s["tpot_mean_s"] == _approx(3 * a + l_ + 3 * c)
+    assert s["prefetch_skipped"] == 1
+    assert (s["prefetch_issued"], s["prefetch_used"], s["prefetch_late"], s["prefetch_wasted"]) == (1, 1, 0, 0)
+    assert s["hit_rate"] == _approx(2 / 3) and s["demand_loads_per_token"] == 1
+    assert s["stall_s_per_token"] == _approx(l_)
+
+
+def test_without_idle_only_the_prefetch_queues_behind_the_demand_load():
+    """The same token without `idle_only`: layer 0's wrong prefetch queues behind the demand load and
+    runs [a + l, a + 2l] (done before layer 1 gates at 2a + l + c, so TPOT is unchanged, 3a + l + 3c);
+    it is issued, never used, wasted at the end; nothing is skipped."""
+    res, pre, h = _idle_case(False)
+    a, c, l_ = _prims(pre, h)
+    pf = _one(res, lane="link", kind="prefetch", layer=1)
+    assert pf["expert"] == 1 and pf["issued_s"] == _approx(a)
+    assert pf["start_s"] == _approx(a + l_) and pf["end_s"] == _approx(a + 2 * l_)
+    s = res.summary
+    assert s["tpot_mean_s"] == _approx(3 * a + l_ + 3 * c)
+    assert s["prefetch_skipped"] == 0
+    assert (s["prefetch_issued"], s["prefetch_used"], s["prefetch_wasted"]) == (2, 1, 1)
+
+
+# ---------------------------------------------------------------------- 3. AdapMoE: wait, admit on use
+@pytest.mark.parametrize("wait", [True, False])
+def test_adapmoe_wait_for_an_unused_prefetch(wait):
+    """`prefetch.wait=true` (AdapMoE): the target layer waits for its in-flight prefetch, used or not.
+
+    2 layers, 2 experts, top-1, one token; both layers' expert 0 is resident (a hit each). At layer 0
+    pregate names layer 1's expert 1 (wrong): prefetch [a, a + l], into a cache slot (`admit=cache`).
+    With wait, layer 1 (gate at 2a + c) waits until a + l > 2a + c, then computes:
+    TPOT = a + l + c, stall = l - a - c. Without wait: TPOT = 2a + 2c, no stall.
+    The prefetch is never used: wasted (at the end)."""
+    pre, h = preset(2, 2, 1), hw(bw_Bps=1e9, latency_s=1e-4, channels=1, mem_bw=1e11)
+    a, c, l_ = _prims(pre, h)
+    tr = trace([[[0], [0]]], 2, 2, pregate={1: _pregate(1, 2, 2, {(0, 0): 1})})
+    cfg = _cfg(policy="mixtral_offloading", cache={"slots": 4}, prefetch={"wait": wait, "admit": "cache"})
+    res, _ = _run_warm(cfg, tr, h, pre, warm=[0, 2])
+    assert a + l_ > 2 * a + c
+    pf = _one(res, lane="link", kind="prefetch")
+    assert (pf["layer"], pf["expert"], pf["staging"]) == (1, 1, False)
+    assert pf["start_s"] == _approx(a) and pf["end_s"] == _approx(a + l_)
+    op = _one(res, lane="compute", layer=1, what="expert 0")
+    s = res.summary
+    if wait:
+        assert op["start_s"] == _approx(a + l_)
+        assert s["tpot_mean_s"] == _approx(a + l_ + c)
+        assert s["stall_s_per_token"] == _approx(l_ - a - c)
+    else:
+        assert op["start_s"] == _approx(2 * a + c)
+        assert s["tpot_mean_s"] == _approx(2 * a + 2 * c)
+        assert s["stall_s_per_token"] == 0
+    assert s["hit_rate"] == 1.0 and s["demand_loads_per_token"] == 0
+    assert (s["prefetch_issued"], s["prefetch_used"], s["prefetch_late"], s["prefetch_wasted"]) == (1, 0, 0, 1)
+
+
+def test_adapmoe_admit_on_use_right_enters_cache_wrong_is_dropped():
+    """`prefetch.admit=on_use` with `wait=true` (AdapMoE as released): prefetches go to staging buffers.
+
+    2 layers, 3 experts, top-1, two tokens; layer 0's expert 0 is resident; layer 1 needs expert 1
+    in both tokens. Token 0: pregate names layer 1's expert 1 (right): staged prefetch [a0, a0 + l];
+    layer 1 gates at 2a0 + c, waits for it (late), computes it from the staging buffer, then the
+    expert enters the cache: TPOT0 = a0 + l + c. Token 1 (start T1 = TPOT0): pregate names layer 1's
+    expert 2 (wrong): staged prefetch [T1 + a1, T1 + a1 + l]; layer 1's expert 1 is now a hit, but the
+    layer waits for the wrong prefetch, which is then dropped: TPOT1 = a1 + l + c."""
+    pre, h = preset(2, 3, 1), hw(bw_Bps=1e9, latency_s=1e-4, channels=1, mem_bw=1e11)
+    a0, c, l_ = _prims(pre, h)
+    a1 = _attn(pre, h, 1)
+    tr = trace([[[0], [1]], [[0], [1]]], 2, 3, pregate={1: _pregate(2, 2, 3, {(0, 0): 1, (1, 0): 2})})
+    cfg = _cfg(policy="mixtral_offloading", cache={"slots": 4}, prefetch={"wait": True, "admit": "on_use"})
+    res, engine = _run_warm(cfg, tr, h, pre, warm=[0])
+    assert a0 + l_ > 2 * a0 + c
+    T1 = a0 + l_ + c
+    right = _one(res, lane="link", kind="prefetch", token=0)
+    assert (right["layer"], right["expert"], right["staging"]) == (1, 1, True)
+    assert right["start_s"] == _approx(a0) and right["end_s"] == _approx(a0 + l_)
+    wrong = _one(res, lane="link", kind="prefetch", token=1)
+    assert (wrong["layer"], wrong["expert"], wrong["staging"]) == (1, 2, True)
+    assert wrong["start_s"] == _approx(T1 + a1) and wrong["end_s"] == _approx(T1 + a1 + l_)
+    assert _one(res, lane="compute", token=1, layer=1, what="expert 1")["start_s"] == _approx(T1 + a1 + l_)
+    lat = res.tokens["latency_s"].to_list()
+    assert lat[0] == _approx(a0 + l_ + c) and lat[1] == _approx(a1 + l_ + c)
+    assert res.tokens["hits"].to_list() == [1, 2]  # token 1's layer 1 hits the admitted expert
+    assert res.tokens["stall_s"].to_list() == [_approx(l_ - a0 - c), _approx(l_ - a1 - c)]
+    s = res.summary
+    assert s["tpot_mean_s"] == _approx((a0 + a1) / 2 + l_ + c)
+    assert (s["prefetch_issued"], s["prefetch_used"], s["prefetch_late"], s["prefetch_wasted"]) == (2, 1, 1, 1)
+    assert s["hit_rate"] == 0.75 and s["demand_loads_per_token"] == 0
+    assert engine.cache.state[1 * 3 + 1] == RESIDENT and engine.cache.state[1 * 3 + 2] == ABSENT
+    assert engine.staging_in_use == 0
