@@ -327,3 +327,94 @@ def test_adapmoe_admit_on_use_right_enters_cache_wrong_is_dropped():
     assert s["hit_rate"] == 0.75 and s["demand_loads_per_token"] == 0
     assert engine.cache.state[1 * 3 + 1] == RESIDENT and engine.cache.state[1 * 3 + 2] == ABSENT
     assert engine.staging_in_use == 0
+
+
+# ---------------------------------------------------------------------- 4. CPU placement
+@pytest.mark.parametrize("mem_bw", [1e11, 1e9])  # the CPU expert slower / faster than the device's
+def test_cpu_on_miss_runs_beside_resident_experts(mem_bw):
+    """`placement.name=cpu_on_miss` (Fiddler preset: static cache, expert tier host).
+
+    1 layer, 4 experts, top-2; tokens [0,1], [0,2], [2,3], [0,1]. Static pinning of 2 slots keeps the
+    most used experts, 0 (3 uses) and 1 (2 uses, ties to the lower id over 2). With c' = one expert on
+    the CPU (X / cpu memory bandwidth) and G_t the gate of token t (start + a_t):
+      t0, t3: both resident: a_t + 2c;
+      t1: expert 0 on the device [G, G + c] beside expert 2 on the CPU [G, G + c']:
+          a1 + max(c, c'), cpu wait max(c' - c, 0);
+      t2: experts 2 and 3 on the CPU one after the other [G, G + 2c'], the device idle: a2 + 2c', wait 2c'.
+    Nothing is loaded."""
+    pre, h = preset(1, 4, 2), hw(bw_Bps=1e9, latency_s=1e-4, channels=1, mem_bw=mem_bw)
+    _, c, _ = _prims(pre, h)
+    assert h.expert_tier == "host"
+    cc = _expert(pre, h.cpu)
+    assert CostModel(pre, h).expert_compute_s(1, on_cpu=True) == _approx(cc)
+    at = [_attn(pre, h, p) for p in range(4)]
+    tr = trace([[[0, 1]], [[0, 2]], [[2, 3]], [[0, 1]]], 1, 4)
+    res = simulate(_cfg(policy="fiddler", cache={"slots": 2}), trace=tr, hw=h, preset=pre)
+    want = [at[0] + 2 * c, at[1] + max(c, cc), at[2] + 2 * cc, at[3] + 2 * c]
+    assert res.tokens["latency_s"].to_list() == [_approx(x) for x in want]
+    waits = [0.0, max(cc - c, 0.0), 2 * cc, 0.0]
+    assert res.tokens["cpu_wait_s"].to_list() == [_approx(x) if x else 0.0 for x in waits]
+    T = np.concatenate([[0.0], np.cumsum(want)])
+    g1, g2 = T[1] + at[1], T[2] + at[2]
+    cpu1 = _one(res, lane="cpu", token=1)
+    assert (cpu1["what"], cpu1["start_s"], cpu1["end_s"]) == ("1 expert(s)", _approx(g1), _approx(g1 + cc))
+    dev1 = _one(res, lane="compute", token=1, what="expert 0")
+    assert dev1["start_s"] == _approx(g1) and dev1["end_s"] == _approx(g1 + c)
+    cpu2 = _one(res, lane="cpu", token=2)
+    assert (cpu2["what"], cpu2["start_s"], cpu2["end_s"]) == ("2 expert(s)", _approx(g2), _approx(g2 + 2 * cc))
+    s = res.summary
+    assert s["tpot_mean_s"] == _approx(sum(want) / 4)
+    assert s["cpu_wait_s_per_token"] == _approx(sum(waits) / 4)
+    assert s["hit_rate"] == _approx(5 / 8) and s["demand_loads_per_token"] == 0
+    assert res.layers["cpu_experts"].to_list() == [3.0]
+    assert res.events.filter(pl.col("lane") == "link").height == 0
+
+
+# ---------------------------------------------------------------------- 5. low-precision placement
+def test_low_precision_on_miss_loads_a_small_copy_into_staging():
+    """`placement.name=low_precision_on_miss` (HOBBIT preset, `low_bits=2`, `w_max=0.3`).
+
+    1 layer, 2 experts, top-2, two tokens; cache of 2 slots, empty; S_0 = 3 (the trace's sensitivity).
+    Token 0 runs [0 (w 0.8), 1 (w 0.2)]: expert 0 loads at full precision [a0, a0 + l]; expert 1
+    (w < w_max) loads as a 2-bit copy of X' = X * 2/16 bytes, l' = lat + X'/bw, queued behind it
+    [a0 + l, a0 + l + l'], into a staging buffer. Compute: expert 0 [a0 + l, +c], expert 1 from
+    max(a0 + l + c, a0 + l + l') = a0 + l + l' (l' > c): TPOT0 = a0 + l + l' + c.
+    dL = 1/2 * S_0 * w^2 * eps with eps = 4^-(2-1) = 1/4.
+    Token 1 runs [1 (w 0.8), 0 (w 0.2)]: expert 1 was not cached (the low copy is dropped after use):
+    a full demand load [G, G + l] (G = T1 + a1); expert 0 is resident and computes first:
+    TPOT1 = a1 + l + c, dL 0."""
+    pre, h = preset(1, 2, 2), hw(bw_Bps=1e9, latency_s=1e-4, channels=1, mem_bw=1e11)
+    a0, c, l_ = _prims(pre, h)
+    a1 = _attn(pre, h, 1)
+    X, lat, bw = pre.expert_bytes, 1e-4, 1e9
+    X_low = 3 * pre.hidden * pre.expert_width * 2 / 8
+    l_low = lat + X_low / bw
+    assert l_low > c
+    tr = trace([[[0, 1]], [[1, 0]]], 1, 2, weights=[[[0.8, 0.2]], [[0.8, 0.2]]])
+    tr.sensitivity = np.array([3.0])
+    cfg = _cfg(policy="hobbit", cache={"slots": 2}, placement={"low_bits": 2.0})
+    assert cfg.placement["w_max"] == 0.3
+    res = simulate(cfg, trace=tr, hw=h, preset=pre)
+    full = _one(res, lane="link", token=0, expert=0)
+    assert (full["kind"], full["bytes"], full["staging"]) == ("demand", X, False)
+    assert full["start_s"] == _approx(a0) and full["end_s"] == _approx(a0 + l_)
+    low = _one(res, lane="link", token=0, expert=1)
+    assert (low["kind"], low["staging"]) == ("demand", True)
+    assert low["bytes"] == _approx(X_low) and low["bytes"] == _approx(X / 8)
+    assert low["issued_s"] == _approx(a0) and low["start_s"] == _approx(a0 + l_)
+    assert low["end_s"] - low["start_s"] == _approx(l_low)
+    op = _one(res, lane="compute", token=0, what="expert 1")
+    assert op["start_s"] == _approx(a0 + l_ + l_low) and op["end_s"] == _approx(a0 + l_ + l_low + c)
+    T1 = a0 + l_ + l_low + c
+    again = _one(res, lane="link", token=1)
+    assert (again["expert"], again["bytes"], again["staging"]) == (1, X, False)
+    assert again["start_s"] == _approx(T1 + a1)
+    assert res.tokens["latency_s"].to_list() == [_approx(T1), _approx(a1 + l_ + c)]
+    w = float(np.float32(0.2))
+    dL = 0.5 * 3.0 * w * w * 0.25
+    assert res.tokens["dL"].to_list() == [_approx(dL), 0.0]
+    s = res.summary
+    assert s["dL_est"] == _approx(dL)
+    assert s["tpot_mean_s"] == _approx((T1 + a1 + l_ + c) / 2)
+    assert s["demand_loads_per_token"] == 1.5 and s["hit_rate"] == 0.25
+    assert s["bytes_loaded_per_token"] == _approx((X + X_low + X) / 2)
