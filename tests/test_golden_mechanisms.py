@@ -418,3 +418,55 @@ def test_low_precision_on_miss_loads_a_small_copy_into_staging():
     assert s["tpot_mean_s"] == _approx((T1 + a1 + l_ + c) / 2)
     assert s["demand_loads_per_token"] == 1.5 and s["hit_rate"] == 0.25
     assert s["bytes_loaded_per_token"] == _approx((X + X_low + X) / 2)
+
+
+# ---------------------------------------------------------------------- 6. shared-memory contention
+@pytest.mark.parametrize("k, channels, copy_bw", [
+    (1, 1, 8e10),  # one copy in flight: compute keeps B - b
+    (1, 1, 2e11),  # a copy faster than compute's memory bandwidth: compute keeps the floor, 0.1 B
+    (2, 2, 4e10),  # two copies in flight at once: compute keeps B - 2b
+])
+def test_shared_link_contention_slows_compute_only_while_copies_overlap(k, channels, copy_bw):
+    """Copies sharing the device's memory bandwidth (`hw(shared=True)`, `sim/contention.py`).
+
+    2 layers, top-k, one token; layer 0's k experts are resident, pregate (count k) rightly names
+    layer 1's k experts, prefetched at a (layer 0's gate) on k channels: each copy's body (after its
+    latency) is in flight over [a + lat, a + l], l = lat + X/b. Layer 0's first expert starts at a:
+    overhead o = 4 * kernel_overhead (no memory traffic), then its body reads X bytes at B over
+    [a + o, a + lat], at r = max(B - k*b, 0.1 B) over [a + lat, a + l], and the rest at B:
+        e0 = a + l + (X - B*(lat - o) - r * X/b) / B.
+    Everything after it runs alone: layer 0's other expert c, layer 1's attention a and k hits:
+    TPOT = e0 + (k-1) c + a + k c. Layer 0's attention, before the copies, is not slowed."""
+    E = 2
+    lat, ov, B = 2e-5, 1e-6, 1e11
+    pre, h = preset(2, E, k), hw(bw_Bps=copy_bw, latency_s=lat, channels=channels, mem_bw=B, overhead_s=ov,
+                                 shared=True)
+    a, c, l_ = _prims(pre, h)
+    X, o = pre.expert_bytes, N_EXPERT_KERNELS * ov
+    ids = list(range(k))
+    tr = trace([[ids, ids]], 2, E, pregate={1: _pregate(1, 2, E, {(0, 0): ids})})
+    cfg = _cfg(policy="mixtral_offloading", cache={"slots": 4}, prefetch={"count": k})
+    res, _ = _run_warm(cfg, tr, h, pre, warm=ids)
+    r = max(B - k * copy_bw, 0.1 * B)
+    read_during = B * (lat - o) + r * (X / copy_bw)
+    assert o < lat and read_during < X  # the regime: the copies end in the middle of expert 0's body
+    e0 = a + l_ + (X - read_during) / B
+    for e in ids:
+        pf = _one(res, lane="link", kind="prefetch", expert=e)
+        assert pf["layer"] == 1 and pf["start_s"] == _approx(a) and pf["end_s"] == _approx(a + l_)
+    assert _one(res, lane="compute", layer=0, what="attention")["end_s"] == _approx(a)
+    op0 = _one(res, lane="compute", layer=0, what="expert 0")
+    assert op0["start_s"] == _approx(a) and op0["end_s"] == _approx(e0)
+    assert e0 > a + c  # slowed
+    if k == 2:
+        op1 = _one(res, lane="compute", layer=0, what="expert 1")
+        assert op1["start_s"] == _approx(e0) and op1["end_s"] == _approx(e0 + c)
+    att1 = _one(res, lane="compute", layer=1, what="attention")
+    assert att1["start_s"] == _approx(e0 + (k - 1) * c) and att1["end_s"] == _approx(e0 + (k - 1) * c + a)
+    s = res.summary
+    assert s["tpot_mean_s"] == _approx(e0 + (k - 1) * c + a + k * c)
+    assert s["tpot_mean_s"] > 2 * a + 2 * k * c  # what the same run costs without contention
+    assert s["stall_s_per_token"] == 0 and s["hit_rate"] == 1.0
+    assert (s["prefetch_issued"], s["prefetch_used"], s["prefetch_late"]) == (k, k, 0)
+    assert s["link_max_concurrent"] == k
+
