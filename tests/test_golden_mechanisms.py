@@ -15,6 +15,7 @@ Every expected time below is written out from these, not copied from a run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -470,3 +471,107 @@ def test_shared_link_contention_slows_compute_only_while_copies_overlap(k, chann
     assert (s["prefetch_issued"], s["prefetch_used"], s["prefetch_late"]) == (k, k, 0)
     assert s["link_max_concurrent"] == k
 
+
+# ---------------------------------------------------------------------- 7. prefill and TTFT
+def test_prefill_batches_per_layer_and_gives_ttft():
+    """Prefill of a 3-token prompt (`engine.prefill=true`), then one decode token.
+
+    2 layers, 4 experts, top-2; 4 channels, `engine.staging_buffers=2`; the device's matmul rate F is
+    finite so that compute grows with tokens: c_n = max(X/B, n * 2 * params / F) (c_1 memory-bound,
+    c_2, c_3 compute-bound); the prompt's attention A = attention on 3 new tokens with no context.
+    Layer 1's expert 3 is resident; the cache (8 slots) keeps every load.
+    Layer 0: experts {0: 3 tokens, 1, 2, 3: 1 each}, none resident; loads in order (most tokens first,
+    then id), at most 2 outstanding, each computed as it arrives (in issue order):
+        0 and 1 issued at A (end A + l); 0 computes [A + l, +c3]; 2 is issued at A + l + c3;
+        1 computes [A + l + c3, +c1]; 3 is issued at A + l + c3 + c1; 2 computes when in,
+        [A + 2l + c3, +c1]; 3 arrives right then, computes +c1: layer 0 ends at P0 = A + 2l + c3 + 2c1.
+    Layer 1: experts {3, 0, 1}, 2 tokens each: resident 3 first [P0 + A, +c2], then 0 and 1 are
+    issued together (end P0 + A + c2 + l) and compute c2 each: TTFT = P0 + A + l + 3c2.
+    The decode token (position 3) then hits everything: TPOT = 2 a(3) + 4 c1."""
+    pre = preset(2, 4, 2)
+    F = 1.5e11
+    base = hw(bw_Bps=1e9, latency_s=1e-4, channels=4, mem_bw=1e11)
+    h = dataclasses.replace(base, device=Compute(1e11, F, 0.0))
+    cost = CostModel(pre, h)
+    X, l_ = pre.expert_bytes, 1e-4 + pre.expert_bytes / 1e9
+    c1, c2, c3 = (_expert(pre, h.device, n) for n in (1, 2, 3))
+    assert c1 == X / 1e11 and c2 > c1 and c3 > c2  # compute grows with tokens beyond one
+    assert [cost.expert_compute_s(n) for n in (1, 2, 3)] == [_approx(c1), _approx(c2), _approx(c3)]
+    A, a3 = _attn(pre, h, 0, 3), _attn(pre, h, 3)
+    assert cost.attention_s(0, 3) == _approx(A) and cost.attention_decode_s(3) == _approx(a3)
+    assert c3 + c1 < l_
+    ids = [[[0, 1], [3, 0]], [[0, 2], [3, 1]], [[0, 3], [0, 1]], [[0, 1], [3, 0]]]
+    tr = trace(ids, 2, 4)
+    tr.is_decode = np.array([False, False, False, True])
+    cfg = _cfg(prefill=True, cache={"slots": 8})
+    cfg.engine.staging_buffers = 2
+    res, _ = _run_warm(cfg, tr, h, pre, warm=[1 * 4 + 3])
+    P0 = A + 2 * l_ + c3 + 2 * c1
+    ttft = P0 + A + l_ + 3 * c2
+    issued = {(r["layer"], r["expert"]): r for r in res.events.filter(pl.col("lane") == "link").iter_rows(named=True)}
+    assert sorted(issued) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    assert all(r["kind"] == "demand" and r["token"] == 0 for r in issued.values())
+    want_issue = {(0, 0): A, (0, 1): A, (0, 2): A + l_ + c3, (0, 3): A + l_ + c3 + c1,
+                  (1, 0): P0 + A + c2, (1, 1): P0 + A + c2}
+    for key, t in want_issue.items():
+        assert issued[key]["issued_s"] == _approx(t) and issued[key]["start_s"] == _approx(t)
+        assert issued[key]["end_s"] == _approx(t + l_)
+    s = res.summary
+    assert s["ttft_s"] == _approx(ttft)
+    assert s["tokens_prefill"] == 3 and s["tokens_decode"] == 1
+    assert res.tokens["start_s"].to_list() == [_approx(ttft)]
+    assert s["tpot_mean_s"] == _approx(2 * a3 + 4 * c1)
+    assert s["hit_rate"] == 1.0 and s["demand_loads_per_token"] == 0
+
+
+def test_no_prefill_when_disabled():
+    """The same trace with `engine.prefill=false`: no TTFT, the decode token starts at 0 and misses
+    everything but the resident expert (layer 0: two loads on two channels; layer 1: expert 3
+    resident, expert 0 loaded): TPOT = a(3) + l + 2c1 + a(3) + l + c1, where layer 1's load is
+    issued at its gate and expert 3 computes meanwhile (c1 < l)."""
+    pre = preset(2, 4, 2)
+    base = hw(bw_Bps=1e9, latency_s=1e-4, channels=4, mem_bw=1e11)
+    h = dataclasses.replace(base, device=Compute(1e11, 1.5e11, 0.0))
+    l_, c1, a3 = 1e-4 + pre.expert_bytes / 1e9, _expert(pre, h.device, 1), _attn(pre, h, 3)
+    ids = [[[0, 1], [3, 0]], [[0, 2], [3, 1]], [[0, 3], [0, 1]], [[0, 1], [3, 0]]]
+    tr = trace(ids, 2, 4)
+    tr.is_decode = np.array([False, False, False, True])
+    res, _ = _run_warm(_cfg(prefill=False, cache={"slots": 8}), tr, h, pre, warm=[1 * 4 + 3])
+    assert res.summary["ttft_s"] is None and res.summary["tokens_prefill"] == 0
+    assert res.tokens["start_s"].to_list() == [0.0]
+    assert res.summary["tpot_mean_s"] == _approx(2 * a3 + 2 * l_ + 3 * c1)
+
+
+# ---------------------------------------------------------------------- 8. per-matrix pipelining, two loads
+@pytest.mark.parametrize("bw, mem_bw", [(1e9, 1e10), (1e10, 1e9)])  # link-bound, compute-bound
+def test_pipelining_two_loads_on_one_channel(bw, mem_bw):
+    """`engine.pipelining=true`, 1 layer, 2 experts, top-2, both missing, one channel.
+
+    Load i runs [a + i*l, a + (i+1)*l]; its matrix j (j = 1..3) is in at a + i*l + lat + j*m with
+    m = (X/bw)/3; GEMM j of expert i takes c/3 and starts when its matrix is in and the previous GEMM
+    is done. Link-bound (m > c/3): expert 0 ends at a + l + c/3, expert 1 at a + 2l + c/3.
+    Compute-bound (m < c/3, 2c > l): expert 0 starts at its first matrix, a + lat + m, and runs
+    through; expert 1's matrices are all in by then: TPOT = a + lat + m + 2c."""
+    pre, h = preset(1, 2, 2), hw(bw_Bps=bw, latency_s=1e-4, channels=1, mem_bw=mem_bw)
+    a, c, l_ = _prims(pre, h)
+    lat, m = 1e-4, pre.expert_bytes / bw / 3
+    cfg = _cfg(cache={"slots": 2})
+    cfg.engine.pipelining = True
+    res = simulate(cfg, trace=trace([[[0, 1]]], 1, 2), hw=h, preset=pre)
+    t, ends = a, []
+    for i in range(2):  # the recurrence, by hand
+        for j in range(1, 4):
+            t = max(t, a + i * l_ + lat + j * m) + c / 3
+        ends.append(t)
+    if m > c / 3:
+        assert ends == [_approx(a + l_ + c / 3), _approx(a + 2 * l_ + c / 3)]
+    else:
+        assert 2 * c > l_ and ends == [_approx(a + lat + m + c), _approx(a + lat + m + 2 * c)]
+    for i in range(2):
+        ld = _one(res, lane="link", expert=i)
+        assert ld["start_s"] == _approx(a + i * l_) and ld["end_s"] == _approx(a + (i + 1) * l_)
+        assert _one(res, lane="compute", what=f"expert {i}")["end_s"] == _approx(ends[i])
+    s = res.summary
+    assert s["tpot_mean_s"] == _approx(ends[1])
+    assert s["tpot_mean_s"] < a + max(2 * l_ + c, l_ + 2 * c)  # what it costs without pipelining
+    assert s["stall_s_per_token"] == _approx(ends[1] - a - 2 * c)
