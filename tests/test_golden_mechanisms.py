@@ -34,10 +34,12 @@ REL = 1e-12
 # ---------------------------------------------------------------------- helpers
 def _attn(pre, h, context: int, new: int = 1) -> float:
     """One layer's non-expert work by hand: overhead + the larger of its memory and matmul times."""
-    d = h.device
-    kv = 2 * pre.kv_heads * pre.head_dim * 2  # bytes per token per layer at 16 bits
-    nbytes = pre.non_expert_bytes_per_layer + kv * (context + new)
-    flops = 2.0 * pre.attn_params_per_layer * new + 4.0 * pre.heads * pre.head_dim * new * (context + new)
+    d, H, hd = h.device, pre.hidden, pre.head_dim
+    params = H * pre.heads * hd + 2 * H * pre.kv_heads * hd + pre.heads * hd * H + H * pre.experts + 2 * H  # q kv o router norms
+    assert pre.shared_experts == 0 and pre.attn_bits == 16
+    kv = 2 * pre.kv_heads * hd * 2  # bytes per token per layer at 16 bits
+    nbytes = params * 2 + kv * (context + new)
+    flops = 2.0 * params * new + 4.0 * pre.heads * hd * new * (context + new)
     return N_ATTN_KERNELS * d.kernel_overhead_s + max(nbytes / d.memory_bandwidth_Bps, flops / d.matmul_flops)
 
 
@@ -51,7 +53,8 @@ def _expert(pre, dev: Compute, tokens: int = 1) -> float:
 def _prims(pre, h):
     """(a(0), c, l): checked against the cost model, then used by hand."""
     cost = CostModel(pre, h)
-    a, c, l_ = _attn(pre, h, 0), _expert(pre, h.device), h.expert_link.latency_s + pre.expert_bytes / h.expert_link.bandwidth_Bps
+    link = h.expert_link
+    a, c, l_ = _attn(pre, h, 0), _expert(pre, h.device), link.latency_s + pre.expert_bytes / link.bandwidth_Bps
     assert cost.attention_s(0) == pytest.approx(a, rel=REL)
     assert cost.expert_s == pytest.approx(c, rel=REL)
     assert cost.load_s(pre.expert_bytes) == pytest.approx(l_, rel=REL)
