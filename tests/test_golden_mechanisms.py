@@ -22,9 +22,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sim.cache import ABSENT, RESIDENT
-from sim.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS, CostModel
-from sim.hardware import Compute
+from sim.engine.cache import ABSENT, RESIDENT
+from sim.machine.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS, CostModel
+from sim.machine.hardware import Compute
 from sim.runner import build_engine, simulate
 from tests.engine_helpers import config, hw, preset, trace
 
