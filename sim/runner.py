@@ -21,7 +21,7 @@ from sim import REPO_ROOT
 from sim.config import RunConfig, split_knobs
 from sim.engine.cache import ExpertCache
 from sim.engine.engine import Engine
-from sim.engine.link import Link
+from sim.engine.link import CopyLink
 from sim.engine.recorder import Recorder
 from sim.errors import UserError
 from sim.machine.cost import CostModel
@@ -107,7 +107,7 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
         raise UserError(f"engine.staging_buffers must be >= top_k ({preset.top_k})")
     slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
     link_spec = hw.expert_link
-    link = Link(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
+    link = CopyLink(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
                 keep_history=link_spec.shares_memory_bandwidth)  # contention counts copies at past times
     cost = CostModel(preset, hw)
     cache = ExpertCache(preset.layers, preset.experts, cap_bytes)

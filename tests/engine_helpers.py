@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim.config import RunConfig, resolve_sections
-from sim.machine.hardware import Compute, HardwareProfile, Link
+from sim.machine.hardware import Compute, HardwareProfile, LinkSpec
 from sim.machine.models import ModelPreset
 from sim.trace.format import ModelInfo, Trace
 
@@ -13,7 +13,7 @@ from sim.trace.format import ModelInfo, Trace
 def hw(bw_Bps: float = 1e9, latency_s: float = 0.0, channels: int = 1, mem_bw: float = 1e11,
        overhead_s: float = 0.0, shared: bool = False) -> HardwareProfile:
     dev = Compute(memory_bandwidth_Bps=mem_bw, matmul_flops=1e30, kernel_overhead_s=overhead_s)
-    link = Link("host_to_device", bw_Bps, latency_s, channels, shared)
+    link = LinkSpec("host_to_device", bw_Bps, latency_s, channels, shared)
     return HardwareProfile(name="test", description="hand-made", device=dev, cpu=Compute(1e10, 1e30, 0.0),
                            device_memory_bytes=1e12, host_memory_bytes=1e12, unified_memory=shared,
                            expert_tier="host", links={"host_to_device": link}, memory_reserve_bytes=0.0,

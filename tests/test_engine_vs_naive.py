@@ -15,7 +15,7 @@ from tests.test_engine_golden import _run
 @pytest.mark.parametrize("channels,slots,seed,shared,top_k,experts", [
     (1, 10, 0, False, 2, 8), (2, 10, 1, False, 2, 8), (1, 24, 2, False, 2, 8), (3, 6, 3, False, 2, 8),
     (1, 10, 4, True, 2, 8), (2, 8, 5, True, 2, 8), (3, 8, 6, True, 2, 8),
-    # top-4: several loads per layer, so the engine looks ahead past a compute's start (Link.history)
+    # top-4: several loads per layer, so the engine looks ahead past a compute's start (CopyLink.history)
     (1, 16, 7, True, 4, 16), (2, 16, 8, True, 4, 16),
 ])
 def test_engine_matches_naive_simpy(channels, slots, seed, shared, top_k, experts):

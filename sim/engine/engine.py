@@ -1,11 +1,11 @@
 """The engine: replays a trace's routing against a hardware profile under policies (DESIGN 4).
 
-Resources: the device compute stream (`self.t`, its clock), the expert link (`sim.engine.link.Link`, a
+Resources: the device compute stream (`self.t`, its clock), the expert link (`sim.engine.link.CopyLink`, a
 priority resource with `channels`), the CPU compute stream (`self.cpu_t`, for experts placed on
 the CPU) and the expert cache (`sim.engine.cache.ExpertCache`, a plain class). The run is a SimPy process
 (`_main`); SimPy's clock reaches the end of each token. Within a token nothing needs a SimPy
 event: with one issuing stream every time is known when it is needed, the link applies its
-completions lazily (`Link.advance`), and so a cache hit, a load and a wait cost no event at all.
+completions lazily (`CopyLink.advance`), and so a cache hit, a load and a wait cost no event at all.
 
 Per decoded token t and MoE layer l:
   1. attention (non-expert work) on the compute stream;
@@ -34,7 +34,7 @@ import simpy
 from policies.base import CPU, LOAD, Context, GatingPolicy, PlacementPolicy, PrefetchPolicy
 from sim.engine.admission import LoadAdmission
 from sim.engine.cache import ABSENT, RESIDENT, ExpertCache
-from sim.engine.link import DEMAND, PREFETCH, Link, Transfer
+from sim.engine.link import DEMAND, PREFETCH, CopyLink, Transfer
 from sim.engine.recorder import Recorder
 from sim.engine.replay import replay_steps
 from sim.machine.contention import MemoryBus
@@ -72,7 +72,7 @@ class EngineOptions:
 
 class Engine(LoadAdmission):
     def __init__(self, ctx: Context, cost: CostModel, gating: GatingPolicy, prefetch: PrefetchPolicy,
-                 cache_policy, placement: PlacementPolicy, link: Link, options: EngineOptions):
+                 cache_policy, placement: PlacementPolicy, link: CopyLink, options: EngineOptions):
         self.ctx, self.cost, self.opt = ctx, cost, options
         self.gating, self.prefetch, self.cache_policy, self.placement = gating, prefetch, cache_policy, placement
         self.env = simpy.Environment()
@@ -162,7 +162,7 @@ class Engine(LoadAdmission):
         return tr
 
     def _on_loaded(self, tr: Transfer) -> None:
-        """Link callback at a transfer's completion (applied lazily, in time order)."""
+        """CopyLink callback at a transfer's completion (applied lazily, in time order)."""
         if tr.cancelled:  # a prefetch cut short for a demand load: nothing usable arrived
             if self.inflight.get(tr.key) is tr:
                 del self.inflight[tr.key]

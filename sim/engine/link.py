@@ -47,7 +47,7 @@ class Transfer:
         return self.start_s >= 0.0
 
 
-class Link:
+class CopyLink:
     """A link with `channels` concurrent transfers and a priority queue (see module docstring)."""
 
     def __init__(self, name: str, bandwidth_Bps: float, latency_s: float, channels: int,

@@ -22,7 +22,7 @@ bus can carry, so a copy can be as fast as a GEMV's reads). More link bandwidth,
 bandwidth or more channels never slow a demand-only run (`tests/test_physics.py`).
 
 `MemoryBus` answers "how long does reading `nbytes` from `t0` take" from the link's copy bodies
-(`sim.engine.link.Link.copy_bodies`): it keeps the cumulative bandwidth left to compute, W(t), as a
+(`sim.engine.link.CopyLink.copy_bodies`): it keeps the cumulative bandwidth left to compute, W(t), as a
 piecewise-linear function rebuilt whenever the link's schedule changes (a submit or a preempt),
 so that an op costs two bisections. `sim/engine/naive.py` simulates the same model the direct way (a
 compute process re-rated at every copy start and end), and the two agree to 1e-9.

@@ -44,7 +44,7 @@ class Compute:
 
 
 @dataclass(frozen=True)
-class Link:
+class LinkSpec:
     """A copy path between tiers; each of `channels` carries one transfer at `bandwidth_Bps`."""
 
     name: str  # "<from>_to_<to>", e.g. "host_to_device"
@@ -66,14 +66,14 @@ class HardwareProfile:
     host_memory_bytes: float  # with unified_memory: the same physical pool as device memory
     unified_memory: bool
     expert_tier: str  # "host" or "storage": where offloaded experts live
-    links: dict[str, Link]  # at least "<expert_tier>_to_device"
+    links: dict[str, LinkSpec]  # at least "<expert_tier>_to_device"
     memory_reserve_bytes: float  # device memory kept for runtime, activations, fragmentation
     expert_cache_bytes: float | None  # explicit expert-cache budget; None = derive from capacity
     sources: dict[str, str]  # dotted field name -> where the number comes from
     path: Path | None = None
 
     @property
-    def expert_link(self) -> Link:
+    def expert_link(self) -> LinkSpec:
         """The link that brings an offloaded expert to the device."""
         return self.links[f"{self.expert_tier}_to_device"]
 
@@ -211,13 +211,13 @@ class _Reader:
             kernel_overhead_s=self.number(d, "kernel_overhead_s", key, strict=False),
         )
 
-    def link(self, data: Any, name: str) -> Link:
+    def link(self, data: Any, name: str) -> LinkSpec:
         field = _join("links", name)
         ends = name.split("_to_")
         if len(ends) != 2 or ends[0] not in TIERS or ends[1] not in TIERS or ends[0] == ends[1]:
             raise self.fail(field, f"link names are '<from>_to_<to>' with tiers {', '.join(TIERS)}")
-        d = self.mapping(data, field, [f.name for f in fields(Link) if f.name != "name"])
-        return Link(
+        d = self.mapping(data, field, [f.name for f in fields(LinkSpec) if f.name != "name"])
+        return LinkSpec(
             name=name,
             bandwidth_Bps=self.number(d, "bandwidth_Bps", field),
             latency_s=self.number(d, "latency_s", field, strict=False),

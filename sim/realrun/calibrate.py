@@ -451,12 +451,12 @@ def register_and_get(name: str):
 
 def stub_profile():
     """A profile for building policies only (no cost-aware policy runs in the fixed-cost probe)."""
-    from sim.machine.hardware import Compute, HardwareProfile, Link
+    from sim.machine.hardware import Compute, HardwareProfile, LinkSpec
 
     c = Compute(1e10, 1e10, 0.0)
     return HardwareProfile(name="stub", description="stub", device=c, cpu=c, device_memory_bytes=1e12,
                            host_memory_bytes=1e12, unified_memory=True, expert_tier="host",
-                           links={"host_to_device": Link("host_to_device", 1e10, 0.0, 1, False)},
+                           links={"host_to_device": LinkSpec("host_to_device", 1e10, 0.0, 1, False)},
                            memory_reserve_bytes=0.0, expert_cache_bytes=None, sources={})
 
 

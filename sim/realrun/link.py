@@ -9,7 +9,7 @@ transfer ends `cancelled`. Each channel is a thread (on CUDA the thread issues t
 own stream and waits for its event), so `channels` transfers run at once.
 
 Completions are applied lazily by the owner (the engine's main thread) in `advance()`, in the
-order they finished, exactly where the simulator calls `Link.advance(t)`.
+order they finished, exactly where the simulator calls `CopyLink.advance(t)`.
 """
 
 from __future__ import annotations
