@@ -1,17 +1,22 @@
-"""The four policy interfaces and the read-only context they decide from.
+"""The four policy interfaces, the contract between them and the engine, and the context they read.
 
-Call order per decoded token t and MoE layer l (the engine's, DESIGN 4):
+Call order per decoded token t and MoE layer l (the engine's, `sim/engine/step.py`):
 1. `GatingPolicy` chooses the experts to run and their weights, with its estimated loss
    increase `dL` (0 for the model's own top-k). Stateless policies precompute every decision
    at once in `plan()`; stateful ones (that look at the cache) answer `decide(t, l)`.
-2. `PlacementPolicy.place()` for each active expert that is not on the device: load it, or
-   compute it on the CPU.
+2. `PlacementPolicy.place()` for each active expert that is not on the device: load it, load a
+   low-precision copy, or compute it on the CPU.
 3. `PrefetchPolicy.on_layer(t, l)` names experts (keys `layer * E + expert`) to load for later
    layers, using only what is known at this point (this row's pre-gating logits, the past).
 4. `CachePolicy.victims()` picks residents to evict when a load needs room; it is told of every
    access, insertion and eviction.
-Policies never touch SimPy or mutate the cache; they read `ctx.cache` and return decisions.
-Tie-breaks are documented in each policy.
+
+The contract: policies decide and the engine acts. Everything a policy asks of the engine beyond
+its return values is a field declared on its base class below, with a default that asks for
+nothing; the engine reads those fields and nothing else. Policies never touch SimPy or mutate
+the cache; they read `ctx.cache` through its public methods and return decisions. The step being
+simulated is passed to them (token `t`, `layer`), never written into the context. Tie-breaks are
+documented in each policy.
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ class Context:
     hw: object | None = None  # sim.machine.hardware.HardwareProfile (for cost-aware policies)
     cost: object | None = None  # sim.machine.cost.CostModel
     gating_plan: GatingPlan | None = None  # the gating policy's decisions when stateless (set first)
-    now_layer: int = 0  # the layer the engine is simulating (updated by the engine; read-only here)
     prefill: bool = True  # the replay simulates each prompt's prefill (`engine.prefill`)
     max_tokens: int = 0  # the replay stops after this many decode tokens (0: all; `engine.max_tokens`)
     staging_buffers: int = 6  # transient buffers for loads that take no cache slot (`engine.staging_buffers`)
@@ -105,28 +109,34 @@ class GatingPolicy:
 
 
 class PrefetchPolicy:
-    """Names experts to load ahead of need. Default: none."""
+    """Names experts to load ahead of need. Default: none.
+
+    What it may ask of the engine (fields; a subclass sets them in `__init__`):"""
 
     name = "?"
-    #: an offline schedule whose evictions the cache policy must follow (`CachePolicy.follow`), or None
-    schedule: object | None = None
+    #: a layer waits for the in-flight prefetches aimed at it, used or not (AdapMoE's released code)
+    wait_for_prefetch: bool = False
+    #: every prefetch goes to a staging buffer and enters the cache only when used; a wrong one is
+    #: dropped with its buffer (AdapMoE's `admit=on_use`)
+    admit_on_use: bool = False
+    #: a prefetch is issued only onto an idle channel; one that would queue is skipped
+    idle_only: bool = False
+    #: > 0: prefetches are copied in chunks of this many bytes, and a demand load that finds every
+    #: channel busy cuts the running prefetch that frees one soonest at its next chunk boundary
+    yield_chunk_bytes: float = 0.0
+    #: stop issuing this layer's prefetches at the first one the engine refuses
+    stop_at_first_skip: bool = False
     #: a prefetch the cache policy finds no slot for goes to a free staging buffer (held until its
     #: use, then dropped) instead of being skipped
     stage_without_slot: bool = False
+    #: an offline schedule whose evictions the cache policy must follow (`CachePolicy.follow`), or None
+    schedule: object | None = None
+    #: predictions are modelled, not read from the trace (flagged in the summary)
+    modelled: bool = False
 
     def __init__(self, knobs: object, ctx: Context):
         self.knobs = knobs
         self.ctx = ctx
-
-    @property
-    def wait_for_prefetch(self) -> bool:
-        """True if a layer must wait for in-flight prefetches aimed at it, used or not (AdapMoE)."""
-        return False
-
-    @property
-    def modelled(self) -> bool:
-        """True if predictions are modelled (not read from the trace): flagged in the summary."""
-        return False
 
     def on_layer(self, t: int, layer: int) -> list[int]:
         """Keys to prefetch after layer `layer` of token t has gated. Present ones are skipped."""
@@ -160,8 +170,9 @@ class CachePolicy:
         raise UserError(f"the prefetch policy plans its own evictions, which cache policy {self.name!r} cannot "
                         f"follow; use cache.name=belady")
 
-    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
-        """Residents to evict so that `key` (nbytes) fits; [] if it fits; None if it cannot now.
+    def victims(self, key: int, nbytes: float, t: int, layer: int, demand: bool = True) -> list[int] | None:
+        """Residents to evict so that `key` (nbytes) fits, asked at step (token t, `layer`); [] if it
+        fits; None if it cannot now.
 
         Only `ctx.cache.evictable(k)` experts may be named. `demand` is False for a prefetch
         (None then means: skip it), True for a demand load (None: use a staging buffer)."""

@@ -94,9 +94,10 @@ def cache_capacity(cfg: RunConfig, preset: ModelPreset, hw: HardwareProfile, tra
 
 
 def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | None = None,
-                 preset: ModelPreset | None = None) -> tuple[Engine, dict[str, Any]]:
+                 preset: ModelPreset | None = None, machine: str = "fast") -> tuple[Engine, dict[str, Any]]:
     """Everything a run needs, validated; `trace`, `hw` and `preset` (a model preset, used as is)
-    override the config's `trace`, `hw` and `model`/`quant` (tests, sweeps, the oracle run)."""
+    override the config's `trace`, `hw` and `model`/`quant` (tests, sweeps, the oracle run).
+    `machine`: `fast` (one issuer, no events) or `events` (SimPy actors), `sim/engine/engine.py`."""
     hw = hw if hw is not None else load_profile(cfg.hw)
     trace = trace if trace is not None else load_trace(cfg.trace)
     if preset is None:
@@ -127,7 +128,8 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
                 check_oracle(cfg, made[fam])
     if made["prefetch"].schedule is not None:  # an offline schedule plans the evictions too
         made["cache"].follow(made["prefetch"].schedule)
-    engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, cfg.engine)
+    engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, cfg.engine,
+                    machine=machine)
     info = {"cache_slots": slots, "cache_bytes": cap_bytes, "expert_bytes": preset.expert_bytes,
             "prefetch_modelled": bool(made["prefetch"].modelled)}
     return engine, info

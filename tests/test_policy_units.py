@@ -37,11 +37,11 @@ def test_lru_per_layer_evicts_layer_lru_and_skips_pinned():
     assert lru.sizes == [2, 2]
     fill(ctx, lru, [0, 1, 4, 5])  # layer 0: experts 0, 1; layer 1: experts 0, 1
     lru.on_access(0, 1)  # expert 1 of layer 0 is now least recent
-    assert lru.victims(2, ctx.preset.expert_bytes, 1) == [1]
+    assert lru.victims(2, ctx.preset.expert_bytes, 1, 0) == [1]
     ctx.cache.pinned.add(1)
-    assert lru.victims(2, ctx.preset.expert_bytes, 1) == [0]
+    assert lru.victims(2, ctx.preset.expert_bytes, 1, 0) == [0]
     ctx.cache.pinned.add(0)
-    assert lru.victims(2, ctx.preset.expert_bytes, 1) is None
+    assert lru.victims(2, ctx.preset.expert_bytes, 1, 0) is None
 
 
 def test_lfu_global_prefers_rare_then_old():
@@ -52,7 +52,7 @@ def test_lfu_global_prefers_rare_then_old():
     lfu.on_access(1, 0)
     lfu.on_access(1, 0)
     lfu.on_access(0, 0)
-    assert lfu.victims(2, ctx.preset.expert_bytes, 0) == [0]
+    assert lfu.victims(2, ctx.preset.expert_bytes, 0, 0) == [0]
 
 
 def test_belady_evicts_furthest_and_bypasses():
@@ -64,9 +64,9 @@ def test_belady_evicts_furthest_and_bypasses():
         fill(ctx, bel, [key])
         bel.on_access(key, t)
     # at t1 loading 3 (never used again after now): bypass rather than evict 0 or 1
-    assert bel.victims(3, ctx.preset.expert_bytes, 1) is None
+    assert bel.victims(3, ctx.preset.expert_bytes, 1, 0) is None
     # at t2 expert 2 is needed (and again at t4): 1 is never used again, 0 at t3 -> evict 1
-    assert bel.victims(2, ctx.preset.expert_bytes, 2) == [1]
+    assert bel.victims(2, ctx.preset.expert_bytes, 2, 0) == [1]
 
 
 def test_static_pins_most_used():

@@ -84,8 +84,9 @@ class Belady(CachePolicy):
         """Evict exactly as `schedule` (`sim.offline.schedule.OfflineSchedule`) planned."""
         self.schedule = schedule
 
-    def _now(self, t: int) -> int:
-        return self.steps.step_of(t, self.ctx.now_layer)
+    def _step_of(self, key: int, t: int) -> int:
+        """The step at which `key` is accessed or inserted at token t: its own layer's."""
+        return self.steps.step_of(t, key // self.E)
 
     def _future(self, key: int, after: int) -> tuple:
         """The key's uses from step `after` on, as a tuple that ranks a sooner future first."""
@@ -105,11 +106,11 @@ class Belady(CachePolicy):
 
     def on_insert(self, key: int, t: int) -> None:
         if self.schedule is None:
-            self._push(key, self._now(t))  # loading for this step: pinned; its later uses come on access
+            self._push(key, self._step_of(key, t))  # loading for its step: pinned; its later uses come on access
 
     def on_access(self, key: int, t: int) -> None:
         if self.schedule is None:
-            self._push(key, self._now(t) + 1)
+            self._push(key, self._step_of(key, t) + 1)
 
     # ------------------------------------------------------------------ decisions
     def _free_slots(self, layer: int) -> int:
@@ -184,8 +185,8 @@ class Belady(CachePolicy):
                     self._push(v, uses[self.pos[v]] if self.pos[v] < len(uses) else NEVER)
         self._decisions = {}
 
-    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
-        s = self._now(t)
+    def victims(self, key: int, nbytes: float, t: int, layer: int, demand: bool = True) -> list[int] | None:
+        s = self.steps.step_of(t, layer)  # the step being simulated
         if self.schedule is not None:
             return self.schedule.decision(key, s)
         if demand:

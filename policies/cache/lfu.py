@@ -80,7 +80,7 @@ class LFU(CachePolicy):
             heapq.heappush(heap, entry)
         return found
 
-    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
+    def victims(self, key: int, nbytes: float, t: int, layer: int, demand: bool = True) -> list[int] | None:
         cache = self.ctx.cache
         if self.per_layer:
             layer = key // self.ctx.experts

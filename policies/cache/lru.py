@@ -53,7 +53,7 @@ class LRU(CachePolicy):
     def on_evict(self, key: int) -> None:
         del self.order_of[key][key]
 
-    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
+    def victims(self, key: int, nbytes: float, t: int, layer: int, demand: bool = True) -> list[int] | None:
         cache = self.ctx.cache
         if self.per_layer:  # on the simulator's hot path: `room_in_partition` and `evictable`, inline
             layer = key // self.E

@@ -43,5 +43,5 @@ class Static(CachePolicy):
     def warm_start(self) -> list[int]:
         return self.pinned
 
-    def victims(self, key: int, nbytes: float, t: int, demand: bool = True) -> list[int] | None:
+    def victims(self, key: int, nbytes: float, t: int, layer: int, demand: bool = True) -> list[int] | None:
         return [] if self.ctx.cache.free_bytes() >= nbytes else None

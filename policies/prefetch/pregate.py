@@ -88,13 +88,14 @@ class Pregate(PrefetchPolicy):
                 f"{', '.join(f'pregate_{d}' for d in missing)}, which this trace lacks; "
                 f"use prefetch.predictor=modelled or prefetch.depth={min(tr.pregate or [1])}")
         self._accuracy_spec(knobs.accuracy)  # refused even where the trace's own predictions are used
-        self._modelled = bool(use_model)
+        self.modelled = bool(use_model)
+        self.wait_for_prefetch = knobs.wait
         self.admit_on_use = knobs.admit == "on_use"
         self.idle_only = knobs.idle_only
         if knobs.chunks < 1:
             raise UserError("prefetch.chunks must be >= 1")
         self.yield_chunk_bytes = ctx.preset.expert_bytes / knobs.chunks if knobs.yield_to_demand else 0.0
-        self.pred: dict[int, list] = {}
+        self.pred: dict[int, np.ndarray] = {}  # depth -> [T, L, k] keys of layer l + d predicted at l
         if use_model:
             acc = self._accuracy(knobs.accuracy, ctx)
             rng = np.random.default_rng(ctx.rng.integers(2**63))
@@ -103,9 +104,9 @@ class Pregate(PrefetchPolicy):
                 ids = modelled_predictions(tr.experts.astype(np.int64), acc, E, d, rng)
             else:
                 ids = np.argsort(-tr.pregate[d], axis=-1, kind="stable")[..., :k]  # [T, L, k]
-            keys = ids + (np.arange(L)[None, :, None] + d) * E  # key in layer l + d
-            self.pred[d] = keys.tolist()  # nested lists: fast scalar access on the hot path
+            self.pred[d] = (ids + (np.arange(L)[None, :, None] + d) * E).astype(np.int32)  # key in layer l + d
         self._layers = L
+        self._row_t, self._rows = -1, {}
 
     @staticmethod
     def _accuracy_spec(spec: str) -> None:
@@ -131,23 +132,17 @@ class Pregate(PrefetchPolicy):
             raise UserError(f"prefetch.accuracy must give {ctx.layers} values in [0, 1]")
         return acc
 
-    @property
-    def wait_for_prefetch(self) -> bool:
-        return self.knobs.wait
-
-    @property
-    def modelled(self) -> bool:
-        return self._modelled
-
     def on_layer(self, t: int, layer: int) -> list[int]:
         # on the simulator's hot path: `first_absent`, inline
         out: list[int] = []
         state, count = self.ctx.cache.state, self.knobs.count
-        for d, pred in self.pred.items():  # depths 1, 2, ... in order
+        if t != self._row_t:  # this token's predictions as lists (fast scalar access)
+            self._row_t, self._rows = t, {d: pred[t].tolist() for d, pred in self.pred.items()}
+        for d, pred in self._rows.items():  # depths 1, 2, ... in order
             if layer + d >= self._layers:
                 break
             n = 0
-            for key in pred[t][layer]:
+            for key in pred[layer]:
                 if state[key] == ABSENT:
                     out.append(key)
                     n += 1

@@ -1,7 +1,7 @@
 """A copy link (PCIe, NVMe, unified-memory DMA): a priority resource with `channels`.
 
-States of a transfer: QUEUED (waiting for a channel) -> ACTIVE (on a channel; `start_s` and
-`done_s` fixed) -> DONE (its `on_done` callback has run). Two priorities: a queued DEMAND (0)
+States of a transfer (`sim/engine/transfer.py`): QUEUED (waiting for a channel) -> ACTIVE (on a
+channel; `start_s` and `done_s` fixed) -> DONE (its `on_done` callback has run). Two priorities: a queued DEMAND (0)
 transfer starts before any queued PREFETCH (1) one; within a priority, in issue order. A transfer
 in flight keeps its channel to the end, unless its owner cuts it short with `preempt` (a prefetch
 issued in chunks). Duration = `latency_s + bytes / bandwidth_Bps`.
@@ -20,31 +20,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-DEMAND = 0
-PREFETCH = 1
-
-
-@dataclass(eq=False, slots=True)
-class Transfer:
-    """One copy over a link. `start_s`/`done_s` are -1 while queued."""
-
-    key: int
-    nbytes: float
-    priority: int
-    issued_s: float
-    seqno: int
-    tag: Any = None  # the owner's bookkeeping
-    start_s: float = -1.0
-    done_s: float = -1.0
-    done: bool = False
-    cancelled: bool = False  # cut short by `preempt`: its data is incomplete and unusable
-
-    @property
-    def started(self) -> bool:
-        return self.start_s >= 0.0
+from sim.engine.transfer import DEMAND, PREFETCH, Transfer
 
 
 class CopyLink:
@@ -69,6 +46,7 @@ class CopyLink:
         #: bumped by every change of the schedule (a submit, a preempt): the copy bodies are a
         #: function of it (`sim.machine.contention.MemoryBus` caches its bandwidth profile by it)
         self.version = 0
+        self.last_append: tuple[int, float, float] | None = None  # see `_note_append`
         #: transfers that ended after the owner's clock (applied by a lookahead), in completion
         #: order; None: not kept, and `copy_bodies` then only sees what is still on a channel
         self.history: deque[Transfer] | None = deque() if keep_history else None
@@ -103,7 +81,8 @@ class CopyLink:
         if t_s > self.now_s:
             self.now_s = t_s
 
-    def submit(self, key: int, nbytes: float, priority: int, t_s: float, tag: Any = None) -> Transfer:
+    def submit(self, key: int, nbytes: float, priority: int, t_s: float, staging: bool = False, token: int = -1,
+               layer: int = -1) -> Transfer:
         """Issue a transfer at time `t_s` (>= the link's clock); it starts at once if a channel is free."""
         running = self.running_heap
         if running and running[0][0] <= t_s:
@@ -114,12 +93,34 @@ class CopyLink:
             self.now_s = t_s
         self._seq += 1
         self.version += 1
-        tr = Transfer(key, nbytes, priority, t_s, self._seq, tag)
+        tr = Transfer(key, nbytes, priority, staging, token, layer, t_s, self._seq)
+        if self.history is not None:  # copies share memory bandwidth: note a body added after all others
+            self._note_append(tr, t_s)
         if len(running) < self.channels:
             self._start(tr, t_s)
         else:
             self._queues[priority].append(tr)
         return tr
+
+    def _note_append(self, tr: Transfer, t_s: float) -> None:
+        """`last_append` = (version, body start, body end) when this submit only adds a copy body
+        after every other one (one channel, the transfer goes to the end of the line), so that a
+        `MemoryBus` can extend its profile instead of rebuilding it; else None."""
+        self.last_append = None
+        if self.channels != 1:
+            return
+        running, (demand_q, prefetch_q) = self.running_heap, self._queues
+        dur = self.latency_s + tr.nbytes / self.bandwidth_Bps
+        if not running:
+            start = t_s
+        elif tr.priority == PREFETCH or not prefetch_q:  # behind everything queued
+            start = running[0][0]
+            for q in (demand_q, prefetch_q):
+                for x in q:
+                    start += self.latency_s + x.nbytes / self.bandwidth_Bps
+        else:  # a demand load ahead of queued prefetches: every later body moves
+            return
+        self.last_append = (self.version, start + self.latency_s, start + dur)
 
     def _start(self, tr: Transfer, t_s: float) -> None:
         dur = self.latency_s + tr.nbytes / self.bandwidth_Bps

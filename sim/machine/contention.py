@@ -78,10 +78,29 @@ class MemoryBus:
         self._times, self._rates, self._work = times, rates, work
         self._version = self.link.version
 
+    def _extend(self, b0: float, b1: float) -> None:
+        """Add one copy body after every other (the link's `last_append`): two change points."""
+        times, rates, work = self._times, self._rates, self._work
+        if len(times) > 64:  # queries only move forward: forget the change points far behind
+            self._times, self._rates, self._work = times, rates, work = times[-8:], rates[-8:], work[-8:]
+        w = work[-1] + rates[-1] * (b0 - times[-1]) if times else 0.0
+        if b1 > b0:
+            one = self._rate(1)
+            times += (b0, b1)
+            rates += (one, self._rate(0))
+            work += (w, w + one * (b1 - b0))
+
     def memory_time_s(self, t0_s: float, nbytes: float) -> float:
         """Time from `t0_s` until `nbytes` have been read at the bandwidth the copies leave."""
-        if self._version != self.link.version:
-            self._rebuild(t0_s)
+        version = self.link.version
+        if self._version != version:
+            app = self.link.last_append
+            if (app is not None and app[0] == version == self._version + 1
+                    and (not self._times or app[1] >= self._times[-1])):
+                self._extend(app[1], app[2])
+                self._version = version
+            else:
+                self._rebuild(t0_s)
         times = self._times
         if not times or t0_s >= times[-1]:  # no copy in flight from t0 on
             return nbytes / self.memory_Bps

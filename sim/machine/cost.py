@@ -70,6 +70,7 @@ class CostModel:
         # decode fast path: expert time on one token with no contention
         self.expert_s = self.expert_compute_s(1)
         self._attn: dict[int, float] = {}
+        self._attn_work: dict[tuple[int, int], OpWork] = {}
 
     def attention_decode_s(self, context_tokens: int) -> float:
         """Memoised `attention_s` for one new token without contention (the decode hot path)."""
@@ -93,8 +94,12 @@ class CostModel:
         return nbytes, flops
 
     def attention_work(self, context_tokens: int, new_tokens: int = 1) -> OpWork:
-        """One layer's non-expert work on the device, as memory contention sees it."""
-        return self.device.work(*self._attention_work(context_tokens, new_tokens), N_ATTN_KERNELS)
+        """One layer's non-expert work on the device, as memory contention sees it (memoised)."""
+        key = (context_tokens, new_tokens)
+        w = self._attn_work.get(key)
+        if w is None:
+            w = self._attn_work[key] = self.device.work(*self._attention_work(context_tokens, new_tokens), N_ATTN_KERNELS)
+        return w
 
     def expert_work(self, tokens: int = 1, fraction: float = 1.0) -> OpWork:
         """One expert (or `fraction` of it: 1/3 is one of its GEMMs) on `tokens` tokens, on the device."""

@@ -66,8 +66,7 @@ def min_loads(ctx, scope: str = "global") -> list[PlannedLoad]:
     state = cache.state
     out: list[PlannedLoad] = []
     for s in range(steps.n):
-        shadow.now_layer = steps.layer[s]
-        t, keys, prefill = steps.token[s], steps.keys[s], steps.is_prefill[s]
+        t, layer, keys, prefill = steps.token[s], steps.layer[s], steps.keys[s], steps.is_prefill[s]
         hits = [k for k in keys if state[k] == RESIDENT]
         if prefill:  # the engine computes a prompt's residents first; its loads pin only themselves
             for k in hits:
@@ -76,7 +75,7 @@ def min_loads(ctx, scope: str = "global") -> list[PlannedLoad]:
             cache.pinned.update(keys)
         loaded = []
         for k in [k for k in keys if state[k] == ABSENT]:  # (a prefill's load may evict one of its hits)
-            victims = policy.victims(k, nbytes, t, True)
+            victims = policy.victims(k, nbytes, t, layer, True)
             out.append(PlannedLoad(k, s, None if victims is None else tuple(victims), ahead=False))
             if victims is not None:
                 for v in victims:

@@ -1,0 +1,287 @@
+"""One forward step per MoE layer, written once, executed by every machine (DESIGN 12).
+
+A *step* is what happens at one MoE layer of a decode token (`decode_layer`) or of a prompt's
+prefill batch (`prefill_layer`). The description below decides everything (gating, where each
+active expert is, which loads to issue, in what order to compute) and keeps the books through
+the run's `Ledger`; a *machine* executes the parts where time passes:
+
+    machine                    where it runs                 time
+    sim.engine.fast            the simulator, one issuer     simulated, computed at once (no events)
+    sim.engine.events          the simulator, SimPy actors   simulated, a SimPy process per op
+    sim.realrun.machine        the real run                  wall clock, real kernels and copies
+
+The steps are generator functions. A machine's operation returns its result at once (the fast
+machine computes the time it took; the real one blocks until the kernel or the copy is done), or a
+`Pending` holding a SimPy event, which the step yields; the step then runs as a SimPy process and
+the event's value is the result. So under the fast and the real machines a step never yields (its
+generator runs to its end in one call), and under SimPy it is an ordinary process.
+
+Per decode token t and MoE layer l (DESIGN 4):
+  1. non-expert work (attention, norms, router) on the compute stream;
+  2. the loads that ended by now are applied; gating picks the active experts (the plan when the
+     gating policy is stateless); they are pinned for the step;
+  3. each active expert: resident -> ready; loading -> wait for that same transfer (a hit if it
+     has arrived); absent -> the placement policy: a demand load (priority 0) into a cache slot or
+     a staging buffer, a low-precision copy into a staging buffer, or the CPU worker;
+  4. the prefetch policy's loads (priority 1) for later layers, after the demand loads;
+  5. (AdapMoE) the layer waits for its in-flight prefetches, used or not;
+  6. compute: resident experts first, then loaded ones in the order they arrive; then the CPU
+     worker's; the step ends when both streams are done;
+  7. staged prefetches aimed at this layer that it did not use are dropped; counters.
+A demand load that finds every channel busy cuts the running prefetch that frees a channel
+soonest at its next chunk boundary, if the prefetch policy issues chunks (never one this layer
+needs). Prefill runs one batch per layer over the prompt: the union of its experts, each computed
+once on its tokens, resident ones first, then loads with at most `staging_buffers` outstanding,
+computed in issue order; no prefetch.
+"""
+
+from __future__ import annotations
+
+from policies.base import CPU, LOAD
+from sim.engine.cache import ABSENT, RESIDENT
+from sim.engine.transfer import DEMAND, PREFETCH
+
+
+class Pending:
+    """An operation that takes simulated time under SimPy: the step yields `event`."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event):
+        self.event = event
+
+
+class Tally:
+    """The counters of one decode token, filled by its layers' steps."""
+
+    __slots__ = ("demand", "needed", "hits", "single", "dL", "stall_s", "cpu_wait_s")
+
+    def __init__(self) -> None:
+        self.demand = self.needed = self.hits = self.single = 0
+        self.dL = self.stall_s = self.cpu_wait_s = 0.0
+
+
+def load(e, key: int, priority: int, t: int, layer: int, nbytes: float | None = None, staging: bool = False):
+    """Issue a load of expert `key` at step (t, layer); None if a prefetch finds no room.
+
+    `staging=True` loads into a staging buffer instead of a cache slot (AdapMoE's prefetches,
+    low-precision copies); a demand load that gets no slot goes there too."""
+    m, ledger = e.machine, e.ledger
+    if nbytes is None:
+        nbytes = e.expert_bytes
+    where = ledger.admit(key, priority, t, layer, nbytes, staging, m.link_full())
+    if where is None:
+        return None
+    if priority == DEMAND and e.yield_chunk_bytes:
+        m.cut_a_prefetch(ledger.cache.pinned, e.yield_chunk_bytes)
+    tr = m.issue(key, nbytes, priority, where, t, layer)
+    ledger.issued(tr)
+    return tr
+
+
+def decode_layer(e, t: int, layer: int, pos: int, rec_ops: bool, tally: Tally, keys: list[int], ws: list[float],
+                 dL: float):
+    """Layer `layer` of decode token `t` at context `pos` with the gating's decision (`keys` of the
+    experts that run, their weights `ws`, its `dL`): the module docstring's steps 1-7. Returns the
+    machine's combined expert outputs (the real run's; None when simulated).
+
+    The simulator's hot path (`python -m sim bench` measures it): the counts that the gating plan
+    alone decides are summed from the plan after the run where that is exact (`e.count_here`)."""
+    m, ledger = e.machine, e.ledger
+    cache, rec = ledger.cache, e.rec
+    # 1. attention, then what has arrived by now
+    a0 = m.now
+    r = m.attention(layer, pos, 1)
+    if r.__class__ is Pending:
+        yield r.event
+    if rec_ops:
+        rec.op("compute", t, layer, "attention", a0, m.now)
+    gate_s = m.now
+    r = m.settle()
+    if r.__class__ is Pending:
+        yield r.event
+    # 2. the active experts, pinned
+    pinned, state, inflight, unused = cache.pinned, cache.state, ledger.inflight, ledger.unused
+    pinned.update(keys)
+    # 3. where each active expert is
+    ready: list[int] = []
+    waiting: list = []
+    cpu_keys = None
+    hits = 0
+    for j, key in enumerate(keys):
+        tr = inflight.get(key)
+        if tr is not None and (tr.cancelled or tr.cancel_requested):  # a prefetch cut for a demand load
+            r = m.wait_ended(tr)  # until it has stopped: its data is of no use; the expert is absent then
+            if r.__class__ is Pending:
+                r = yield r.event
+            tally.stall_s += r
+            rec.per_layer["stall_s"][layer] += r
+            tr = inflight.get(key)
+        if tr is None:
+            if state[key] == RESIDENT:
+                ready.append(key)
+                hits += 1
+                if key in unused:  # a prefetch that arrived in time
+                    unused.discard(key)
+                    rec.per_layer["prefetch_used"][layer] += 1
+                continue
+            placement = e.placement
+            if placement.always_load or (where := placement.place(key, t, ws[j])) == LOAD:
+                waiting.append(load(e, key, DEMAND, t, layer))
+            elif where == CPU:
+                if cpu_keys is None:
+                    cpu_keys = []
+                cpu_keys.append(key)
+                continue
+            else:  # LOW: a low-precision copy into a staging buffer, lossy
+                waiting.append(load(e, key, DEMAND, t, layer, placement.low_bytes, True))
+                dL += placement.dL(layer, ws[j])
+            tally.demand += 1
+            rec.per_layer["demand_loads"][layer] += 1
+            continue
+        if m.arrived(tr, gate_s):  # loading, and arrived: a hit
+            hits += 1
+            if tr.staging:  # arrived in a staging buffer: computed from it, then released
+                waiting.append(tr)
+            else:
+                ready.append(key)
+        else:  # still loading: wait for that same transfer
+            waiting.append(tr)
+            if key in unused:
+                rec.per_layer["prefetch_late"][layer] += 1
+        if key in unused:
+            unused.discard(key)
+            rec.per_layer["prefetch_used"][layer] += 1
+    if cpu_keys:  # the CPU worker starts now, beside the device's work below
+        m.cpu_start(cpu_keys, [ws[keys.index(k)] for k in cpu_keys], gate_s)
+        rec.per_layer["cpu_experts"][layer] += len(cpu_keys)
+    # 4. prefetches for later layers, after this layer's demand loads
+    prefetch = e.prefetch
+    for pk in prefetch.on_layer(t, layer):
+        if state[pk] == ABSENT and pk not in inflight:
+            if load(e, pk, PREFETCH, t, layer, None, ledger.prefetch_staging) is None and prefetch.stop_at_first_skip:
+                break
+    # 5. AdapMoE: the layer waits for the in-flight prefetches aimed at it, used or not
+    pending = ledger.by_target.pop(layer, None) if ledger.by_target else None
+    if pending and prefetch.wait_for_prefetch:
+        for tr in pending:
+            r = m.wait(tr)
+            if r.__class__ is Pending:
+                r = yield r.event
+            tally.stall_s += r
+            rec.per_layer["stall_s"][layer] += r
+    # 6. compute: resident first, then loads in arrival order, then the CPU's
+    outs = {} if m.needs_weights else None
+    on_access = e.cache_policy.on_access
+    for key in ready:
+        c0 = m.now
+        r = m.compute(key, 1, ws[keys.index(key)] if outs is not None else 1.0)
+        if r.__class__ is Pending:
+            r = yield r.event
+        if outs is not None:
+            outs[key] = r
+        on_access(key, t)
+        if rec_ops:
+            rec.op("compute", t, layer, f"expert {key % ledger.E}", c0, m.now)
+    while waiting:
+        w0 = m.now
+        tr = m.first_to_arrive(waiting)  # (a machine may wait for it here, or in compute_loaded)
+        if tr.__class__ is Pending:
+            tr = yield tr.event
+        waiting.remove(tr)
+        c0 = m.now
+        r = m.compute_loaded(tr, 1, ws[keys.index(tr.key)] if outs is not None else 1.0)
+        if r.__class__ is Pending:
+            r = yield r.event
+        if outs is not None:
+            outs[tr.key] = r[0]
+        stall = (c0 - w0) + r[1]
+        if stall:
+            tally.stall_s += stall
+            rec.per_layer["stall_s"][layer] += stall
+        if rec_ops:
+            rec.op("compute", t, layer, f"expert {tr.key % ledger.E}", c0 + r[1], m.now)
+        ledger.released(tr, t, layer)
+    if cpu_keys:
+        r = m.cpu_wait()
+        if r.__class__ is Pending:
+            r = yield r.event
+        wait_s, cpu_outs, start_s, end_s = r
+        tally.cpu_wait_s += wait_s
+        if outs is not None:
+            outs.update(cpu_outs)
+        if rec_ops:
+            rec.op("cpu", t, layer, f"{len(cpu_keys)} expert(s)", start_s, end_s)
+    # 7. wrong staged prefetches are dropped with their buffers; counters
+    if pending and ledger.prefetch_staging:
+        ledger.drop_unused_staged(pending, layer)
+    pinned.clear()
+    tally.hits += hits
+    rec.per_layer["hits"][layer] += hits
+    if e.count_here:
+        n = len(keys)
+        tally.needed += n
+        tally.single += n == 1
+        tally.dL += dL
+        pl_ = rec.per_layer
+        pl_["needed"][layer] += n
+        pl_["experts_run"][layer] += n
+        pl_["single_pairs"][layer] += n == 1
+        pl_["dL"][layer] += dL
+    return m.combine(outs) if outs is not None else None
+
+
+def prefill_layer(e, prompt: list[int], layer: int):
+    """Layer `layer` of a prompt's prefill: one batch over its tokens (the module docstring)."""
+    m, ledger = e.machine, e.ledger
+    cache = ledger.cache
+    t0, P = prompt[0], len(prompt)
+    r = m.attention(layer, 0, P)
+    if r.__class__ is Pending:
+        yield r.event
+    counts: dict[int, int] = {}
+    for t in prompt:
+        for k in e.decide(t, layer)[0]:
+            counts[k] = counts.get(k, 0) + 1
+    r = m.settle()
+    if r.__class__ is Pending:
+        yield r.event
+    order = sorted(counts, key=lambda k: (cache.state[k] != RESIDENT, -counts[k], k))
+    on_access = e.cache_policy.on_access
+    todo: list[int] = []
+    for key in order:
+        if cache.state[key] == RESIDENT:
+            r = m.compute(key, counts[key], 1.0)
+            if r.__class__ is Pending:
+                yield r.event
+            on_access(key, t0)
+        else:
+            todo.append(key)
+    # loads: at most `staging_buffers` outstanding; each computed once its load is in, in issue order
+    outstanding: list = []
+    while todo or outstanding:
+        while todo and len(outstanding) < ledger.staging_buffers:
+            key = todo.pop(0)
+            r = m.settle()
+            if r.__class__ is Pending:
+                yield r.event
+            if key in ledger.inflight:  # already on its way (a prefetch from the last token)
+                outstanding.append(ledger.inflight[key])
+                continue
+            if cache.state[key] == RESIDENT:  # arrived meanwhile
+                r = m.compute(key, counts[key], 1.0)
+                if r.__class__ is Pending:
+                    yield r.event
+                on_access(key, t0)
+                continue
+            cache.pinned.update(tr.key for tr in outstanding)
+            outstanding.append(load(e, key, DEMAND, t0, layer))
+            cache.pinned.clear()
+        tr = outstanding.pop(0)
+        r = m.first_to_arrive([tr])  # in issue order, whatever arrives first
+        if r.__class__ is Pending:
+            yield r.event
+        r = m.compute_loaded(tr, counts[tr.key], 1.0)
+        if r.__class__ is Pending:
+            yield r.event
+        ledger.released(tr, t0, layer)

@@ -1,0 +1,107 @@
+"""The fast machine and the SimPy event machine execute the same steps with the same result.
+
+`run` and `sweep` use the fast machine (one issuer, no events, `sim/engine/fast.py`); the event
+machine (`sim/engine/events.py`) runs every step as a SimPy process beside link, compute-stream
+and CPU-worker actors. On random configurations of every policy preset (1-3 channels, shared and
+separate memory, pipelining, prefill, one or two sequences) their per-token latencies, load
+timelines and summaries agree to 1e-9, and their counters exactly. The fast machine also runs the
+generic step (`decode_layer`) instead of its inline token loop, with the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from policies.presets import PRESETS
+from sim.engine import engine as engine_mod
+from sim.errors import UserError
+from sim.runner import build_engine, simulate
+from sim.trace.synthetic import random_trace
+from tests.engine_helpers import config, hw, preset
+
+#: knobs the synthetic traces need (their sensitivities are geomspace(10, 0.1), so T is larger)
+KNOBS = {
+    "adapmoe": {"gating": {"name": "adapmoe", "T": 0.2, "sensitivity": "trace"}},
+    "adapmoe_yield": {"gating": {"name": "adapmoe_cache_aware", "T_miss": 0.25, "T_hit": 0.0, "sensitivity": "trace"}},
+    "hobbit": {"placement": {"name": "low_precision_on_miss", "w_max": 0.3, "low_bits": 1.0, "sensitivity": "none"}},
+}
+COUNTERS = ("tokens_decode", "demand_loads_per_token", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+            "prefetch_late", "prefetch_skipped", "prefetch_cancelled", "hit_rate", "experts_per_token_layer",
+            "single_expert_share", "link_max_concurrent")
+
+
+@st.composite
+def scenario(draw):
+    layers, experts = draw(st.integers(1, 4)), draw(st.integers(2, 8))
+    k = draw(st.integers(1, min(3, experts)))
+    tr = random_trace(np.random.default_rng(draw(st.integers(0, 2**20))), tokens=draw(st.integers(1, 10)),
+                      layers=layers, experts=experts, top_k=k, prefill=draw(st.integers(0, 4)),
+                      sequences=draw(st.integers(1, 2)), locality=draw(st.floats(0, 0.9)))
+    machine = hw(bw_Bps=draw(st.sampled_from([2e8, 1e9, 5e9, 3e10])), latency_s=draw(st.sampled_from([0.0, 2e-5])),
+                 channels=draw(st.integers(1, 3)), mem_bw=draw(st.sampled_from([5e9, 2e10, 1e11])),
+                 overhead_s=draw(st.sampled_from([0.0, 5e-6])), shared=draw(st.booleans()))
+    opts = dict(pipelining=draw(st.booleans()), prefill=draw(st.booleans()), staging_buffers=max(6, k),
+                timeline_tokens=10**6)
+    name = draw(st.sampled_from(sorted(PRESETS)))
+    slots = draw(st.integers(k, layers * experts))
+    return tr, preset(layers, experts, k, hidden=512, width=1024), machine, opts, name, slots
+
+
+def _run(sc, machine: str, generic: bool = False):
+    tr, pre, h, opts, name, slots = sc
+    cfg = config(policy=name, cache={"slots": slots}, **KNOBS.get(name, {}))
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, **opts))
+    try:
+        engine, info = build_engine(cfg, tr, h, pre, machine=machine)
+    except UserError:
+        assume(False)
+    if generic:  # the fast machine running `decode_layer` layer by layer
+        engine.decode_inline = False
+    return simulate(cfg, engine=engine, info=info)
+
+
+def _same(a, b) -> None:
+    np.testing.assert_allclose(a.tokens["latency_s"].to_numpy(), b.tokens["latency_s"].to_numpy(), rtol=1e-9, atol=1e-15)
+    for k in COUNTERS:
+        assert a.summary[k] == b.summary[k], (k, a.summary[k], b.summary[k])
+    for k in ("tpot_mean_s", "ttft_s", "bytes_loaded_per_token", "stall_s_per_token", "dL_est", "link_utilization",
+              "compute_utilization", "cpu_wait_s_per_token"):
+        x, y = a.summary[k], b.summary[k]
+        assert (x is None) == (y is None) and (x is None or x == pytest.approx(y, rel=1e-9, abs=1e-15)), (k, x, y)
+    ea = a.events.filter(a.events["lane"] == "link").sort(["issued_s", "layer", "expert"])
+    eb = b.events.filter(b.events["lane"] == "link").sort(["issued_s", "layer", "expert"])
+    assert ea.height == eb.height
+    for col in ("issued_s", "start_s", "end_s"):
+        np.testing.assert_allclose(ea[col].to_numpy(), eb[col].to_numpy(), rtol=1e-9, atol=1e-15)
+
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                           HealthCheck.filter_too_much])
+
+
+@SETTINGS
+@given(sc=scenario())
+def test_the_event_machine_gives_the_fast_machines_timeline(sc):
+    _same(_run(sc, "fast"), _run(sc, "events"))
+
+
+@SETTINGS
+@given(sc=scenario())
+def test_the_fast_token_loop_is_the_generic_step(sc):
+    _same(_run(sc, "fast"), _run(sc, "fast", generic=True))
+
+
+@pytest.mark.slow
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(sc=scenario())
+def test_the_event_machine_gives_the_fast_machines_timeline_many(sc):
+    _same(_run(sc, "fast"), _run(sc, "events"))
+
+
+def test_machines_are_named():
+    assert engine_mod.MACHINES == ("fast", "events")
