@@ -347,7 +347,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("sweep-slots-1", ["sweep", T, "cache.slots=1,64", OUT], 2, "cache.slots=1: the expert cache holds 1"),
     ("sweep-trace-corrupt", ["sweep", "trace={tr_corrupt}", "cache.slots=32,64", OUT], 2, "corrupt or not Parquet"),
     ("sweep-hw-missing", ["sweep", T, "hw=jetson,/missing/x.yaml", OUT], 2, "file not found: /missing/x.yaml"),
-    ("sweep-ray-missing", ["sweep", T, "executor=ray", "ray.address=::::", OUT], 2, "executor=ray needs Ray"),
+    ("sweep-ray-address", ["sweep", T, "executor=ray", "ray.address=::::", OUT], 2, "expected auto or HOST:PORT"),
     # --- the command line itself
     ("unknown-command", ["simulate"], 2, "unknown command 'simulate'"),
     ("list-args", ["list", "x=1"], 2, "list takes no arguments"),

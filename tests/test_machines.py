@@ -105,3 +105,28 @@ def test_the_event_machine_gives_the_fast_machines_timeline_many(sc):
 
 def test_machines_are_named():
     assert engine_mod.MACHINES == ("fast", "events")
+
+
+def test_one_preemption_rule_cuts_the_prefetch_that_frees_a_channel_soonest():
+    """`sim.engine.preempt.choose_cut`, which the fast, event and real machines all apply: the
+    prefetch whose next chunk boundary comes first (not the first one running), never one the
+    layer needs, and none if a transfer ends sooner anyway."""
+    from sim.engine.preempt import choose_cut
+    from sim.engine.transfer import DEMAND, PREFETCH, Transfer
+
+    def tr(seq, start, done, prio=PREFETCH, key=None):
+        x = Transfer(seq if key is None else key, 1e6, prio, False, 0, 0, 0.0, seq)
+        x.start_s, x.done_s = start, done
+        return x
+
+    # chunks of 1 s, no latency, now = 10.25: a started at 0 cuts at 11, b started at 9.5 at 10.5
+    a, b = tr(1, 0.0, 20.0), tr(2, 9.5, 30.0)
+    assert choose_cut([a, b], 2, set(), 10.25, 1.0, 0.0) == (b, 10.5)
+    assert choose_cut([a, b], 2, {b.key}, 10.25, 1.0, 0.0) == (a, 11.0)  # b's expert is needed now
+    assert choose_cut([a, b], 3, set(), 10.25, 1.0, 0.0) is None  # a channel is free
+    c = tr(3, 0.0, 10.4, DEMAND)  # a demand load ends before any cut would
+    assert choose_cut([a, b, c], 3, set(), 10.25, 1.0, 0.0) is None
+    b.cancel_requested = True  # already asked to stop (the real run's copy worker)
+    assert choose_cut([a, b], 2, set(), 10.25, 1.0, 0.0) == (a, 11.0)
+    # a real link's ends are estimates: the rule reads them through `done_of`
+    assert choose_cut([a, b], 2, set(), 10.25, 1.0, 0.0, done_of=lambda x: 10.3) is None

@@ -62,9 +62,11 @@ def test_realrun_writes_results(trace_dir, store_dir, tmp_path, capsys):
     assert "tpot_mean_s" in stdout
 
 
-@pytest.mark.parametrize("policy,store", [("baseline", "disk"), ("lfu", "host"), ("fiddler", "host")])
+@pytest.mark.parametrize("policy,store", [("baseline", "disk"), ("lfu", "host"), ("fiddler", "host"),
+                                          ("hobbit", "host"), ("hobbit", "disk")])
 def test_counters_equal_the_simulators(trace_dir, store_dir, policy, store):
-    """Without prefetch every decision is independent of timing: same hits and loads as `run`."""
+    """Without prefetch every decision is independent of timing: same hits, loads and bytes as `run`
+    (HOBBIT's low-precision copies included: the real run moves the simulator's `low_bytes`)."""
     from sim.realrun.build import parse_realrun, preset_of, with_layers
     from sim.realrun.run import real_run
     from sim.runner import load_trace, simulate
@@ -79,6 +81,12 @@ def test_counters_equal_the_simulators(trace_dir, store_dir, policy, store):
     assert real.layers["hits"].to_list() == sim.layers["hits"].to_list()
     if policy == "fiddler":
         assert real.layers["cpu_experts"].sum() == sim.layers["cpu_experts"].sum() > 0
+    if policy == "hobbit":  # some misses ran as low-bit copies, of the simulator's size
+        link = real.events.filter(pl.col("lane") == "link")
+        full = link["bytes"].max()
+        low = link.filter(pl.col("bytes") < full)
+        assert low.height > 0 and low["staging"].all() and (low["bytes"] == full / 16).all()  # 1 of 16 bits
+        assert real.summary["dL_est"] == pytest.approx(sim.summary["dL_est"]) and sim.summary["dL_est"] > 0
 
 
 def test_adapmoe_staged_prefetches_run(trace_dir, store_dir):
@@ -241,3 +249,29 @@ def test_kept_host_store_is_built_once_and_serves_every_run(trace_dir, store_dir
     assert store.tensors
     keep.close()
     assert not store.tensors and not keep._stores
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_low_bit_copies_round_to_the_nearest_level(bits):
+    """A packed copy holds 8 / bits codes per byte; unpacked, every weight is within half a step."""
+    import torch
+
+    from sim.realrun.low import dequantise, quantise
+
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(bits))
+    packed, lo, step = quantise(x, bits)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (6, 16 * bits // 8)
+    y = dequantise(packed, lo, step, bits, torch.float32)
+    assert ((y - x).abs().max(dim=1).values <= step / 2 + 1e-6).all()
+    assert torch.allclose(dequantise(*quantise(y, bits), bits, torch.float32), y, atol=1e-6)  # codes are stable
+
+
+def test_low_bits_that_do_not_pack_are_refused(trace_dir, store_dir):
+    from sim.errors import UserError
+    from sim.realrun.build import parse_realrun
+    from sim.realrun.run import real_run
+
+    cfg, opts = parse_realrun([f"trace={trace_dir}", *SMALL, "policy=hobbit", "placement.low_bits=3",
+                               f"store_dir={store_dir}"])
+    with pytest.raises(UserError, match="packs low-precision copies at 1, 2, 4 or 8 bits"):
+        real_run(cfg, opts)

@@ -81,14 +81,11 @@ class Engine:
         self.ledger = Ledger(self.cache, cache_policy, prefetch, self.E, cost.expert_bytes,
                              options.staging_buffers, self.rec)
         if machine == "fast":
-            self.machine = FastMachine(cost, link, options.pipelining)
+            self.set_machine(FastMachine(cost, link, options.pipelining))
         else:
             from sim.engine.events import EventMachine
 
-            self.machine = EventMachine(cost, link, options.pipelining)
-        self.machine.attach(self.ledger)
-        self.ledger.machine = self.machine
-        self.ledger.notify = self.machine.holds_memory
+            self.set_machine(EventMachine(cost, link, options.pipelining))
         self.decoded: list[int] = []  # trace indices of the decoded tokens, in order
         self._plan(ctx.gating_plan if ctx.gating_plan is not None else gating.plan())
         #: the steps count experts run, single-expert pairs and dL themselves, unless the plan alone
@@ -98,6 +95,14 @@ class Engine:
         #: the fast machine runs decode tokens with its inline loop (`sim.engine.fast.decode_token`);
         #: False: layer by layer with the generic step, as the other machines do (a test compares them)
         self.decode_inline = True
+        self.t_end = 0.0  # when the last prefill or decode token ended: the next one starts there
+
+    def set_machine(self, machine) -> None:
+        """Execute the steps on `machine` (the simulator's two, or the real run's `RealMachine`)."""
+        self.machine = machine
+        machine.attach(self.ledger)
+        self.ledger.machine = machine
+        self.ledger.notify = machine.holds_memory
 
     # ------------------------------------------------------------------ gating
     def _plan(self, plan) -> None:
@@ -128,9 +133,13 @@ class Engine:
 
     # ------------------------------------------------------------------ the run
     def warm_start(self) -> None:
-        for key in self.cache_policy.warm_start():
+        """The cache policy's initial residents, in place before the clock starts."""
+        keys = list(self.cache_policy.warm_start())
+        for key in keys:
             self.cache.insert_resident(key, self.expert_bytes)
             self.cache_policy.on_insert(key, -1)
+        self.machine.warm(keys)
+        self.t_end = self.machine.now
 
     def run(self) -> Recorder:
         self.warm_start()
@@ -148,6 +157,10 @@ class Engine:
             else:
                 self.machine.run(self._event_process(steps))
         self.machine.finish()
+        return self.finish()
+
+    def finish(self) -> Recorder:
+        """The books once every step has run and every copy ended (the machine's `finish`)."""
         self.ledger.finish()
         if not self.count_here:
             self._counts_from_plan()
@@ -165,10 +178,8 @@ class Engine:
 
     def _decode(self, t: int, rec_ops: bool):
         """A decode token: its layers' steps, then its row of counters (a generator, as the steps)."""
-        m, tr = self.machine, self.ctx.trace
         tally = Tally()
-        start = m.now
-        pos = int(tr.pos[t])
+        pos = int(self.ctx.trace.pos[t])
         if self.plan is not None:  # this token's decisions as lists, sliced per layer
             keys, w, dL, n = self._keys[t].tolist(), self._w[t].tolist(), self._dL[t].tolist(), self._n[t].tolist()
             for layer in range(self.L):
@@ -177,12 +188,21 @@ class Engine:
         else:
             for layer in range(self.L):
                 yield from decode_layer(self, t, layer, pos, rec_ops, tally, *self.decide(t, layer))
+        self.token_end(t, tally)
+
+    def token_end(self, t: int, tally: Tally) -> None:
+        """Decode token `t` has run every layer: its row of counters. It started where the last
+        token (or prefill) ended; it ends when the machine has done its work (`token_done`)."""
+        self.machine.token_done()
+        end = self.machine.now
         self.decoded.append(t)
+        tr = self.ctx.trace
         row = self.rec.tokens
         row["seq"].append(int(tr.seq[t]))
-        row["pos"].append(pos)
-        row["start_s"].append(start)
-        row["end_s"].append(m.now)
+        row["pos"].append(int(tr.pos[t]))
+        row["start_s"].append(self.t_end)
+        row["end_s"].append(end)
+        self.t_end = end
         row["stall_s"].append(tally.stall_s)
         row["cpu_wait_s"].append(tally.cpu_wait_s)
         row["demand_loads"].append(tally.demand)
@@ -192,6 +212,16 @@ class Engine:
             row["experts_run"].append(tally.needed)
             row["single_pairs"].append(tally.single)
             row["dL"].append(tally.dL)
+
+    def run_now(self, step):
+        """Run one step (a generator from `sim.engine.step`) on a machine that never waits (the fast
+        or the real one) and return its value: a live model drives its layers one by one."""
+        try:
+            while True:
+                next(step)
+                raise AssertionError("a step yielded an event on a machine whose operations return at once")
+        except StopIteration as done:
+            return done.value
 
     def _counts_from_plan(self) -> None:
         """Per-token and per-layer experts run, single-expert pairs and dL of the decoded tokens,
@@ -214,14 +244,15 @@ class Engine:
     def _prefill(self, prompt: list[int]):
         """A prompt's prefill: one batch per layer (a generator, as the steps)."""
         m = self.machine
-        start = m.now
         for layer in range(self.L):
             yield from prefill_layer(self, prompt, layer)
+        m.token_done()
         pf = self.rec.prefill
         pf["seq"].append(int(self.ctx.trace.seq[prompt[0]]))
         pf["tokens"].append(len(prompt))
-        pf["start_s"].append(start)
+        pf["start_s"].append(self.t_end)
         pf["end_s"].append(m.now)
+        self.t_end = m.now
 
     # ------------------------------------------------------------------ what the summary reads
     @property

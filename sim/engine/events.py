@@ -26,8 +26,9 @@ import math
 import simpy
 
 from sim.engine.link import CopyLink
+from sim.engine.preempt import choose_cut
 from sim.engine.step import Pending
-from sim.engine.transfer import DEMAND, PREFETCH, Transfer, arrived_by
+from sim.engine.transfer import DEMAND, Transfer, arrived_by
 from sim.machine.contention import FLOOR
 from sim.machine.cost import CostModel, OpWork
 
@@ -205,27 +206,14 @@ class EventMachine:
     arrived = staticmethod(arrived_by)  # the same instant as the fast machine's, even before its end event ran
 
     def cut_a_prefetch(self, pinned: set[int], chunk_bytes: float) -> None:
-        """As `FastMachine.cut_a_prefetch` (the same rule): interrupt the chosen transfer's process."""
+        """The one rule (`sim.engine.preempt`), as the fast machine: interrupt the chosen transfer's process."""
         busy = [tr for tr, _ in self._running.values() if tr.start_s >= 0.0 and not tr.done]
-        if len(busy) < self.channels.capacity:
-            return
-        cands = [x for x in busy if x.priority == PREFETCH and not x.cancelled and x.key not in pinned]
-        if not cands:
-            return
-        best = min(cands, key=lambda x: (self._cut_time(x, chunk_bytes), x.seqno))
-        cut = self._cut_time(best, chunk_bytes)
-        if cut < min(x.done_s for x in busy):
+        chosen = choose_cut(busy, self.channels.capacity, pinned, self.env.now, chunk_bytes / self.bandwidth_Bps,
+                            self.latency_s)
+        if chosen is not None:
+            best, cut = chosen
             best.cancelled, best.done_s = True, cut  # at once, as the fast link marks it
             self._running[best.seqno][1].interrupt(cut)
-
-    def _cut_time(self, tr: Transfer, chunk_bytes: float) -> float:
-        chunk_s = chunk_bytes / self.bandwidth_Bps
-        body0 = tr.start_s + self.latency_s
-        now = self.env.now
-        if now <= body0:
-            return min(tr.done_s, body0)
-        n = max(0, -(-(now - body0) // chunk_s))
-        return min(tr.done_s, body0 + n * chunk_s)
 
     def wait(self, tr: Transfer) -> Pending:
         """Wait for `tr` to end (AdapMoE's wait); its value is the stall."""
@@ -302,6 +290,12 @@ class EventMachine:
         return max(0.0, self.env.now - t0), None, start, end
 
     # ------------------------------------------------------------------ memory (nothing to free here)
+    def warm(self, keys: list[int]) -> None:
+        """The warm-start residents are in place at time 0: nothing to copy."""
+
+    def token_done(self) -> None:
+        """A token's operations took their time as they ran: nothing left to wait for."""
+
     def on_evicted(self, key: int) -> None:
         pass
 

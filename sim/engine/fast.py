@@ -17,6 +17,7 @@ from __future__ import annotations
 from policies.base import CPU, LOAD
 from sim.engine.cache import ABSENT, RESIDENT
 from sim.engine.link import CopyLink
+from sim.engine.preempt import choose_cut
 from sim.engine.transfer import DEMAND, PREFETCH, SAME_INSTANT, Transfer, arrived_by
 from sim.machine.contention import MemoryBus
 from sim.machine.cost import CostModel
@@ -64,26 +65,12 @@ class FastMachine:
     arrived = staticmethod(arrived_by)
 
     def cut_a_prefetch(self, pinned: set[int], chunk_bytes: float) -> None:
-        """No channel free for a demand load: cut the in-flight prefetch that frees one soonest, at
-        its next chunk boundary, if that is before any transfer ends anyway. A prefetch of an expert
-        the current layer needs (pinned) is never cut."""
+        """No channel free for a demand load: cut a prefetch by the one rule (`sim.engine.preempt`)."""
         link = self.link
-        busy = link.running()
-        if len(busy) < link.channels:
-            return
-        cands = [x for x in busy if x.priority == PREFETCH and not x.cancelled and x.key not in pinned]
-        if not cands:
-            return
-        best = min(cands, key=lambda x: (self._cut_time(x, chunk_bytes), x.seqno))
-        if self._cut_time(best, chunk_bytes) < min(x.done_s for x in busy):
-            link.preempt(best, self.now, chunk_bytes)
-
-    def _cut_time(self, tr: Transfer, chunk_bytes: float) -> float:
-        chunk_s = chunk_bytes / self.link.bandwidth_Bps
-        body0 = tr.start_s + self.link.latency_s
-        if self.now <= body0:
-            return min(tr.done_s, body0)
-        return min(tr.done_s, body0 + -(-(self.now - body0) // chunk_s) * chunk_s)
+        chosen = choose_cut(link.running(), link.channels, pinned, self.now, chunk_bytes / link.bandwidth_Bps,
+                            link.latency_s)
+        if chosen is not None:
+            link.preempt(chosen[0], self.now, chunk_bytes)
 
     # ------------------------------------------------------------------ the compute stream
     def attention(self, layer: int, context: int, new_tokens: int) -> None:
@@ -177,6 +164,12 @@ class FastMachine:
         return wait, None, start, end
 
     # ------------------------------------------------------------------ memory (nothing to free here)
+    def warm(self, keys: list[int]) -> None:
+        """The warm-start residents are in place at time 0: nothing to copy."""
+
+    def token_done(self) -> None:
+        """A token's operations took their time as they ran: nothing left to wait for."""
+
     def on_evicted(self, key: int) -> None:
         pass
 
@@ -387,6 +380,7 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
     row["pos"].append(pos)
     row["start_s"].append(start)
     row["end_s"].append(now)
+    e.t_end = now
     row["stall_s"].append(stall_tok)
     row["cpu_wait_s"].append(cpu_wait)
     row["demand_loads"].append(demand)

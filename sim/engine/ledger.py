@@ -93,7 +93,10 @@ class Ledger:
             if inflight.get(key) is tr:
                 del inflight[key]
             if tr.staging:
+                held = tr.holds_staging
                 self.free_staging(tr)
+                if held and self.notify:
+                    self.machine.on_staging_freed(tr)
             else:
                 self.cache.abort_load(key)
                 self.cache_policy.on_evict(key)

@@ -1,14 +1,16 @@
 """A copy of one expert over a link, as every driver of the engine sees it (`sim/engine/step.py`).
 
 States: QUEUED (issued, waiting for a channel: `start_s` = -1) -> ACTIVE (on a channel: `start_s`
-set; a simulated link also knows `done_s` from then on) -> DONE (`done`: the engine has applied it,
-the expert is resident or its staging buffer holds it). A prefetch issued in chunks may be cut
+set; a simulated link also knows `done_s` from then on) -> DONE (`done`: the copy has ended; the
+ledger applies it, in completion order, the next time the step settles the link: the expert is
+then resident or its staging buffer holds it). A prefetch issued in chunks may be cut
 short for a demand load (`cancelled`): it then ends at a chunk boundary, and its data is unusable.
 A staging buffer is held from the transfer's admission until the engine frees it (`holds_staging`),
 once, whichever comes first: its expert computed, the prefetch dropped, or the copy cut.
 
-The real run's copy worker fills the last four fields (its buffer, the matrices copied so far, a
-request to stop at the next chunk, and, on CUDA, an event the copy must wait for).
+The real run's copy worker (`sim/realrun/link.py`) fills the last four fields (its buffer, the
+matrices copied so far, a request to stop at the next chunk, and, on CUDA, an event the copy must
+wait for); the simulator leaves them at their defaults.
 """
 
 from __future__ import annotations

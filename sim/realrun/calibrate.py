@@ -249,7 +249,7 @@ class Calibrator:
             copies: list[float] = []
 
             def copy(i: int, worker=worker, layout=layout, order=order, slots=slots, copies=copies) -> None:
-                tr = worker.submit(int(order[i % len(order)]), layout.expert_bytes, DEMAND, None, i % slots)
+                tr = worker.submit(int(order[i % len(order)]), layout.expert_bytes, DEMAND, i % slots)
                 worker.wait(tr)
                 worker.advance()
                 copies.append(tr.done_s - tr.start_s)
@@ -409,11 +409,11 @@ class Calibrator:
 
         alone = np.median(time_calls(compute, n, self.b, batch=1))  # per call, as `together` below
         copy_alone = self._copy_time(worker, layout, busy=None)
-        queued = [worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, None, i % 2) for i in range(2)]
+        queued = [worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, i % 2) for i in range(2)]
         together = []
         for i in range(n):
             if len(queued) < 2 or queued[-2].done:  # keep the copy worker busy without pause
-                queued.append(worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, None, i % 2))
+                queued.append(worker.submit(i % layout.experts, layout.expert_bytes, DEMAND, i % 2))
             t0 = time.perf_counter()
             compute(i)
             self.b.sync()
@@ -432,7 +432,7 @@ class Calibrator:
         """Median copy duration, alone or with the main thread computing without pause."""
         times = []
         for r in range(max(5, self.repeats // 2)):
-            tr = worker.submit(r % layout.experts, layout.expert_bytes, DEMAND, None, 0)
+            tr = worker.submit(r % layout.experts, layout.expert_bytes, DEMAND, 0)
             i = 0
             while busy is not None and not tr.done:
                 busy(i)

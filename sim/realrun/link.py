@@ -1,6 +1,6 @@
 """The copy worker: real transfers from the store into slot buffers, one at a time per channel.
 
-States of a transfer (as in `sim/engine/link.py`): QUEUED (in the priority queue) -> ACTIVE (a worker is
+Transfers are the engine's `sim.engine.transfer.Transfer`. States (as in `sim/engine/link.py`): QUEUED (in the priority queue) -> ACTIVE (a worker is
 copying it; `start_s` set) -> DONE (`done_s` set; the owner applies it in `advance`). A queued
 transfer with a lower `priority` starts first (demand 0 before prefetch 1), ties in issue order;
 a transfer in flight is never stopped unless the owner asks (`request_cancel`, for prefetch
@@ -17,50 +17,31 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-DEMAND, PREFETCH = 0, 1
+from sim.engine.transfer import DEMAND, PREFETCH, Transfer
 
-
-@dataclass(eq=False)
-class RealTransfer:
-    """One copy of expert `key` into pool buffer `buf` (field names as `sim.engine.link.Transfer`)."""
-
-    key: int
-    nbytes: float
-    priority: int
-    issued_s: float
-    seqno: int
-    tag: Any  # (kind, token, layer, staging), as the simulator's
-    buf: int
-    start_s: float = -1.0
-    done_s: float = -1.0
-    done: bool = False
-    cancelled: bool = False
-    cancel_requested: bool = False
-    progress: int = 0  # matrices fully copied
-    applied: bool = False  # the owner has seen its completion (set by the owner's on_done)
-    after: Any = None  # CUDA: an event on the compute stream that the copy must wait for
-
-    @property
-    def started(self) -> bool:
-        return self.start_s >= 0.0
+__all__ = ["CopyWorker", "DEMAND", "PREFETCH", "Transfer"]
 
 
 class CopyWorker:
     """A priority link with `channels` worker threads copying `store` experts into `pool` buffers."""
 
     def __init__(self, store, pool, clock: Callable[[], float], *, channels: int = 1,
-                 chunk_bytes: float = 0.0, on_done: Callable[[RealTransfer], None] | None = None):
+                 chunk_bytes: float = 0.0, on_done: Callable[[Transfer], None] | None = None,
+                 route: Callable[[Transfer], tuple[Any, list]] | None = None):
+        """`route(tr)`: (the store to read, the destination matrices) of a copy; default `store` into
+        `pool.matrices(tr.buf)`."""
         self.store, self.pool, self.clock = store, pool, clock
         self.channels = channels
         self.chunk_bytes = chunk_bytes  # prefetches are copied in chunks of this size (0: whole matrices)
         self.on_done = on_done
+        self.route = route
         self.cond = threading.Condition()
-        self._queue: list[tuple[int, int, RealTransfer]] = []
-        self._running: list[RealTransfer] = []
-        self._completed: list[RealTransfer] = []
+        self._queue: list[tuple[int, int, Transfer]] = []
+        self._running: list[Transfer] = []
+        self._completed: list[Transfer] = []
+        self.moved: dict[int, float] = {}  # seqno -> bytes copied so far (read by the owner once done: `moved_of`)
         self._seq = 0
         self._stop = False
         self.error: BaseException | None = None
@@ -96,10 +77,12 @@ class CopyWorker:
                 if tr.after is not None:  # compute issued before the eviction must finish reading the slot
                     tr.after.synchronize()
                     tr.start_s = self.clock()  # the copy starts now: its time excludes that wait
-                ok = self.store.read_into(
-                    tr.key, self.pool.matrices(tr.buf), progress=lambda i, tr=tr: self._progress(tr, i),
+                store, dests = (self.store, self.pool.matrices(tr.buf)) if self.route is None else self.route(tr)
+                ok = store.read_into(
+                    tr.key, dests, progress=lambda i, tr=tr: self._progress(tr, i),
                     cancelled=lambda tr=tr: tr.cancel_requested,
-                    chunk_bytes=self.chunk_bytes if tr.priority == PREFETCH else 0)
+                    chunk_bytes=self.chunk_bytes if tr.priority == PREFETCH else 0,
+                    on_bytes=lambda n, tr=tr: self._moved(tr, n))
             except BaseException as err:  # surfaced in the main thread by wait/advance
                 self.error = err
             with self.cond:
@@ -108,20 +91,24 @@ class CopyWorker:
                 self._running.remove(tr)
                 self._completed.append(tr)
                 self.busy_s += tr.done_s - tr.start_s
-                if ok:
-                    self.bytes_moved += tr.nbytes
+                self.bytes_moved += self.moved.get(tr.seqno, 0.0)
                 self.cond.notify_all()
 
-    def _progress(self, tr: RealTransfer, i: int) -> None:
+    def _moved(self, tr: Transfer, nbytes: int) -> None:
+        self.moved[tr.seqno] = self.moved.get(tr.seqno, 0.0) + nbytes
+
+    def _progress(self, tr: Transfer, i: int) -> None:
         with self.cond:
             tr.progress = i
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ owner side
-    def submit(self, key: int, nbytes: float, priority: int, tag: Any, buf: int, after: Any = None) -> RealTransfer:
+    def submit(self, key: int, nbytes: float, priority: int, buf: int, *, staging: bool = False, token: int = -1,
+               layer: int = -1, after: Any = None) -> Transfer:
+        """Queue a copy of expert `key` into pool buffer `buf`; `after` (CUDA) an event the copy waits for."""
         with self.cond:
             self._seq += 1
-            tr = RealTransfer(key, nbytes, priority, self.clock(), self._seq, tag, buf, after=after)
+            tr = Transfer(key, nbytes, priority, staging, token, layer, self.clock(), self._seq, buf=buf, after=after)
             heapq.heappush(self._queue, (priority, tr.seqno, tr))
             self.cond.notify_all()
         return tr
@@ -135,19 +122,34 @@ class CopyWorker:
             for tr in done:
                 self.on_done(tr)
 
+    def moved_of(self, tr: Transfer) -> float:
+        """Bytes `tr` really copied (all of them, unless it was cut short); forgets it."""
+        with self.cond:
+            return self.moved.pop(tr.seqno, 0.0)
+
     def busy_channels(self) -> int:
         """Channels busy or about to be (queued transfers count: a worker is picking them up)."""
         with self.cond:
             return min(self.channels, len(self._running) + len(self._queue))
 
-    def running(self) -> list[RealTransfer]:
+    def running(self) -> list[Transfer]:
         with self.cond:
             return list(self._running)
 
-    def request_cancel(self, tr: RealTransfer) -> None:
+    def request_cancel(self, tr: Transfer) -> None:
         tr.cancel_requested = True
 
-    def wait(self, tr: RealTransfer, matrices: int | None = None) -> None:
+    def wait_all(self) -> None:
+        """Block until nothing is queued or copying."""
+        with self.cond:
+            while self._queue or self._running:
+                self.cond.wait(0.5)
+                self._check()
+                if not any(th.is_alive() for th in self._threads):
+                    raise RuntimeError("every copy worker thread has ended with copies still queued")
+        self._check()
+
+    def wait(self, tr: Transfer, matrices: int | None = None) -> None:
         """Block until `tr` is done (or has its first `matrices` matrices in)."""
         with self.cond:
             while not tr.done and (matrices is None or tr.progress < matrices):
@@ -159,7 +161,7 @@ class CopyWorker:
                     raise RuntimeError(f"every copy worker thread has ended; expert {tr.key}'s copy never will")
         self._check()
 
-    def order_key(self, tr: RealTransfer) -> tuple:
+    def order_key(self, tr: Transfer) -> tuple:
         """Where `tr` finishes relative to the others, as far as known now (done < active < queued)."""
         if tr.done:
             return (0, tr.done_s, 0, 0)

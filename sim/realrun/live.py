@@ -8,8 +8,9 @@ KV cache (batch-1 decode, teacher-forced). Three passes over the same tokens:
      that row (computed live from the router's output, one row at a time); it records the trace
      of what the gated model routes (router logits, ids, weights, pre-gating logits);
   2. offloaded: the experts' weights leave the model for the store (disk or host memory); each
-     MoE block's experts module is replaced by `RealEngine.moe_layer`, driven by the simulator's
-     policy objects built on pass 1's trace (so their decisions are exactly pass 1's), loading,
+     MoE block's experts module is replaced by the engine's step (`sim.engine.step.decode_layer`)
+     on the real machine (`sim/realrun/machine.py`), with the simulator's engine and policy objects
+     built on pass 1's trace (so their decisions are exactly pass 1's), loading,
      prefetching and evicting real slots; the output sums the experts by expert id, as
      transformers' eager experts loop does.
 Pass 2's logits must equal pass 1's bit for bit (and, under `topk`, pass 0's), whatever the
@@ -35,13 +36,14 @@ from policies.registry import GATING
 from sim import REPO_ROOT
 from sim.config import RunConfig, split_knobs
 from sim.engine.cache import ExpertCache
+from sim.engine.step import Tally, decode_layer
 from sim.errors import UserError
 from sim.machine.hardware import load_profile
 from sim.machine.models import ModelPreset
 from sim.realrun.backend import Backend
 from sim.realrun.build import RealOptions, register_preset, store_folder, tier_for
 from sim.realrun.compute import CpuWorker, SlotPool
-from sim.realrun.engine import RealEngine
+from sim.realrun.machine import RealMachine
 from sim.realrun.store import HostStore, Layout, open_disk_store
 from sim.runner import RunResult, build_engine
 from sim.trace.format import ModelInfo, Trace
@@ -80,6 +82,9 @@ class LiveKernels:
         gate, up = F.linear(x, mats[0]).chunk(2, dim=-1)
         y = F.linear(self.act(gate) * up, mats[1]) * torch.tensor([[weight]], dtype=torch.float32)
         return y.to(self.x.device)
+
+    def attention(self, layer: int, context: int, new: int = 1) -> None:
+        """The live model runs its own attention, outside the expert step."""
 
     def combine(self, outs: dict[int, torch.Tensor]) -> torch.Tensor:
         out = torch.zeros_like(self.x)
@@ -310,14 +315,14 @@ def live_run(cfg: RunConfig, opts: RealOptions) -> LiveResult:
                   source={"tool": "moe-offload-sim realrun (live)", "checkpoint": loaded.name})
     cfg2 = dataclasses.replace(cfg, model=register_preset(preset), quant=type(cfg.quant)())
     sim_engine, binfo = build_engine(cfg2, trace, hw)
-    if sim_engine.plan_ids is None or not (
-            np.array_equal(np.asarray(sim_engine.plan_ids), routers.decided_ids)
-            and np.array_equal(np.asarray(sim_engine.plan_w), routers.decided_w)):
+    plan = sim_engine.plan
+    if plan is None or not (np.array_equal(np.asarray(plan.ids), routers.decided_ids)
+                            and np.array_equal(np.asarray(plan.weights), routers.decided_w)):
         raise RuntimeError("the gating plan on the recorded trace differs from the per-row decisions")
     # pass 2: offloaded experts
     run, engine, rec = offloaded_pass(cfg2, opts, loaded, backend, sim_engine, binfo, windows, routers)
     res = result_of(cfg2, engine, rec, binfo, hw, preset, {"realrun_device": backend.describe(),
-                                                           "realrun_store": engine.store.kind})
+                                                           "realrun_store": engine.machine.store.kind})
     metrics = live_metrics(cfg, windows, plain, reference, run, trace, sim_engine)
     res.summary.update(metrics)
     return LiveResult(res, run, reference, plain, metrics)
@@ -339,17 +344,24 @@ def offloaded_pass(cfg, opts, loaded, backend, sim_engine, binfo, windows, route
         folder = store_folder(opts.store_dir, f"live-{loaded.name}")
         store = open_disk_store(folder, layout, backend, fill, fill_id(Path(loaded.model.name_or_path)),
                                 progress=opts.progress)
-    if not sim_engine.placement.always_load and opts.store != "host":
+    placement = sim_engine.placement
+    if placement.may_use_cpu and opts.store != "host":
         raise UserError("a placement that computes experts on the CPU needs store=host")
+    if placement.low_bytes and not placement.always_load:
+        raise UserError(f"live mode checks the offloaded logits equal the reference bit for bit; placement "
+                        f"{placement.name!r} computes low-precision copies (use a synthetic realrun for it)")
     for layer in loaded.layers:  # the weights now live only in the store
         layer.experts.gate_up_proj = torch.nn.Parameter(torch.empty(0), requires_grad=False)
         layer.experts.down_proj = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     pool = SlotPool(backend, layout, binfo["cache_slots"] + 2 * sim_engine.opt.staging_buffers)
     kernels = LiveKernels(ex0.act_fn)
-    cpu = CpuWorker(backend) if not sim_engine.placement.always_load else None
-    engine = RealEngine(sim_engine, backend, store, pool, kernels, cpu, channels=opts.channels)
+    cpu = CpuWorker(backend) if placement.may_use_cpu else None
+    engine = sim_engine
+    machine = RealMachine(backend, store, pool, kernels, engine.link, channels=opts.channels,
+                          chunk_bytes=engine.yield_chunk_bytes, cpu_worker=cpu, pipelining=engine.opt.pipelining)
+    engine.set_machine(machine)
     state: dict[str, Any] = {"t": 0, "tally": None}
-    plan_ids, plan_w = np.asarray(sim_engine.plan_ids), np.asarray(sim_engine.plan_w)
+    plan_ids, plan_w = np.asarray(engine.plan.ids), np.asarray(engine.plan.weights)
     recorded = routers.ids.copy()
 
     def decide(t: int, i: int):
@@ -358,29 +370,32 @@ def offloaded_pass(cfg, opts, loaded, backend, sim_engine, binfo, windows, route
         return plan_ids[t, i], plan_w[t, i]
 
     routers.decide = decide
+    pos = engine.ctx.trace.pos
     row0 = ROW0.to(opts.device)  # once: a per-layer `.to` would be a synchronous copy on CUDA
     for layer in loaded.layers:
         def forward(hidden_states, top_k_index, top_k_weights, i=layer.index):
             kernels.x = hidden_states[row0]  # a gathered copy, as the eager loop takes
-            return engine.moe_layer(state["t"], i, state["t"] < engine.opt.timeline_tokens, state["tally"])
+            t = state["t"]
+            return engine.run_now(decode_layer(engine, t, i, int(pos[t]), t < engine.opt.timeline_tokens,
+                                               state["tally"], *engine.decide(t, i)))
 
         layer.experts.forward = forward
 
     def before(t: int) -> None:
         routers.t = state["t"] = t
-        state["tally"] = engine.begin_token()
+        state["tally"] = Tally()
 
     def after(t: int) -> None:
-        engine.end_token(t, state["tally"])
+        engine.token_end(t, state["tally"])
 
     try:
         with backend.pinned():
             engine.warm_start()
-            engine.t_end = engine.now()
             logits = decode_pass(loaded, windows, before=before, after=after)
-            rec = engine.finish()  # waits for copies still queued, before the workers stop
+            machine.finish()  # waits for copies still queued, before the workers stop
+            rec = engine.finish()
     finally:
-        engine.close()
+        machine.close()
         store.close()
     return logits, engine, rec
 
@@ -388,7 +403,7 @@ def offloaded_pass(cfg, opts, loaded, backend, sim_engine, binfo, windows, route
 def live_metrics(cfg, windows, plain, reference, run, trace, sim_engine) -> dict[str, Any]:
     p_sum, n = nll_sum(plain, windows)
     g_sum, _ = nll_sum(run, windows)
-    dL_total = float(np.asarray(sim_engine.plan_dL, dtype=float).sum())
+    dL_total = float(np.asarray(sim_engine.plan.dL, dtype=float).sum())
     return {
         "live_gating": split_knobs(cfg.gating)[0],
         "live_gating_knobs": json.dumps(split_knobs(cfg.gating)[1], sort_keys=True),

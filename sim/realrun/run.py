@@ -23,7 +23,7 @@ from sim.machine.hardware import HardwareProfile, load_profile
 from sim.realrun.backend import Backend, check_memory, dtype_for
 from sim.realrun.build import RealOptions, preset_of, store_folder, tier_for, with_layers
 from sim.realrun.compute import CpuWorker, RandomKernels, SlotPool
-from sim.realrun.engine import RealEngine
+from sim.realrun.machine import RealMachine
 from sim.realrun.store import DiskStore, HostStore, Layout, open_disk_store, random_fill
 from sim.results.metrics import summarize
 from sim.runner import RunResult, build_engine, load_trace
@@ -110,7 +110,7 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     preset = sim_engine.ctx.preset
     layout = synthetic_layout(preset)
     placement = sim_engine.placement
-    if not placement.always_load and opts.store != "host":
+    if placement.may_use_cpu and opts.store != "host":
         raise UserError(f"placement {placement.name!r} computes missed experts on the CPU where they live: "
                         "use store=host (experts in host memory, as Fiddler keeps them)")
     slots, staging = info["cache_slots"], sim_engine.opt.staging_buffers
@@ -130,28 +130,48 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
         check = store.page_cache_check(0, pool.matrices(0))
         facts.update({f"page_cache_{k}": v for k, v in check.items()})
     _warm_up(kernels, pool, trace)
-    cpu = CpuWorker(backend) if not placement.always_load else None
-    real = RealEngine(sim_engine, backend, store, pool, kernels, cpu, channels=opts.channels)
+    cpu = CpuWorker(backend) if placement.may_use_cpu else None
+    low = low_copies(sim_engine, layout, backend, opts, tag)
+    machine = RealMachine(backend, store, pool, kernels, sim_engine.link, channels=opts.channels,
+                          chunk_bytes=sim_engine.yield_chunk_bytes, cpu_worker=cpu,
+                          pipelining=sim_engine.opt.pipelining, low=low)
+    sim_engine.set_machine(machine)  # the simulator's engine, policies and steps; the real machine's time
     wall0 = time.perf_counter()
     try:
         with backend.pinned():
-            real.warm_start()
-            rec = real.run_trace()
+            rec = sim_engine.run()
     finally:
-        real.close()
+        machine.close()
         if owned:
             store.close()
+        if low is not None:
+            low.close()
     facts["realrun_wall_s"] = time.perf_counter() - wall0
     facts["realrun_copy_mean_s"] = copy_mean_s(rec.loads, layout.expert_bytes)
-    return result_of(cfg, real, rec, info, hw, preset, facts)
+    return result_of(cfg, sim_engine, rec, info, hw, preset, facts)
+
+
+def low_copies(sim_engine, layout: Layout, backend: Backend, opts: RealOptions, tag: str):
+    """The low-precision copies a `low_precision_on_miss` placement loads (None for other placements)."""
+    placement = sim_engine.placement
+    if placement.always_load or not placement.low_bytes:
+        return None
+    from sim.realrun.low import LowCopies
+
+    return LowCopies.build(layout, placement, backend, random_fill(layout, opts.weights_seed),
+                           staging=sim_engine.opt.staging_buffers, store_kind=opts.store, store_dir=opts.store_dir,
+                           tag=tag, progress=opts.progress)
 
 
 def copy_mean_s(loads, expert_bytes: float) -> float | None:
     """Mean time the copy worker spent on one whole expert (start to done: the link as this run met
-    it, without the hand-offs); cancelled and partial copies do not count. None without copies."""
-    d = [tr.done_s - tr.start_s for tr in loads
-         if tr.done and not tr.cancelled and tr.nbytes == expert_bytes]
-    return float(np.mean(d)) if d else None
+    it, without the hand-offs); cut and partial copies do not count. None without copies."""
+    if not len(loads):
+        return None
+    nbytes, moved = np.asarray(loads.nbytes), np.asarray(loads.moved)
+    start, end = np.asarray(loads.start_s), np.asarray(loads.end_s)
+    whole = (nbytes == expert_bytes) & (moved == nbytes) & (end >= 0.0) & (start >= 0.0)
+    return float(np.mean(end[whole] - start[whole])) if whole.any() else None
 
 
 def _warm_up(kernels: RandomKernels, pool: SlotPool, trace: Trace) -> None:
@@ -163,18 +183,20 @@ def _warm_up(kernels: RandomKernels, pool: SlotPool, trace: Trace) -> None:
     kernels.backend.sync_all()
 
 
-def result_of(cfg: RunConfig, real: RealEngine, rec, info: dict, hw, preset, facts: dict) -> RunResult:
+def result_of(cfg: RunConfig, engine, rec, info: dict, hw, preset, facts: dict) -> RunResult:
+    """The run's frames and summary, as the simulator's (`engine` ran on a `RealMachine`)."""
     tokens, layers = rec.tokens_frame(), rec.layers_frame()
-    events = rec.events_frame(real.E)
-    end = real.t_end
+    events = rec.events_frame(engine.E)
+    end = engine.t_end
+    link = engine.machine.link
     extra = dict(info)
-    extra.update({"prefetch_skipped": real.prefetch_skipped, "prefetch_cancelled": real.prefetch_cancelled,
+    extra.update({"prefetch_skipped": engine.prefetch_skipped, "prefetch_cancelled": engine.prefetch_cancelled,
                   "makespan_s": end, "tokens_prefill": int(sum(rec.prefill["tokens"])),
                   "cpu_wait_s_per_token": float(tokens["cpu_wait_s"].mean()) if tokens.height else None,
-                  "link_max_concurrent": real.link.max_active, "cache_peak_bytes": real.cache.peak_bytes})
+                  "link_max_concurrent": link.max_active, "cache_peak_bytes": engine.cache.peak_bytes})
     extra.update(facts)
-    summary = summarize(tokens, layers, rec.prefill, n_layers=real.L, link_busy_s=real.link.busy_s,
-                        link_channels=real.link.channels, compute_busy_s=real.compute_busy_s, end_s=end,
+    summary = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=link.busy_s,
+                        link_channels=link.channels, compute_busy_s=engine.machine.compute_busy_s, end_s=end,
                         extra=extra)
     return RunResult(cfg, summary, tokens, layers, events, hw, preset)
 

@@ -37,7 +37,8 @@ from sim.realrun.backend import Backend
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = 1
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+               torch.uint8: "uint8"}  # uint8: packed low-bit copies (`sim/realrun/low.py`)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,10 @@ class Store:
         self.reads = 0
 
     def read_into(self, key: int, dests: list[torch.Tensor], progress: Callable[[int], None] | None = None,
-                  cancelled: Callable[[], bool] | None = None, chunk_bytes: float = 0) -> bool:
+                  cancelled: Callable[[], bool] | None = None, chunk_bytes: float = 0,
+                  on_bytes: Callable[[int], None] | None = None) -> bool:
+        """Copy expert `key` into `dests`; `progress(i)` after its i-th matrix, `on_bytes(n)` after each
+        chunk of n bytes, `cancelled()` asked before each chunk (True: stop, return False)."""
         raise NotImplementedError
 
     def host_matrices(self, key: int) -> list[torch.Tensor]:
@@ -150,7 +154,7 @@ class HostStore(Store):
     def close(self) -> None:
         self.tensors = []  # host (pinned on CUDA) memory back now, not at the next garbage collection
 
-    def read_into(self, key, dests, progress=None, cancelled=None, chunk_bytes=0) -> bool:
+    def read_into(self, key, dests, progress=None, cancelled=None, chunk_bytes=0, on_bytes=None) -> bool:
         self.reads += 1
         for i, (dst, src) in enumerate(zip(dests, self.tensors[key], strict=True)):
             d, s = _bytes_view(dst), _bytes_view(src)
@@ -158,6 +162,8 @@ class HostStore(Store):
                 if cancelled is not None and cancelled():
                     return False
                 self._device_copy(d[lo:hi], s[lo:hi])
+                if on_bytes is not None:
+                    on_bytes(hi - lo)
             if progress is not None:
                 progress(i + 1)
         return True
@@ -187,7 +193,8 @@ class DiskStore(Store):
         for fd in self.fds:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def read_into(self, key, dests, progress=None, cancelled=None, chunk_bytes=0, drop: bool = True) -> bool:
+    def read_into(self, key, dests, progress=None, cancelled=None, chunk_bytes=0, on_bytes=None,
+                  drop: bool = True) -> bool:
         self.reads += 1
         fd = self.fds[key // self.layout.experts]
         bounce = self._bounce() if self.backend.cuda else None
@@ -202,10 +209,14 @@ class DiskStore(Store):
                 got = os.preadv(fd, [memoryview(buf[lo:hi])], off + lo)
                 if got != hi - lo:
                     raise OSError(f"short read of expert {key} from {self.folder}: {got} of {hi - lo} bytes")
+                if on_bytes is not None and bounce is None:
+                    on_bytes(hi - lo)
             if drop:  # and out again, so the page cache never keeps expert data between loads
                 os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
             if bounce is not None:
                 self._device_copy(_bytes_view(dst), host)
+                if on_bytes is not None:
+                    on_bytes(nbytes)
             if progress is not None:
                 progress(i + 1)
         return True

@@ -170,16 +170,26 @@ def import_ray() -> Any:
     return ray
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A `HOST:PORT` (or `ray://HOST:PORT`) address must accept a TCP connection; `auto` is left to Ray."""
+def parse_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `HOST:PORT` (or `ray://HOST:PORT`) address; None for "", `auto`, `local`.
+    A malformed address is a UserError whether or not Ray is installed (checked before it is imported)."""
     if address in ("", "auto", "local"):
-        return
+        return None
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not host or not port.isdigit():
         raise UserError(f"ray.address={address!r}: expected auto or HOST:PORT (e.g. 10.0.0.1:6379)")
+    return host, int(port)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A `HOST:PORT` (or `ray://HOST:PORT`) address must accept a TCP connection; `auto` is left to Ray."""
+    parsed = parse_address(address)
+    if parsed is None:
+        return
+    host, port = parsed
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
+        with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as err:
         raise UserError(f"ray.address={address}: cannot reach a Ray cluster there "
@@ -206,6 +216,7 @@ def start_ray(ray: Any, jobs: int, address: str) -> bool:
 
 def run_ray(todo: list[tuple[str, Any]], jobs: int, address: str, on_result: OnResult) -> None:
     """One Ray task per point; traces and hardware profiles travel once through the object store."""
+    parse_address(address)
     ray = import_ray()
     started = start_ray(ray, jobs, address)
     try:
