@@ -1,9 +1,16 @@
-"""`python -m sim bench [trace=DIR] [hw=jetson.yaml] [model=mixtral-8x7b] [repeats=3]`.
+"""`python -m sim bench [trace=DIR] [hw=jetson.yaml] [model=mixtral-8x7b] [repeats=3]`, or
+`python -m sim bench shape=deepseek-v3 [tokens=1000] [slots=4930] [policies=lru,lfu,belady,oracle]`.
 
-Simulated (token, layer) decode steps per second of the engine (per-layer LRU + pregate, no
-prefill, no timeline recording) and, in the same run, of the naive SimPy loop in `sim/engine/naive.py`
-(one process per load), with their ratio. Single-threaded: this measures one core. Last line:
-`steps_per_s=<n> ratio=<r>`.
+Default: simulated (token, layer) decode steps per second of the engine (per-layer LRU + pregate,
+no prefill, no timeline recording) and, in the same run, of the naive SimPy loop in
+`sim/engine/naive.py` (one process per load), with their ratio. Last line: `steps_per_s=<n> ratio=<r>`.
+
+`shape=PRESET`: scale. A seeded synthetic trace of the preset's shape (`tokens` decode tokens,
+routing with some temporal locality), `slots` cache slots, and each of `policies` run on it:
+time per step and its ratio to `lru`'s, loads per step, and the memory a run holds: the peak
+Python allocation of the run per load and per step (tracemalloc, one extra run) and the process's
+peak resident set (all runs, the trace included). Last line: `<policy>_ratio=<r> ...
+bytes_per_load=<n> peak_rss_mb=<n>`. Single-threaded: this measures one core.
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ class BenchArgs:
     hw: str = "jetson.yaml"
     model: str = "mixtral-8x7b"
     repeats: int = 3
-    tokens: int = 0  # decode tokens to simulate (0: all)
+    tokens: int = 0  # decode tokens to simulate (0: all; with shape=, the trace's length, default 1000)
+    shape: str = ""  # a model preset: bench the policies' scale on a synthetic trace of its shape
+    slots: int = 0  # with shape=: cache slots (0: 4930 for deepseek-v3, else 10% of the experts)
+    policies: str = "lru,lfu,belady,oracle"  # with shape=: the cache policies (oracle: its prefetch + belady)
+    locality: float = 0.5  # with shape=: temporal reuse of the synthetic routing, in [0, 1)
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +43,8 @@ def main(argv: list[str]) -> int:
     from sim.runner import build_engine, load_trace
 
     args = parse_args(BenchArgs, argv)
+    if args.shape:
+        return bench_shape(args)
     trace = load_trace(args.trace)
     cfg = parse_run_config([f"hw={args.hw}", f"model={args.model}", "policy=mixtral_offloading",
                             "engine.prefill=false", "engine.timeline_tokens=0", f"engine.max_tokens={args.tokens}"])
@@ -60,3 +73,113 @@ def main(argv: list[str]) -> int:
     print(f"same timeline: largest per-token latency difference {gap:.1e} (relative)")
     print(f"steps_per_s={sps:.0f} ratio={sps / naive_sps:.2f}")
     return 0
+
+
+POLICY_ARGS = {
+    "lru": ["cache.name=lru", "cache.scope=global"],
+    "lfu": ["cache.name=lfu", "cache.scope=global"],
+    "belady": ["cache.name=belady"],
+    "oracle": ["cache.name=belady", "prefetch.name=oracle"],
+}
+
+
+def bench_shape(args: BenchArgs) -> int:
+    """The policies' cost per step on a synthetic trace of a preset's shape, and a run's memory."""
+    import gc
+    import tracemalloc
+
+    from sim.config import parse_run_config
+    from sim.errors import UserError
+    from sim.machine.models import load_preset
+    from sim.runner import build_engine
+    from sim.trace.synthetic import routing_trace
+
+    preset = load_preset(args.shape)
+    names = [p for p in args.policies.split(",") if p]
+    unknown = [p for p in names if p not in POLICY_ARGS]
+    if unknown or not names:
+        raise UserError(f"policies={args.policies!r}: choose from {', '.join(POLICY_ARGS)}")
+    if not 0.0 <= args.locality < 1.0:
+        raise UserError(f"locality must be in [0, 1), got {args.locality}")
+    tokens = args.tokens or 1000
+    n_experts = preset.layers * preset.experts
+    slots = args.slots or (4930 if preset.name == "deepseek-v3" else max(preset.layers * preset.top_k, n_experts // 10))
+    trace = routing_trace(np.random.default_rng(0), tokens=tokens, layers=preset.layers, experts=preset.experts,
+                          top_k=preset.top_k, locality=args.locality, name=f"synthetic-{preset.name}")
+    steps = tokens * preset.layers
+    print(f"shape {preset.name}: {preset.layers} layers x {preset.experts} experts, top-{preset.top_k}; "
+          f"{tokens} tokens ({steps} steps), {slots} slots, hw {args.hw}")
+
+    def config(name: str, max_tokens: int = 0):
+        return parse_run_config([f"hw={args.hw}", f"model={args.shape}", "gating.name=topk", "prefetch.name=none",
+                                 *POLICY_ARGS[name], f"cache.slots={slots}", "engine.prefill=false",
+                                 f"engine.max_tokens={max_tokens}",
+                                 "engine.timeline_tokens=0", f"engine.staging_buffers={max(6, preset.top_k)}"])
+
+    times: dict[str, float] = {}  # best set-up + run (a user waits for both)
+    for name in names:
+        best, best_run, loads = float("inf"), float("inf"), 0
+        for _ in range(max(1, args.repeats)):
+            t0 = time.perf_counter()
+            engine, _info = build_engine(config(name), trace)  # the policies' set-up: plans, schedules
+            t1 = time.perf_counter()
+            engine.run()
+            t2 = time.perf_counter()
+            best, best_run = min(best, t2 - t0), min(best_run, t2 - t1)
+            loads = len(engine.rec.loads)
+            tpot = float(engine.rec.tokens_frame()["latency_s"].mean())
+        times[name] = best
+        print(f"{name:>8}: {best / steps * 1e6:8.2f} us/step ({best_run / steps * 1e6:.2f} of it the run, the rest "
+              f"set-up)  {loads / steps:6.2f} loads/step  (simulated TPOT {tpot * 1e3:.3f} ms)")
+    ref = times.get("lru", next(iter(times.values())))
+    ratios = {n: t / ref for n, t in times.items()}
+    print("per step (set-up + run), relative to lru: " + "  ".join(f"{n} {r:.2f}x" for n, r in ratios.items()))
+    # memory: the process's peak resident set during one run (the trace and the set-up included),
+    # then the Python allocations a run holds at its peak, per load (tracemalloc, on a shorter run)
+    del engine
+    gc.collect()
+    engine, _info = build_engine(config(names[0]), trace)
+    exact = _reset_peak_rss()
+    engine.run()
+    rss_mb = _peak_rss_mb()
+    del engine
+    gc.collect()
+    sub = min(tokens, 2000)
+    engine, _info = build_engine(config(names[0], sub), trace)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    engine.run()
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    loads = max(1, len(engine.rec.loads))
+    print(f"memory ({names[0]}): peak resident set during a {tokens}-token run {rss_mb:.0f} MB "
+          f"({'this run' if exact else 'the whole process: the peak could not be reset'}, the trace included); "
+          f"the run's own allocations at their peak {peak / loads:.0f} bytes per load "
+          f"({sub} tokens, {loads} loads, tracemalloc)")
+    print(" ".join(f"{n}_ratio={r:.2f}" for n, r in ratios.items())
+          + f" bytes_per_load={peak / loads:.0f} peak_rss_mb={rss_mb:.0f}")
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-resident-set mark of this process (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    """The peak resident set (MB) since the last reset: VmHWM (Linux), else getrusage's maximum."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -26,6 +26,7 @@ import math
 import simpy
 
 from sim.engine.link import CopyLink
+from sim.engine.machine import SimulatedMachine
 from sim.engine.preempt import choose_cut
 from sim.engine.step import Pending
 from sim.engine.transfer import DEMAND, Transfer, arrived_by
@@ -46,9 +47,7 @@ def at(env: simpy.Environment, t_s: float) -> simpy.Timeout:
     return env.timeout(delay)
 
 
-class EventMachine:
-    needs_weights = False
-    holds_memory = False
+class EventMachine(SimulatedMachine):
 
     def __init__(self, cost: CostModel, link: CopyLink, pipelining: bool):
         self.env = env = simpy.Environment(initial_time=0.0)
@@ -288,25 +287,6 @@ class EventMachine:
         t0 = self.env.now
         start, end = yield job
         return max(0.0, self.env.now - t0), None, start, end
-
-    # ------------------------------------------------------------------ memory (nothing to free here)
-    def warm(self, keys: list[int]) -> None:
-        """The warm-start residents are in place at time 0: nothing to copy."""
-
-    def token_done(self) -> None:
-        """A token's operations took their time as they ran: nothing left to wait for."""
-
-    def on_evicted(self, key: int) -> None:
-        pass
-
-    def on_staging_freed(self, tr: Transfer) -> None:
-        pass
-
-    def on_adopted(self, tr: Transfer) -> None:
-        pass
-
-    def combine(self, outs) -> None:
-        return None
 
 
 __all__ = ["EventMachine", "DEMAND"]

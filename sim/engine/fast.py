@@ -17,15 +17,14 @@ from __future__ import annotations
 from policies.base import CPU, LOAD
 from sim.engine.cache import ABSENT, RESIDENT
 from sim.engine.link import CopyLink
+from sim.engine.machine import SimulatedMachine
 from sim.engine.preempt import choose_cut
 from sim.engine.transfer import DEMAND, PREFETCH, SAME_INSTANT, Transfer, arrived_by
 from sim.machine.contention import MemoryBus
 from sim.machine.cost import CostModel
 
 
-class FastMachine:
-    needs_weights = False  # it computes no outputs
-    holds_memory = False  # it keeps no buffers: the ledger need not tell it of evictions
+class FastMachine(SimulatedMachine):
 
     def __init__(self, cost: CostModel, link: CopyLink, pipelining: bool):
         self.cost, self.link, self.pipelining = cost, link, pipelining
@@ -163,24 +162,6 @@ class FastMachine:
             self.now = end
         return wait, None, start, end
 
-    # ------------------------------------------------------------------ memory (nothing to free here)
-    def warm(self, keys: list[int]) -> None:
-        """The warm-start residents are in place at time 0: nothing to copy."""
-
-    def token_done(self) -> None:
-        """A token's operations took their time as they ran: nothing left to wait for."""
-
-    def on_evicted(self, key: int) -> None:
-        pass
-
-    def on_staging_freed(self, tr: Transfer) -> None:
-        pass
-
-    def on_adopted(self, tr: Transfer) -> None:
-        pass
-
-    def combine(self, outs) -> None:
-        return None
 
     def finish(self) -> None:
         """Apply every completion still ahead."""

@@ -85,25 +85,48 @@ def decode_layer(e, t: int, layer: int, pos: int, rec_ops: bool, tally: Tally, k
     experts that run, their weights `ws`, its `dL`): the module docstring's steps 1-7. Returns the
     machine's combined expert outputs (the real run's; None when simulated).
 
-    The simulator's hot path (`python -m sim bench` measures it): the counts that the gating plan
-    alone decides are summed from the plan after the run where that is exact (`e.count_here`)."""
+    Each step is a named generator below; the fast machine runs an inline copy of all of them
+    (`sim.engine.fast.decode_token`, its hot path), which `tests/test_machines.py` checks against
+    this one."""
     m, ledger = e.machine, e.ledger
-    cache, rec = ledger.cache, e.rec
-    # 1. attention, then what has arrived by now
+    gate_s = yield from _attend(e, t, layer, pos, rec_ops)  # 1.
+    ledger.cache.pinned.update(keys)  # 2.
+    ready, waiting, cpu_keys, hits, dL = yield from _classify(e, t, layer, keys, ws, dL, tally, gate_s)  # 3.
+    if cpu_keys:  # the CPU worker starts now, beside the device's work below
+        m.cpu_start(cpu_keys, [ws[keys.index(k)] for k in cpu_keys], gate_s)
+        e.rec.per_layer["cpu_experts"][layer] += len(cpu_keys)
+    _prefetch(e, t, layer)  # 4.
+    pending = ledger.by_target.pop(layer, None) if ledger.by_target else None
+    if pending and e.prefetch.wait_for_prefetch:  # 5.
+        yield from _wait_for(e, layer, pending, tally)
+    outs = yield from _compute(e, t, layer, keys, ws, ready, waiting, cpu_keys, tally, rec_ops)  # 6.
+    if pending and ledger.prefetch_staging:  # 7.
+        ledger.drop_unused_staged(pending, layer)
+    _count(e, layer, keys, hits, dL, tally)
+    return m.combine(outs) if outs is not None else None
+
+
+def _attend(e, t: int, layer: int, pos: int, rec_ops: bool):
+    """Step 1: the layer's non-expert work, then what has arrived by now. Returns the gate time."""
+    m = e.machine
     a0 = m.now
     r = m.attention(layer, pos, 1)
     if r.__class__ is Pending:
         yield r.event
     if rec_ops:
-        rec.op("compute", t, layer, "attention", a0, m.now)
+        e.rec.op("compute", t, layer, "attention", a0, m.now)
     gate_s = m.now
     r = m.settle()
     if r.__class__ is Pending:
         yield r.event
-    # 2. the active experts, pinned
-    pinned, state, inflight, unused = cache.pinned, cache.state, ledger.inflight, ledger.unused
-    pinned.update(keys)
-    # 3. where each active expert is
+    return gate_s
+
+
+def _classify(e, t: int, layer: int, keys: list[int], ws: list[float], dL: float, tally: Tally, gate_s: float):
+    """Step 3: where each active expert is. Returns (resident keys, transfers to wait for, keys for
+    the CPU or None, hits, dL with the low-precision copies' estimate added); issues the demand loads."""
+    m, ledger, rec = e.machine, e.ledger, e.rec
+    state, inflight, unused = ledger.cache.state, ledger.inflight, ledger.unused
     ready: list[int] = []
     waiting: list = []
     cpu_keys = None
@@ -152,25 +175,35 @@ def decode_layer(e, t: int, layer: int, pos: int, rec_ops: bool, tally: Tally, k
         if key in unused:
             unused.discard(key)
             rec.per_layer["prefetch_used"][layer] += 1
-    if cpu_keys:  # the CPU worker starts now, beside the device's work below
-        m.cpu_start(cpu_keys, [ws[keys.index(k)] for k in cpu_keys], gate_s)
-        rec.per_layer["cpu_experts"][layer] += len(cpu_keys)
-    # 4. prefetches for later layers, after this layer's demand loads
-    prefetch = e.prefetch
+    return ready, waiting, cpu_keys, hits, dL
+
+
+def _prefetch(e, t: int, layer: int) -> None:
+    """Step 4: the prefetch policy's loads for later layers, after this layer's demand loads."""
+    ledger, prefetch = e.ledger, e.prefetch
+    state, inflight = ledger.cache.state, ledger.inflight
     for pk in prefetch.on_layer(t, layer):
         if state[pk] == ABSENT and pk not in inflight:
             if load(e, pk, PREFETCH, t, layer, None, ledger.prefetch_staging) is None and prefetch.stop_at_first_skip:
                 break
-    # 5. AdapMoE: the layer waits for the in-flight prefetches aimed at it, used or not
-    pending = ledger.by_target.pop(layer, None) if ledger.by_target else None
-    if pending and prefetch.wait_for_prefetch:
-        for tr in pending:
-            r = m.wait(tr)
-            if r.__class__ is Pending:
-                r = yield r.event
-            tally.stall_s += r
-            rec.per_layer["stall_s"][layer] += r
-    # 6. compute: resident first, then loads in arrival order, then the CPU's
+
+
+def _wait_for(e, layer: int, pending: list, tally: Tally):
+    """Step 5 (AdapMoE): the layer waits for the in-flight prefetches aimed at it, used or not."""
+    m, rec = e.machine, e.rec
+    for tr in pending:
+        r = m.wait(tr)
+        if r.__class__ is Pending:
+            r = yield r.event
+        tally.stall_s += r
+        rec.per_layer["stall_s"][layer] += r
+
+
+def _compute(e, t: int, layer: int, keys: list[int], ws: list[float], ready: list[int], waiting: list,
+             cpu_keys: list[int] | None, tally: Tally, rec_ops: bool):
+    """Step 6: resident experts first, then loaded ones in the order they arrive (each released
+    once computed), then the CPU worker's. Returns {key: output} (None when simulated)."""
+    m, ledger, rec = e.machine, e.ledger, e.rec
     outs = {} if m.needs_weights else None
     on_access = e.cache_policy.on_access
     for key in ready:
@@ -212,23 +245,25 @@ def decode_layer(e, t: int, layer: int, pos: int, rec_ops: bool, tally: Tally, k
             outs.update(cpu_outs)
         if rec_ops:
             rec.op("cpu", t, layer, f"{len(cpu_keys)} expert(s)", start_s, end_s)
-    # 7. wrong staged prefetches are dropped with their buffers; counters
-    if pending and ledger.prefetch_staging:
-        ledger.drop_unused_staged(pending, layer)
-    pinned.clear()
+    return outs
+
+
+def _count(e, layer: int, keys: list[int], hits: int, dL: float, tally: Tally) -> None:
+    """Step 7's counters (the pins are released). What the plan alone decides is counted here only
+    when it is not summed from the plan after the run (`e.count_here`)."""
+    e.ledger.cache.pinned.clear()
     tally.hits += hits
-    rec.per_layer["hits"][layer] += hits
+    pl_ = e.rec.per_layer
+    pl_["hits"][layer] += hits
     if e.count_here:
         n = len(keys)
         tally.needed += n
         tally.single += n == 1
         tally.dL += dL
-        pl_ = rec.per_layer
         pl_["needed"][layer] += n
         pl_["experts_run"][layer] += n
         pl_["single_pairs"][layer] += n == 1
         pl_["dL"][layer] += dL
-    return m.combine(outs) if outs is not None else None
 
 
 def prefill_layer(e, prompt: list[int], layer: int):

@@ -40,7 +40,7 @@ from sim.engine.transfer import Transfer
 from sim.realrun.link import CopyWorker
 
 
-class RealMachine:
+class RealMachine:  # the contract: sim/engine/machine.py
     needs_weights = True  # the kernels compute outputs from real weights
     holds_memory = True  # the ledger tells it of evictions and freed buffers
 

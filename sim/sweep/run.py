@@ -332,9 +332,10 @@ def run_sweep(grid: dict[str, Any] | Iterable[str], out: str | Path, *, executor
     if jobs < 1:
         raise UserError(f"jobs must be >= 1 (0: one per CPU), got {jobs}")
     if executor == "ray":
-        from sim.sweep.execute import import_ray
+        from sim.sweep.execute import import_ray, parse_address
 
-        import_ray()  # refuse before any work when Ray is not installed
+        parse_address(ray_address)  # refuse before any work: a malformed address,
+        import_ray()  # or Ray not installed
     from sim.atomic import check_output_path
 
     check_output_path(Path(out), folder=True, overwrite=True, what="sweep folder")  # a name, a place to write
