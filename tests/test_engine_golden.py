@@ -18,17 +18,10 @@ from tests.engine_helpers import config, hw, preset, trace
 
 
 def _run(tr, h, cfg, pre, setup=None):
-    import sim.runner as runner
-
-    orig = runner.load_preset
-    runner.load_preset = lambda name, **kw: pre
-    try:
-        engine, info = build_engine(cfg, tr, h)
-        if setup:
-            setup(engine)
-        return simulate(cfg, engine=engine, info=info), engine
-    finally:
-        runner.load_preset = orig
+    engine, info = build_engine(cfg, tr, h, preset=pre)  # the preset through the public parameter
+    if setup:
+        setup(engine)
+    return simulate(cfg, engine=engine, info=info), engine
 
 
 def _abc(pre, h):
