@@ -193,8 +193,7 @@ class Engine:
     def token_end(self, t: int, tally: Tally) -> None:
         """Decode token `t` has run every layer: its row of counters. It started where the last
         token (or prefill) ended; it ends when the machine has done its work (`token_done`)."""
-        self.machine.token_done()
-        end = self.machine.now
+        end = self.machine.token_done()
         self.decoded.append(t)
         tr = self.ctx.trace
         row = self.rec.tokens
@@ -246,13 +245,13 @@ class Engine:
         m = self.machine
         for layer in range(self.L):
             yield from prefill_layer(self, prompt, layer)
-        m.token_done()
+        end = m.token_done()
         pf = self.rec.prefill
         pf["seq"].append(int(self.ctx.trace.seq[prompt[0]]))
         pf["tokens"].append(len(prompt))
         pf["start_s"].append(self.t_end)
-        pf["end_s"].append(m.now)
-        self.t_end = m.now
+        pf["end_s"].append(end)
+        self.t_end = end
 
     # ------------------------------------------------------------------ what the summary reads
     @property

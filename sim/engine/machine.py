@@ -16,7 +16,8 @@ a `sim.engine.step.Pending` holding a SimPy event whose value is the result (the
     compute_loaded(tr, tokens, w) -> (output, stall)   an expert whose transfer was issued
     cpu_start(keys, ws, ready_s), cpu_wait() -> (wait, outputs, start, end)   the CPU worker
     combine(outputs)             the MoE block's output from {key: output}
-    warm(keys), token_done(), run(process), finish()   the run around the steps
+    warm(keys), run(process), finish()   the run around the steps
+    token_done() -> end_s        a token's (or prefill's) work is issued: when it ended
     on_evicted(key), on_staging_freed(tr), on_adopted(tr)   memory the ledger gives back or moves
 
 `needs_weights`: the machine computes real outputs (the step then collects them); `holds_memory`:
@@ -36,8 +37,9 @@ class SimulatedMachine:
     def warm(self, keys: list[int]) -> None:
         """The warm-start residents are in place at time 0: nothing to copy."""
 
-    def token_done(self) -> None:
-        """A token's operations took their time as they ran: nothing left to wait for."""
+    def token_done(self) -> float:
+        """When the token's work ended: now (its operations took their time as they ran)."""
+        return self.now
 
     def on_evicted(self, key: int) -> None:
         """Nothing to free."""

@@ -16,7 +16,7 @@ the processes of an `Environment`:
     first_to_arrive      the loaded expert that ends first as far as known now (done < copying < queued)
     compute_loaded       wait for the copy (per matrix when pipelining), then compute
     cpu_start, cpu_wait  the CPU worker (placement=cpu), beside the device's work
-    token_done           CUDA: the compute stream has run the token (its end is read after)
+    token_done           CUDA: wait for the compute stream to run the token; its end
 
 Every operation returns at once with its result (the main thread blocks in it), so a step never
 yields. Memory: each cache entry and each staging transfer owns one buffer of the `SlotPool`
@@ -83,13 +83,16 @@ class RealMachine:  # the contract: sim/engine/machine.py
         for _ in process:
             raise AssertionError("a step yielded an event on the real machine, whose operations block")
 
-    def token_done(self) -> None:
-        """The token's work is queued: wait for the compute stream (CUDA), add up its busy time."""
+    def token_done(self) -> float:
+        """The token's work is queued: wait for the compute stream (CUDA), read the end, then add up
+        its busy time (after the end is read: reading CUDA events is not the token's time)."""
         self.backend.sync()
+        end_s = self.now
         if self._busy_pairs:
             for a, b, idle_s in self._busy_pairs:
                 self.compute_busy_s += max(0.0, a.elapsed_time(b) / 1e3 - idle_s)
             self._busy_pairs = []
+        return end_s
 
     def finish(self) -> None:
         """Wait for every copy still queued or running, and apply them."""
