@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                            "cache": {"name": "lru", "scope": "layer"}, "placement": LOAD},
     # AdapMoE as released: adaptive gating + pregate (staged, waited for) + DP-sized per-layer caches
     "adapmoe": {
-        "gating": {"name": "adapmoe", "T": 0.005, "sensitivity": "trace"},
+        "gating": {"name": "adapmoe", "sensitivity": "trace"},  # T solved for a 0.25 single-expert share
         "prefetch": {"name": "pregate", "depth": 1, "count": 1, "wait": True, "admit": "on_use"},
         "cache": {"name": "adapmoe_dp", "fit": "trace"},
         "placement": LOAD,
@@ -53,7 +53,52 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+SECTIONS = ("gating", "prefetch", "cache", "placement")
+
+
+def register_preset(name: str, sections: dict[str, dict[str, Any]]) -> None:
+    """Add the policy preset `name` (for plug-ins: call it when the plug-in module is imported).
+
+    `sections` maps each of `gating`, `prefetch`, `cache` and `placement` to its section, a dict
+    with the policy's `name` and any knobs, as in `PRESETS` above:
+
+        register_preset("random_lru", {"gating": {"name": "topk"}, "prefetch": {"name": "none"},
+                                       "cache": {"name": "random_evict"}, "placement": {"name": "load"}})
+
+    The policies are looked up when a run uses the preset (so they may be registered after it).
+    UserError: a name that exists (a plug-in cannot replace a preset), a section missing or unknown,
+    a section without `name`.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"a policy preset's name must be a non-empty string, got {name!r}")
+    if name in PRESETS:
+        if PRESETS[name] == sections:  # the same module imported again
+            return
+        raise UserError(f"policy preset {name!r} already exists: a plug-in cannot replace it; pick another name")
+    if not isinstance(sections, dict):
+        raise UserError(f"policy preset {name!r}: sections must be a dict of {', '.join(SECTIONS)}")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    missing = [s for s in SECTIONS if s not in sections]
+    if unknown or missing:
+        what = f"unknown section(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
+        raise UserError(f"policy preset {name!r}: {what} (a preset sets each of {', '.join(SECTIONS)})")
+    for sec in SECTIONS:
+        if not isinstance(sections[sec], dict) or "name" not in sections[sec]:
+            raise UserError(f"policy preset {name!r}: section {sec} must be a dict with a 'name'")
+    PRESETS[name] = {sec: dict(sections[sec]) for sec in SECTIONS}
+
+
+def preset_names() -> list[str]:
+    """Every preset, the installed plug-ins' included."""
+    from policies.registry import load_entry_points
+
+    load_entry_points()
+    return sorted(PRESETS)
+
+
 def get_preset(name: str) -> dict[str, dict[str, Any]]:
     if name not in PRESETS:
-        raise UserError(f"unknown policy preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        known = preset_names()  # loads the entry-point plug-ins, which may add presets
+        if name not in PRESETS:
+            raise UserError(f"unknown policy preset {name!r}; known: {', '.join(known)}")
     return PRESETS[name]

@@ -13,13 +13,21 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from sim import bundled
 from sim.errors import UserError
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = bundled.policy_data()  # policies/data/, shipped as package data in a wheel
+
+
+def has_published(kind: str, model: str) -> bool:
+    """Whether `<kind>-<model>.yaml` is shipped (a policy that can do without it says what it
+    assumes instead: `policies/prefetch/pregate.py`, `prefetch.accuracy=auto`)."""
+    return (DATA / f"{kind}-{model}.yaml").is_file()
 
 
 def published(kind: str, model: str) -> dict:
-    """The shipped file `<kind>-<model>.yaml` (kind: sensitivity, adapmoe)."""
+    """The shipped file `<kind>-<model>.yaml` (kind: sensitivity, adapmoe). UserError when it is not
+    shipped: a value asked for as `published` is never replaced by another model's."""
     path = DATA / f"{kind}-{model}.yaml"
     if not path.is_file():
         have = sorted(p.stem for p in DATA.glob(f"{kind}-*.yaml"))

@@ -11,7 +11,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -64,12 +63,22 @@ def _str_keys(schema: Any, prefix: str = "") -> set[str]:
     return out
 
 
+def _override_keys(schema: Any) -> dict[str, str]:
+    """`{"model": "model_overrides"}`: a `str` field F beside a mapping field `F_overrides` takes
+    dotted keys too: `model.layers=25` is `model_overrides.layers=25` (the name stays in `model`)."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    return {k.split(".")[-1]: k.split(".")[-1] + "_overrides" for k in _str_keys(schema)
+            if "." not in k and k + "_overrides" in names}
+
+
 def parse_args(schema: type[T], argv: list[str], *, allow_config_file: bool = True) -> T:
     """Build a `schema` instance from `[config=FILE.yaml] key=value ...`.
 
     Raises UserError for: an argument without `=`, an unknown key (lists the valid ones), a value
     of the wrong type, a number out of its range (`sim.validate`), a missing or unparsable config
     file. A `str` key takes its value as typed (`ray.address=::::` is that string, not YAML).
+    A `str` key F with a mapping `F_overrides` beside it also takes `F.FIELD=VALUE`, stored in
+    `F_overrides` (`model=deepseek-v2-lite model.layers=25`).
     """
     from sim.validate import check_args
 
@@ -78,11 +87,15 @@ def parse_args(schema: type[T], argv: list[str], *, allow_config_file: bool = Tr
     layers = []
     text_keys = _str_keys(schema)
     keys = valid_keys(schema)
+    overridable = _override_keys(schema)
     dotlist, texts = [], []
     for pair in pairs:
         key, _, value = pair.partition("=")
+        head, dot, rest = key.partition(".")
+        if dot and head in overridable:
+            key = f"{overridable[head]}.{rest}"
         if key == "config" and allow_config_file:
-            layers.append(_load_yaml(Path(value)))
+            layers.append(_load_yaml(Path(value), schema))
         elif key in text_keys:
             texts.append((key, value))
         else:
@@ -102,19 +115,36 @@ def parse_args(schema: type[T], argv: list[str], *, allow_config_file: bool = Tr
         raise UserError(f"bad value for {key!r}: {msg}") from None
     except OmegaConfBaseException as err:
         raise UserError(str(err).split("\n")[0]) from None
-    return check_args(obj)  # type: ignore[return-value]
+    return check_args(obj, _limits_for(schema))  # type: ignore[return-value]
 
 
-def _load_yaml(path: Path) -> Any:
-    from sim.errors import read_text
+def _limits_for(schema: Any) -> Any:
+    """The range table (`sim.validate.LIMITS`) of `schema` or of the nearest base that has one (a
+    command's options dataclass extending another's keeps its ranges); None: check_args's default."""
+    from sim.validate import LIMITS
 
-    text = read_text(path, "config file")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    for klass in getattr(schema, "__mro__", ()):
+        if klass.__name__ in LIMITS:
+            return LIMITS[klass.__name__]
+    return None
+
+
+#: the key under which a results folder's `config.yaml` records what its run resolved to
+PROVENANCE_KEY = "resolved"
+
+
+def _load_yaml(path: Path, schema: Any = None) -> Any:
+    """A `config=FILE.yaml` as an OmegaConf layer. A run's own `config.yaml` (it holds the
+    provenance block `resolved:`) is checked and loaded without that block and without the keys
+    that placed its output (`sim.results.folder.rerun_config`), so that it runs again as it was."""
+    from sim.errors import read_yaml_mapping
+
+    data = read_yaml_mapping(path, "config file", "keys to values")
+    takes_it = schema is not None and any(f.name == PROVENANCE_KEY for f in dataclasses.fields(schema))
+    if PROVENANCE_KEY in data and not takes_it:
+        from sim.results.folder import rerun_config
+
+        data = rerun_config(data, path)
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as err:

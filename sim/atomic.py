@@ -83,9 +83,11 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_output_path(out: Path, *, folder: bool, overwrite: bool = False, need_bytes: float = 0,
-                      what: str = "output") -> None:
+                      what: str = "output", replaces: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, an output path that cannot be written (UserError), including one
-    on a disk with less than `need_bytes` free. See the module docstring."""
+    on a disk with less than `need_bytes` free. See the module docstring. `replaces`: with
+    `overwrite`, a non-empty folder is replaced only if it holds one of these files (it is an
+    earlier output of the same kind, not a folder that happens to be named)."""
     out = Path(out)
     shown = f"{what} {out}"
     if out.name in ("", ".", ".."):
@@ -104,6 +106,10 @@ def check_output_path(out: Path, *, folder: bool, overwrite: bool = False, need_
                 raise UserError(f"{shown} is a folder; give a file name")
             if folder and any(out.iterdir()) and not overwrite:
                 raise UserError(f"output folder {out} already exists and is not empty (pass overwrite=true)")
+            if folder and overwrite and replaces and any(out.iterdir()) and not any(
+                    (out / name).exists() for name in replaces):
+                raise UserError(f"{shown} holds no {replaces[0]}: it is not an earlier output of this command, "
+                                f"and overwrite=true replaces only those; choose another folder")
             base = out.parent
         else:
             os.stat(base)  # a loop of symbolic links shows here
@@ -240,9 +246,9 @@ class Claim:
     """An output this process is writing (see the module docstring): `acquire`, then `release`."""
 
     def __init__(self, out: Path, *, folder: bool, overwrite: bool = False, need_bytes: float = 0,
-                 what: str = "output"):
+                 what: str = "output", replaces: tuple[str, ...] = ()):
         self.out, self.folder, self.overwrite, self.what = Path(out), folder, overwrite, what
-        self.need_bytes = need_bytes
+        self.need_bytes, self.replaces = need_bytes, tuple(replaces)
         self.tmp: Path | None = None
         self._lock: _Lock | None = None
         self._made: list[Path] = []  # parent folders this claim created (removed again on failure)
@@ -250,7 +256,7 @@ class Claim:
     def acquire(self) -> Claim:
         out = self.out
         check_output_path(out, folder=self.folder, overwrite=self.overwrite, need_bytes=self.need_bytes,
-                          what=self.what)
+                          what=self.what, replaces=self.replaces)
         try:
             self._make_parents()
             lock = _Lock(lock_path(out))
@@ -267,7 +273,8 @@ class Claim:
         try:
             self._restore_interrupted_overwrite()
             remove_stale(out.parent, out.name)
-            check_output_path(out, folder=self.folder, overwrite=self.overwrite, what=self.what)  # under the lock
+            check_output_path(out, folder=self.folder, overwrite=self.overwrite, what=self.what,
+                              replaces=self.replaces)  # under the lock
             if self.folder:
                 self.tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
                 os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
@@ -366,12 +373,14 @@ def _held(claim: Claim) -> Iterator[Claim]:
 
 
 @contextlib.contextmanager
-def new_dir(out: Path, *, overwrite: bool = False, need_bytes: float = 0, what: str = "output folder") -> Iterator[Path]:
+def new_dir(out: Path, *, overwrite: bool = False, need_bytes: float = 0, what: str = "output folder",
+            replaces: tuple[str, ...] = ()) -> Iterator[Path]:
     """Claim the folder `out` and yield a temporary folder beside it; on success it becomes `out`,
     on any error it is removed. Parent folders are created as needed (and removed on failure). An
     existing non-empty `out` is an error unless `overwrite`, in which case it is replaced only once
-    the new folder is complete."""
-    with _held(Claim(out, folder=True, overwrite=overwrite, need_bytes=need_bytes, what=what)) as claim:
+    the new folder is complete (and, with `replaces`, only if it holds one of those files)."""
+    with _held(Claim(out, folder=True, overwrite=overwrite, need_bytes=need_bytes, what=what,
+                     replaces=replaces)) as claim:
         assert claim.tmp is not None
         yield claim.tmp
 

@@ -7,7 +7,6 @@ only dispatches, so that `python -m sim run` never imports torch or the tracer.
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import sys
 
@@ -16,11 +15,11 @@ from sim.errors import UserError, classify
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("sim.commands.run", "simulate one configuration; print a summary; write a results folder"),
-    "list": ("sim.commands.list_cmd", "list policies, hardware profiles, model presets and traces"),
+    "list": ("sim.commands.list_cmd", "list policies (list policies: with their knobs), presets, hardware, models, traces"),
     "bench": ("sim.commands.bench", "measure the engine's simulated steps per second"),
     "paper": ("sim.commands.paper", "the AdapMoE paper's experiment: its parts one at a time, beside other policies"),
     "trace": ("sim.commands.trace", "run a live MoE checkpoint over a text and write a trace"),
-    "import": ("sim.commands.import_cmd", "convert an external routing log (jsonl/csv/npz) to a trace"),
+    "import": ("sim.commands.import_cmd", "convert an external routing log (jsonl/csv/npz/vllm) to a trace"),
     "fisher-check": ("sim.commands.fisher_check", "validate Fisher sensitivities by really dropping experts"),
     "train-toy": ("sim.commands.train_toy", "train the bundled toy Mixtral-shaped MoE on CPU"),
     "stats": ("sim.commands.stats", "routing statistics of a trace (entropy, reuse, pre-gating accuracy)"),
@@ -36,7 +35,7 @@ def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: python -m sim COMMAND [key=value ...]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "python -m sim COMMAND --help: that command's keys, defaults and outputs"]
+    lines += ["", "python -m sim COMMAND --help: that command's keys (type, default, meaning) and outputs"]
     return "\n".join(lines)
 
 
@@ -72,8 +71,11 @@ def _dispatch(argv: list[str]) -> int:
     if command not in COMMANDS:
         raise UserError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[command][0])
-    if any(a in ("-h", "--help", "help") for a in rest):  # the command's own docstring: its keys and defaults
-        print(inspect.cleandoc(module.__doc__ or COMMANDS[command][1]))
+    if any(a in ("-h", "--help", "help") for a in rest):  # the docstring, then every key from the schema
+        from sim.help import command_help
+
+        print(command_help(command, module.__doc__ or COMMANDS[command][1]))
+        sys.stdout.flush()
         return 0
     code = int(module.main(rest) or 0)
     sys.stdout.flush()  # a closed pipe shows here, inside the error handling, not at exit

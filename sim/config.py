@@ -3,7 +3,9 @@
 `python -m sim run hw=jetson.yaml cache.slots=64 gating.name=adapmoe gating.T=0.005` builds a
 `RunConfig`. Policy sections (`gating`, `prefetch`, `cache`, `placement`) start from the chosen
 `policy` preset; a section whose `name` is overridden starts afresh from that policy's defaults.
-Each section's knobs are validated against the policy's own `Knobs` dataclass.
+Each section's knobs are validated against the policy's own `Knobs` dataclass. `model=` names the
+model (a preset, a YAML file, a config.json or checkpoint folder; none: the trace's own) and
+`model.FIELD=VALUE` sets its fields (`model_overrides`; docs/models.md, `resolve_model`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ DEFAULT_TRACE = "traces/toy"
 @dataclass
 class QuantConfig:
     bits: float | None = None  # override the preset's bits per expert weight
-    group_size: int | None = None
-    scale_bits: float | None = None
+    group_size: int | None = None  # override the preset's quantisation group size (weights per scale)
+    scale_bits: float | None = None  # override the preset's bits per group scale (and zero point)
 
 
 @dataclass
@@ -34,22 +36,25 @@ class CacheSize:
 
 @dataclass
 class RunConfig:
-    hw: str = "jetson.yaml"
-    trace: str = DEFAULT_TRACE
-    model: str = "mixtral-8x7b"
-    policy: str = "mixtral_offloading"
-    gating: dict[str, Any] = field(default_factory=dict)
-    prefetch: dict[str, Any] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)
-    placement: dict[str, Any] = field(default_factory=dict)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    engine: EngineOptions = field(default_factory=EngineOptions)
-    seed: int = 0
+    hw: str = "jetson.yaml"  # hardware profile: a YAML file, or a bundled name (python -m sim list)
+    trace: str = DEFAULT_TRACE  # trace folder, or a bundled name (toy)
+    model: str = ""  # the model: a preset, a model YAML file, a config.json or checkpoint folder; "": the trace's (docs/models.md)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # model.FIELD=VALUE: fields set on top of the model
+    policy: str = "mixtral_offloading"  # policy preset: the four policies below and their knobs
+    gating: dict[str, Any] = field(default_factory=dict)  # gating.name=POLICY and its knobs (list policies)
+    prefetch: dict[str, Any] = field(default_factory=dict)  # prefetch.name=POLICY and its knobs
+    cache: dict[str, Any] = field(default_factory=dict)  # cache.name=POLICY, its knobs, cache.slots | cache.bytes
+    placement: dict[str, Any] = field(default_factory=dict)  # placement.name=POLICY and its knobs
+    quant: QuantConfig = field(default_factory=QuantConfig)  # bytes per expert: overrides of the preset's
+    engine: EngineOptions = field(default_factory=EngineOptions)  # what the engine simulates
+    seed: int = 0  # seeds every random choice of the run (same config and seed: same numbers)
     out: str = ""  # results folder; default results/<timestamp>-<name>
     name: str = ""  # run name (default: policy and hardware)
     oracle: bool = False  # also simulate the best offline schedule and compute the lower bound (sim/offline/oracle.py)
     bound: bool = False  # compute the lower bound on TPOT (tpot_lower_bound_s, bound_ratio)
     report: bool = True  # write report.html
+    overwrite: bool = False  # replace an existing non-empty out folder (the old one stays until the new one is whole)
+    plugins: str = ""  # plug-in modules to import first (pkg.module or FILE.py, comma-separated): their policies, presets
 
 
 SECTIONS = ("gating", "prefetch", "cache", "placement")
@@ -84,9 +89,56 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     from sim.validate import check_cache_sizes
 
     cfg = parse_args(RunConfig, argv)
+    if cfg.plugins:  # before the preset and the policies are looked up (policies/registry.py)
+        from policies.registry import load_plugins
+
+        load_plugins(cfg.plugins)
     user = {sec: dict(getattr(cfg, sec)) for sec in SECTIONS}
     user["cache"] = check_cache_sizes(user["cache"])  # whole slots, positive bytes: never truncated
-    return resolve_sections(cfg, user)
+    return resolve_model(resolve_sections(cfg, user))
+
+
+def resolve_model(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `model` and `engine.staging_buffers` decided where the configuration decides them.
+
+    Without `model=`, the trace's own model (`sim.machine.model_source.trace_model`): `model`
+    becomes the preset that names it (`mixtral-8x7b` for the bundled `traces/toy`), or stays ""
+    when the model is the trace's own record. `engine.staging_buffers` unset: `max(6, top_k)`.
+    Without `model=` the trace folder is read now (a folder that does not read is an error of this
+    configuration); a `trace` that names no folder is left to the run (it reports it, or is given
+    the trace itself: `sim.api`). A `model=` that does not load is left as given, for the command
+    to report in its own order (a realrun checks its checkpoint folder first). `sim.runner.
+    build_engine` decides what is left the same way, on the trace it runs."""
+    from sim.machine.model_source import bundled_default, load_model, trace_model
+
+    quant = dataclasses.asdict(cfg.quant)
+    model, preset = cfg.model, None
+    if not model:
+        from sim.runner import load_trace, resolve_trace_path
+
+        try:
+            folder = resolve_trace_path(cfg.trace)
+        except UserError:
+            folder = None
+        default = bundled_default(folder) if folder is not None and folder.is_dir() else None
+        if default is not None:
+            model = default
+        elif folder is not None and folder.is_dir():
+            preset, model = trace_model(load_trace(cfg.trace), cfg.model_overrides, quant)
+    if model:
+        try:
+            preset = load_model(model, cfg.model_overrides, quant)
+        except UserError:
+            preset = None
+    engine = cfg.engine
+    if engine.staging_buffers is None and preset is not None:
+        engine = dataclasses.replace(engine, staging_buffers=default_staging(preset.top_k))
+    return dataclasses.replace(cfg, model=model, engine=engine)
+
+
+def default_staging(top_k: int) -> int:
+    """`engine.staging_buffers` when not given: 6, or top-k where a layer routes more experts."""
+    return max(6, int(top_k))
 
 
 def split_knobs(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -110,3 +110,18 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
         raise UserError(f"{what} {p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise os_error(err, p, f"reading {what}") from None
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str, holds: str) -> dict:
+    """A user's YAML file that must hold a mapping (`holds` says of what, for the message); a
+    missing or unreadable file, invalid YAML or another kind of document is a UserError naming it."""
+    import yaml
+
+    text = read_text(path, what)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a mapping of {holds}")
+    return data

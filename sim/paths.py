@@ -1,14 +1,15 @@
 """Where an input named on the command line lives: the path as given, or a bundled one by bare name.
 
     hw=jetson.yaml, hw=jetson      a bare name (no folder part): ./jetson.yaml if it exists, else
-                                   hwprofiles/jetson.yaml of this repository
-    hw=hwprofiles/jetson.yaml      the repository's bundled folder spelled out: ./hwprofiles/...
-                                   if it exists, else the repository's own, from any working folder
+                                   the bundled hwprofiles/jetson.yaml
+    hw=hwprofiles/jetson.yaml      the bundled folder spelled out: ./hwprofiles/... if it exists,
+                                   else the bundled one, from any working folder
     hw=/some/dir/jetson.yaml       a path: that file, or an error naming it
     hw=conf/mine                   a path: conf/mine or conf/mine.yaml, or an error naming it
 
 A path that does not exist is never swapped for a bundled file of the same name (issue 13: a typo
 in a profile path silently ran the stock machine). The same rule serves traces (`traces/`).
+"Bundled" is the checkout's folder or the copy an installed wheel ships (`sim/bundled.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sim import REPO_ROOT
+from sim import bundled as _bundled
 from sim.errors import UserError, os_error
 
 
@@ -50,8 +51,9 @@ def resolve_input(given: str, bundled: Path, *, what: str, suffixes: Sequence[st
             for c in _with_suffixes(bundled / given, suffixes):
                 if _exists(c, want_dir):
                     return c
-        elif not p.is_absolute() and p.parts and p.parts[0] == bundled.name and bundled.parent == REPO_ROOT:
-            for c in _with_suffixes(REPO_ROOT / p, suffixes):
+        elif (not p.is_absolute() and p.parts and p.parts[0] == bundled.name
+              and bundled.parent == _bundled.root()):
+            for c in _with_suffixes(bundled.parent / p, suffixes):
                 if _exists(c, want_dir):
                     return c
     except OSError as err:  # a name too long, a loop of symbolic links

@@ -17,8 +17,8 @@ import polars as pl
 
 from policies.base import Context
 from policies.registry import CACHE, GATING, PLACEMENT, PREFETCH
-from sim import REPO_ROOT
-from sim.config import RunConfig, split_knobs
+from sim import bundled
+from sim.config import RunConfig, default_staging, split_knobs
 from sim.engine.cache import ExpertCache
 from sim.engine.engine import Engine
 from sim.engine.link import CopyLink
@@ -26,7 +26,8 @@ from sim.engine.recorder import Recorder
 from sim.errors import UserError
 from sim.machine.cost import CostModel
 from sim.machine.hardware import HardwareProfile, load_profile
-from sim.machine.models import ModelPreset, check_trace, load_preset
+from sim.machine.model_source import run_model
+from sim.machine.models import ModelPreset, check_trace
 from sim.results.metrics import summarize
 from sim.trace.format import Trace, read_trace
 
@@ -35,7 +36,7 @@ def resolve_trace_path(path: str) -> Path:
     """The trace folder `path` names (`sim.paths`: a bare name is looked up in traces/); UserError if none."""
     from sim.paths import resolve_input
 
-    return resolve_input(str(path), REPO_ROOT / "traces", what="trace", want_dir=True, example="toy")
+    return resolve_input(str(path), bundled.traces(), what="trace", want_dir=True, example="toy")
 
 
 @functools.lru_cache(maxsize=8)
@@ -84,6 +85,14 @@ def cache_capacity(cfg: RunConfig, preset: ModelPreset, hw: HardwareProfile, tra
         kv = preset.kv_bytes_per_token_per_layer() * preset.layers * context
         budget = hw.expert_cache_budget_bytes(preset.non_expert_bytes, kv)
         slots = int(budget // preset.expert_bytes)
+        if slots < preset.top_k and hw.expert_cache_bytes is None:  # say what took the device's memory
+            raise UserError(
+                f"{hw.name}'s {hw.device_memory_bytes / 1e9:.1f} GB hold model {preset.name!r}'s resident "
+                f"weights ({preset.non_expert_bytes / 1e9:.1f} GB of attention, router, shared and dense "
+                f"layers, embeddings) and its KV cache ({kv / 1e9:.2f} GB) and leave room for {max(slots, 0)} "
+                f"expert(s) of {preset.expert_bytes / 1e6:.1f} MB; one layer needs {preset.top_k} (top-k): give "
+                f"cache.slots=N or cache.bytes=B, a device with more memory, or smaller weights (quant.bits=, "
+                f"model.attn_bits=)")
     slots = min(slots, all_slots)
     if slots < preset.top_k:
         raise UserError(
@@ -98,14 +107,22 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
     """Everything a run needs, validated; `trace`, `hw` and `preset` (a model preset, used as is)
     override the config's `trace`, `hw` and `model`/`quant` (tests, sweeps, the oracle run).
     `machine`: `fast` (one issuer, no events) or `events` (SimPy actors), `sim/engine/engine.py`."""
+    from policies.registry import load_plugins
+    from sim.trace.import_vllm import check_weights_recorded
+
+    load_plugins(cfg.plugins)  # a config built by hand (not by parse_run_config) names its plug-ins too
     hw = hw if hw is not None else load_profile(cfg.hw)
     trace = trace if trace is not None else load_trace(cfg.trace)
-    if preset is None:
-        quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
-        preset = load_preset(cfg.model, **quant)
+    check_weights_recorded(trace, {s: getattr(cfg, s) for s in ("gating", "placement")})  # a vLLM log has none
+    if preset is None:  # model=, model.* and quant.*; without model=, the trace's own (docs/models.md)
+        preset = run_model(cfg, trace)
     check_trace(preset, trace.model.layers, trace.model.experts, trace.model.top_k)
-    if cfg.engine.staging_buffers < preset.top_k:
-        raise UserError(f"engine.staging_buffers must be >= top_k ({preset.top_k})")
+    options = cfg.engine
+    if options.staging_buffers is None:  # the default follows the model's top-k (sim.config.default_staging)
+        options = dataclasses.replace(options, staging_buffers=default_staging(preset.top_k))
+    elif options.staging_buffers < preset.top_k:
+        raise UserError(f"engine.staging_buffers={options.staging_buffers} must be >= top_k ({preset.top_k}) "
+                        f"of model {preset.name!r}; leave it unset for max(6, top_k)")
     slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
     link_spec = hw.expert_link
     link = CopyLink(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
@@ -114,7 +131,7 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
     cache = ExpertCache(preset.layers, preset.experts, cap_bytes)
     ctx = Context(trace=trace, preset=preset, cache=cache, capacity_slots=slots,
                   rng=np.random.default_rng(cfg.seed), hw=hw, cost=cost, prefill=cfg.engine.prefill,
-                  max_tokens=cfg.engine.max_tokens, staging_buffers=cfg.engine.staging_buffers)
+                  max_tokens=cfg.engine.max_tokens, staging_buffers=options.staging_buffers)
     made = {}
     for fam, reg in (("gating", GATING), ("prefetch", PREFETCH), ("cache", CACHE), ("placement", PLACEMENT)):
         name, knobs = split_knobs(getattr(cfg, fam))
@@ -128,10 +145,14 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
                 check_oracle(cfg, made[fam])
     if made["prefetch"].schedule is not None:  # an offline schedule plans the evictions too
         made["cache"].follow(made["prefetch"].schedule)
-    engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, cfg.engine,
+    engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, options,
                     machine=machine)
     info = {"cache_slots": slots, "cache_bytes": cap_bytes, "expert_bytes": preset.expert_bytes,
             "prefetch_modelled": bool(made["prefetch"].modelled)}
+    assumption = getattr(made["prefetch"], "modelled_assumption", None)
+    if made["prefetch"].modelled and assumption:  # what a modelled predictor assumes (policies/prefetch/pregate.py)
+        info["prefetch_modelled_assumption"] = assumption
+    info.update(getattr(made["gating"], "solved", None) or {})  # e.g. adapmoe's T solved from gating.target_share
     return engine, info
 
 
@@ -154,6 +175,8 @@ def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | N
     summary = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=engine.link.busy_s,
                         link_channels=engine.link.channels, compute_busy_s=engine.compute_busy_s,
                         end_s=engine.t, extra=extra)
+    if engine.opt != cfg.engine:  # the engine options as resolved (staging_buffers by top-k): config.yaml records them
+        cfg = dataclasses.replace(cfg, engine=engine.opt)
     res = RunResult(cfg, summary, tokens, layers, events, engine.ctx.hw, engine.ctx.preset)
     if cfg.oracle or cfg.bound:
         from sim.offline.oracle import add_bounds

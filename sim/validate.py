@@ -127,9 +127,27 @@ LIMITS: dict[str, dict[str, Range]] = {
 #: the run's `cache` section (a free mapping, checked here rather than by OmegaConf)
 CACHE_SIZES: dict[str, Range] = {"slots": INTEGER, "bytes": POSITIVE}
 
+#: model fields (`model=FILE.yaml`, `model.FIELD=VALUE`, a config.json, a trace's record) -> range
+#: (every other numeric field: an integer >= 0; sim/machine/model_source.py)
+MODEL_FIELDS: dict[str, Range] = {
+    "layers": int_range(1, 4096),
+    "experts": int_range(1, 32767),  # expert ids are stored as int16
+    "top_k": int_range(1, 32767),
+    "hidden": COUNT,
+    "expert_width": COUNT,
+    "heads": COUNT,
+    "kv_heads": COUNT,
+    "head_dim": COUNT,
+    "vocab": COUNT,
+    "bits": BITS,
+    "attn_bits": BITS,
+    "scale_bits": Range(hi=64.0),
+}
+
 #: policy knobs: "<family>.<knob>" -> range (every other numeric knob: finite, >= 0)
 KNOBS: dict[str, Range] = {
     "gating.p": Range(lo=0.0, lo_open=True, hi=1.0),
+    "gating.target_share": SHARE,
     "gating.w_max": SHARE,
     "gating.min_experts": COUNT,
     "placement.w_max": SHARE,

@@ -22,7 +22,7 @@ from sim.trace.synthetic import random_trace
 def trace_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tr") / "synth"
     write_trace(random_trace(np.random.default_rng(0), tokens=40, prefill=8, sequences=2, layers=32,
-                             locality=0.4), d)
+                             locality=0.4, name="mixtral-8x7b"), d)  # a Mixtral-8x7B-shaped routing, named so
     return d
 
 

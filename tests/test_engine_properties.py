@@ -8,12 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from policies.presets import PRESETS  # noqa: E402
 from sim.machine.cost import CostModel
 from sim.trace.synthetic import random_trace
 from tests.engine_helpers import config, hw, preset
 from tests.test_engine_golden import _run
-
-from policies.presets import PRESETS  # noqa: E402
 
 policies = st.sampled_from(sorted(PRESETS))  # every policy preset
 

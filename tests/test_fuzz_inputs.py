@@ -72,7 +72,8 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("fuzz-inputs")
     p: dict[str, Path] = {}
     p["trace"] = d / "trace"
-    write_trace(random_trace(np.random.default_rng(0), tokens=12, prefill=4, layers=32, locality=0.4), p["trace"])
+    write_trace(random_trace(np.random.default_rng(0), tokens=12, prefill=4, layers=32, locality=0.4,
+                             name="mixtral-8x7b"), p["trace"])
     t = p["trace"]
     p["tr_layers_frac"] = _trace_copy(t, d / "tr_layers_frac", model__layers=32.7)
     p["tr_layers_huge"] = _trace_copy(t, d / "tr_layers_huge", model__layers=10**9)
@@ -209,7 +210,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("config-folder", ["run", "config={adir}", T, OUT], 2, "is a folder, not a file"),
     ("bench-hw-missing", ["bench", "hw=/missing/dir/jetson.yaml", T], 2, "file not found: /missing/dir"),
     ("paper-hw-missing", ["paper", "hw=/missing/x.yaml", T], 2, "file not found: /missing/x.yaml"),
-    ("model-path", ["run", "model=/some/dir/model", T, OUT], 2, "model '/some/dir/model' is neither a model preset"),
+    ("model-path", ["run", "model=/some/dir/model", T, OUT], 2, "model file or folder not found: /some/dir/model"),
     ("realrun-live-model-missing", ["realrun", "live=true", "model=/some/dir/ckpt", T, OUT], 2,
      "model folder not found: /some/dir/ckpt"),
     ("trace-cmd-model-missing", ["trace", "model=/nope/ckpt", "text={afile}", OUT], 2, "model folder not found"),
@@ -350,8 +351,9 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("sweep-ray-address", ["sweep", T, "executor=ray", "ray.address=::::", OUT], 2, "expected auto or HOST:PORT"),
     # --- the command line itself
     ("unknown-command", ["simulate"], 2, "unknown command 'simulate'"),
-    ("list-args", ["list", "x=1"], 2, "list takes no arguments"),
-    ("prefetch-accuracy-text", ["run", T, "prefetch.accuracy=abc", OUT], 2, "prefetch.accuracy must be 'published'"),
+    ("list-args", ["list", "x=1"], 2, "unknown key 'x'; valid keys: plugins"),
+    ("list-part", ["list", "nope"], 2, "list takes one of policies, presets"),
+    ("prefetch-accuracy-text", ["run", T, "prefetch.accuracy=abc", OUT], 2, "prefetch.accuracy must be auto, published or a number"),
     ("prefetch-accuracy-nan", ["run", T, "prefetch.accuracy=nan", OUT], 2, "a number in [0, 1], got 'nan'"),
     ("slots-huge", ["run", T, "cache.slots=99999999999999999999", OUT], 2, "must be below 2**63"),
     ("not-key-value", ["run", "hw"], 2, "is not of the form key=value"),

@@ -104,11 +104,13 @@ def test_adapmoe_staged_prefetches_run(trace_dir, store_dir):
 
 def test_same_run_config_as_run(trace_dir):
     """realrun's keys are run's keys plus its own; unknown keys are refused the same way."""
-    from sim.realrun.build import parse_realrun
+    from sim.realrun.build import LOCAL_PROFILE, RealOptions, parse_realrun
 
-    cfg, opts = parse_realrun([f"trace={trace_dir}", "policy=adapmoe", "gating.T=0.01", "device=cpu", "store=host"])
-    assert cfg == parse_run_config([f"trace={trace_dir}", "policy=adapmoe", "gating.T=0.01",
-                                    *(["hw=local"] if cfg.hw == "local" else [])])
+    cfg, opts = parse_realrun([f"trace={trace_dir}", "model=toy-mixtral", "policy=adapmoe", "gating.T=0.01",
+                               "device=cpu", "store=host"])
+    assert cfg == parse_run_config([f"trace={trace_dir}", "model=toy-mixtral", "policy=adapmoe", "gating.T=0.01",
+                                    f"engine.max_tokens={RealOptions().tokens}",
+                                    *([f"hw={LOCAL_PROFILE}"] if cfg.hw == LOCAL_PROFILE else [])])
     assert (opts.device, opts.store) == ("cpu", "host")
 
 

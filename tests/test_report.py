@@ -26,7 +26,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     """A sweep folder (with one failing point) and a run folder."""
     base = tmp_path_factory.mktemp("rep")
     trace = base / "trace"
-    write_trace(random_trace(np.random.default_rng(0), tokens=20, prefill=4, layers=32, locality=0.4), trace)
+    write_trace(random_trace(np.random.default_rng(0), tokens=20, prefill=4, layers=32, locality=0.4,
+                             name="mixtral-8x7b"), trace)
     grid = {"trace": str(trace), "hw": ["jetson.yaml", "rtx4090.yaml"],
             "policy": ["baseline", "mixtral_offloading", "adapmoe", "hobbit"], "cache.slots": [8, 32, 64]}
     res = run_sweep(grid, base / "sweep", jobs=1, progress=False)

@@ -30,7 +30,8 @@ from sim.trace.synthetic import random_trace
 @pytest.fixture(scope="module")
 def trace_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tr") / "synth"
-    write_trace(random_trace(np.random.default_rng(0), tokens=24, prefill=4, layers=32, locality=0.4), d)
+    write_trace(random_trace(np.random.default_rng(0), tokens=24, prefill=4, layers=32, locality=0.4,
+                             name="mixtral-8x7b"), d)
     return d
 
 
@@ -38,7 +39,7 @@ def trace_dir(tmp_path_factory) -> Path:
 def slow_trace_dir(tmp_path_factory) -> Path:
     """Enough tokens that a 48-point sweep takes a few seconds (to be killed midway)."""
     d = tmp_path_factory.mktemp("tr") / "synth-slow"
-    write_trace(random_trace(np.random.default_rng(1), tokens=160, layers=32, locality=0.3), d)
+    write_trace(random_trace(np.random.default_rng(1), tokens=160, layers=32, locality=0.3, name="mixtral-8x7b"), d)
     return d
 
 
@@ -169,20 +170,20 @@ def test_knob_of_another_policy_is_dropped_where_it_does_not_apply(trace_dir, tm
     out = tmp_path / "sw"
     rc, _, err = run_cli(["sweep", f"trace={trace_dir}", "policy=baseline,adapmoe", "gating.T=0.001,0.01",
                           "cache.slots=64", f"out={out}", "jobs=1", "progress=false", "report=false"], capsys)
-    assert rc == 0 and "gating.T does not apply" in err
+    assert rc == 0 and "gating.T does not apply" in err and "run and stored once, 3 rows" in err
     t = pl.read_parquet(out / "sweep.parquet")
-    assert t.height == 4
+    assert t.height == 3 and t["point"].n_unique() == 3  # one row per key
     base = t.filter(pl.col("policy") == "baseline")
-    assert base["point"].n_unique() == 1 and base["gating.T"].null_count() == 2  # one config, run once
+    assert base.height == 1 and base["gating.T"].null_count() == 1  # one config, run and stored once
     assert t.filter(pl.col("policy") == "adapmoe")["gating.T"].to_list() == [0.001, 0.01]
 
 
 def test_changed_trace_is_not_a_finished_point(trace_dir, tmp_path):
     d = tmp_path / "tr"
-    write_trace(random_trace(np.random.default_rng(5), tokens=8, layers=32), d)
+    write_trace(random_trace(np.random.default_rng(5), tokens=8, layers=32, name="mixtral-8x7b"), d)
     g = [f"trace={d}", "cache.slots=32"]
     a = run_sweep(g, tmp_path / "sw", jobs=1, progress=False, report=False)
-    write_trace(random_trace(np.random.default_rng(6), tokens=8, layers=32), d, overwrite=True)
+    write_trace(random_trace(np.random.default_rng(6), tokens=8, layers=32, name="mixtral-8x7b"), d, overwrite=True)
     with pytest.raises(UserError, match="trace or hardware files changed"):
         run_sweep(g, tmp_path / "sw", jobs=1, progress=False, report=False)
     b = run_sweep(g, tmp_path / "sw", jobs=1, progress=False, report=False, extend=True)
@@ -208,7 +209,7 @@ def one_line_error(rc: int, err: str) -> str:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["cache_slots=32,64"], "unknown key 'cache_slots'; valid keys: hw, trace, model, policy"),
+    (["cache_slots=32,64"], "unknown key 'cache_slots'; valid keys: hw, trace, model, model_overrides, policy"),
     (["gating.T="], "empty value list"),
     (["seed=1:4:0"], "step is 0"),
     (["policy=baseline,nope"], "policy=nope: unknown policy preset 'nope'; known:"),

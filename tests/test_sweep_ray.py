@@ -28,7 +28,8 @@ def local_ray():
 @pytest.fixture(scope="module")
 def trace_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tr") / "synth"
-    write_trace(random_trace(np.random.default_rng(3), tokens=24, prefill=4, layers=32, locality=0.4), d)
+    write_trace(random_trace(np.random.default_rng(3), tokens=24, prefill=4, layers=32, locality=0.4,
+                             name="mixtral-8x7b"), d)
     return d
 
 

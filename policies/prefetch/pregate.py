@@ -8,10 +8,18 @@ logits (stable argsort: lower id first on equal logits).
 
 Predictions come from the trace's `pregate_d` logits (`predictor=trace`), or, for traces without
 them (an imported log), from a modelled predictor (`predictor=modelled`): at each rank it names
-the true expert of layer l+d with probability a_{l+d} (`accuracy=published`: AdapMoE's measured
-Mixtral-8x7B per-layer accuracies; or one number for every layer), else a uniformly random wrong
-expert; seeded by the run's seed. `predictor=auto` uses the trace when it can. A modelled
-predictor is flagged in the summary (`prefetch_modelled`).
+the true expert of layer l+d with probability a_{l+d}, else a uniformly random wrong expert;
+seeded by the run's seed. `predictor=auto` (the default) uses the trace when it can. The
+accuracies a_l (`accuracy`):
+- `auto` (the default): the published per-layer accuracies of the model when shipped for its
+  layers (`policies/data/adapmoe-<model>.yaml`: AdapMoE's measured Mixtral-8x7B ones), else the named
+  fallback `FALLBACK_ACCURACY`: one accuracy for every layer, the mean of AdapMoE's measured
+  Mixtral-8x7B accuracies over its layers 1-31 (0.866), an assumption about another model;
+- `published`: the published accuracies, a UserError for a model without them;
+- a number in [0, 1]: that accuracy at every layer.
+A modelled predictor is flagged in the summary (`prefetch_modelled`), and what it assumed is
+written beside it (`prefetch_modelled_assumption`: which accuracies, from where). To use a model's
+real pre-gating, trace it (`python -m sim trace ... pregate_depth=1`): the trace's `pregate_1`.
 
 AdapMoE's runtime behaviour, as options: `wait=true` makes layer l+d wait for its in-flight
 prefetches even if unused; `admit=on_use` loads prefetches into a staging buffer and lets a right
@@ -32,10 +40,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import Context, PrefetchPolicy
-from policies.published import published
+from policies.published import has_published, published
 from policies.registry import PREFETCH
 from sim.engine.cache import ABSENT
 from sim.errors import UserError
+
+#: the modelled predictor's accuracy at every layer for a model without published accuracies
+#: (`accuracy=auto`): the mean of AdapMoE's measured Mixtral-8x7B pre-gating accuracies over its
+#: layers 1-31 (`policies/data/adapmoe-mixtral-8x7b.yaml`; layer 0 has no predictor), rounded
+FALLBACK_ACCURACY = 0.866
+FALLBACK_SOURCE = "mixtral-8x7b"
 
 
 def modelled_predictions(true_ids: np.ndarray, acc: np.ndarray, E: int, d: int,
@@ -67,7 +81,7 @@ class Pregate(PrefetchPolicy):
         wait: bool = False  # the target layer waits for in-flight prefetches, used or not (AdapMoE)
         admit: str = "cache"  # cache | on_use (AdapMoE: staging buffer, enters the cache when used)
         predictor: str = "auto"  # auto | trace | modelled
-        accuracy: str = "published"  # modelled predictor: published | a number in [0, 1]
+        accuracy: str = "auto"  # modelled predictor: auto (published, else FALLBACK_ACCURACY) | published | a number in [0, 1]
         yield_to_demand: bool = False  # (ours) a demand load cuts an in-flight prefetch at a chunk boundary
         chunks: int = 3  # chunks per expert when yielding (3: one per matrix)
         idle_only: bool = False  # (ours) issue a prefetch only onto an idle channel, never queue one
@@ -89,6 +103,7 @@ class Pregate(PrefetchPolicy):
                 f"use prefetch.predictor=modelled or prefetch.depth={min(tr.pregate or [1])}")
         self._accuracy_spec(knobs.accuracy)  # refused even where the trace's own predictions are used
         self.modelled = bool(use_model)
+        self.modelled_assumption = ""  # what a modelled predictor assumed (the summary's prefetch_modelled_assumption)
         self.wait_for_prefetch = knobs.wait
         self.admit_on_use = knobs.admit == "on_use"
         self.idle_only = knobs.idle_only
@@ -97,7 +112,7 @@ class Pregate(PrefetchPolicy):
         self.yield_chunk_bytes = ctx.preset.expert_bytes / knobs.chunks if knobs.yield_to_demand else 0.0
         self.pred: dict[int, np.ndarray] = {}  # depth -> [T, L, k] keys of layer l + d predicted at l
         if use_model:
-            acc = self._accuracy(knobs.accuracy, ctx)
+            acc, self.modelled_assumption = self._accuracy(knobs.accuracy, ctx)
             rng = np.random.default_rng(ctx.rng.integers(2**63))
         for d in range(1, knobs.depth + 1):
             if use_model:
@@ -110,27 +125,43 @@ class Pregate(PrefetchPolicy):
 
     @staticmethod
     def _accuracy_spec(spec: str) -> None:
-        if spec == "published":
+        if spec in ("auto", "published"):
             return
         try:
             value = float(spec)
         except ValueError:
-            raise UserError(f"prefetch.accuracy must be 'published' or a number in [0, 1], got {spec!r}") from None
+            raise UserError(f"prefetch.accuracy must be auto, published or a number in [0, 1], got {spec!r}") from None
         if not 0.0 <= value <= 1.0:  # NaN fails this too
-            raise UserError(f"prefetch.accuracy must be 'published' or a number in [0, 1], got {spec!r}")
+            raise UserError(f"prefetch.accuracy must be auto, published or a number in [0, 1], got {spec!r}")
 
     @staticmethod
-    def _accuracy(spec: str, ctx: Context) -> np.ndarray:
-        if spec == "published":
-            acc = np.asarray(published("adapmoe", ctx.preset.name)["prefetch_accuracy"], dtype=float)
+    def _accuracy(spec: str, ctx: Context) -> tuple[np.ndarray, str]:
+        """(per-layer accuracies [L], what they are: the summary's prefetch_modelled_assumption)."""
+        name = ctx.preset.name
+        shipped = None
+        if spec == "published" or (spec == "auto" and has_published("adapmoe", name)):
+            shipped = np.asarray(published("adapmoe", name)["prefetch_accuracy"], dtype=float)
+        if spec == "published" or (shipped is not None and shipped.shape == (ctx.layers,)):
+            acc = shipped
+            told = (f"prefetch.accuracy={spec}: the published per-layer pre-gating accuracy of {name} "
+                    f"(policies/data/adapmoe-{name}.yaml)")
+        elif spec == "auto":
+            why = (f"the published accuracies of {name!r} have {shipped.size} layers, this model {ctx.layers}"
+                   if shipped is not None else f"no published pre-gating accuracy for model {name!r}")
+            acc = np.full(ctx.layers, FALLBACK_ACCURACY)
+            told = (f"prefetch.accuracy=auto: {why}, so {FALLBACK_ACCURACY} at every layer (FALLBACK_ACCURACY: "
+                    f"the mean of AdapMoE's measured {FALLBACK_SOURCE} accuracies); give prefetch.accuracy=A, "
+                    f"or a trace with pregate_1")
         else:
             try:
                 acc = np.full(ctx.layers, float(spec))
             except ValueError:
-                raise UserError(f"prefetch.accuracy must be 'published' or a number, got {spec!r}") from None
+                raise UserError(f"prefetch.accuracy must be auto, published or a number, got {spec!r}") from None
+            told = f"prefetch.accuracy={spec}: that accuracy at every layer (given)"
         if acc.shape != (ctx.layers,) or np.any((acc < 0) | (acc > 1)):
-            raise UserError(f"prefetch.accuracy must give {ctx.layers} values in [0, 1]")
-        return acc
+            raise UserError(f"prefetch.accuracy must give {ctx.layers} values in [0, 1], one per layer of "
+                            f"{name} (got {acc.size}): give prefetch.accuracy=A")
+        return acc, told
 
     def on_layer(self, t: int, layer: int) -> list[int]:
         # on the simulator's hot path: `first_absent`, inline

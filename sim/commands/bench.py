@@ -26,10 +26,10 @@ from sim.config import DEFAULT_TRACE
 
 @dataclass
 class BenchArgs:
-    trace: str = DEFAULT_TRACE
-    hw: str = "jetson.yaml"
-    model: str = "mixtral-8x7b"
-    repeats: int = 3
+    trace: str = DEFAULT_TRACE  # trace folder, or a bundled name (toy)
+    hw: str = "jetson.yaml"  # hardware profile: a YAML file, or a bundled name
+    model: str = "mixtral-8x7b"  # model preset (python -m sim list)
+    repeats: int = 3  # runs of each engine; the fastest counts
     tokens: int = 0  # decode tokens to simulate (0: all; with shape=, the trace's length, default 1000)
     shape: str = ""  # a model preset: bench the policies' scale on a synthetic trace of its shape
     slots: int = 0  # with shape=: cache slots (0: 4930 for deepseek-v3, else 10% of the experts)

@@ -9,22 +9,8 @@ agrees (Kendall tau; and over the pairs of arms the measurement separates), and 
 each real run simulated with the link at the speed its own copies had. Writes `confirm.parquet`, `confirm.json`, `confirm.html` (simulated vs
 measured, with the y = x line), the profile used and each arm's results folders.
 
-Keys (defaults):
-  profile=FILE         use this profile instead of calibrating ("")
-  calibrate            calibrate now (the default when no profile is given)
-  arms=a,b,...         policy presets, `half`, `cpu_on_miss` (baseline,mixtral_offloading,adapmoe,half,cpu_on_miss)
-  trace=DIR            (traces/toy when bundled, else a seeded synthetic Mixtral-shaped trace)
-  model=PRESET         (mixtral-mini)      device=cpu|cuda (cpu)     store=disk|host (disk)
-  slots=N              cache slots of the arms; `half` has N/2 (64)
-  tokens=N             decode tokens per real run (16)     layers=N   first N MoE layers only (0: all)
-  repeats=N            rounds of real runs, round-robin over the arms; means over rounds (8)
-  bracket=true|false   calibrate again after the last round, pooled (true)
-  probes=true|false    with bracket: probe the machine (links and compute at the model's sizes)
-                       before each real run, pooled (true)
-  cal_repeats=N        repeats per calibration point (15)  quick=true  a quick calibration (false)
-  store_dir=DIR        where disk stores live (results/realrun-store)
-  threads=N (1)  pin=true|false (true: main thread and workers on separate CPUs)  seed=N (0)
-  progress=true|false (true)  out=DIR (results/<time>-confirm)
+Every key, with its type, default and meaning: `python -m sim confirm --help`. `calibrate` alone
+means `calibrate=true`; an existing non-empty `out=` folder is replaced only with `overwrite=true`.
 """
 
 from __future__ import annotations
@@ -32,7 +18,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from sim.realrun.confirm import ConfirmOptions
 
 
 def _pct(x: float | None) -> str:
@@ -75,6 +64,11 @@ def print_table(rows: list[dict], v: dict) -> None:
           f"{v['median_abs_error_tpot_mean_run_link'] * 100:.1f}%, max {v['max_abs_error_tpot_mean_run_link'] * 100:.1f}%")
 
 
+@dataclass
+class ConfirmCommandOptions(ConfirmOptions):
+    overwrite: bool = False  # replace an existing non-empty out folder (the old one stays until the new one is whole)
+
+
 def main(argv: list[str]) -> int:
     import polars as pl
     import yaml
@@ -86,7 +80,6 @@ def main(argv: list[str]) -> int:
     from sim.machine.hardware import load_profile
     from sim.realrun.build import RealOptions, check_options
     from sim.realrun.confirm import (
-        ConfirmOptions,
         compare,
         default_trace,
         figure_html,
@@ -98,12 +91,13 @@ def main(argv: list[str]) -> int:
     from sim.results.folder import default_out
 
     argv = ["calibrate=true" if a == "calibrate" else a for a in argv]
-    opts = parse_args(ConfirmOptions, argv, allow_config_file=False)
+    opts = parse_args(ConfirmCommandOptions, argv, allow_config_file=False)
     check_options(RealOptions(device=opts.device, store=opts.store, threads=opts.threads))
     arms = parse_arms(opts.arms, opts)
     out = Path(opts.out) if opts.out else default_out("confirm")
     t0 = time.perf_counter()
-    with atomic.new_dir(out, need_bytes=32e6) as tmp:  # claimed before the first measurement
+    with atomic.new_dir(out, overwrite=opts.overwrite, need_bytes=32e6,
+                        replaces=("confirm.json", "config.yaml")) as tmp:  # claimed before measuring
         trace, trace_desc = default_trace(opts)
         sessions, probes = [], []
         if opts.profile and not opts.calibrate:

@@ -20,15 +20,15 @@ from sim.errors import UserError
 
 @dataclass
 class FisherCheckArgs:
-    model: str = ""
-    text: str = ""
+    model: str = ""  # local checkpoint folder (required)
+    text: str = ""  # UTF-8 text file the prompts are cut from (required)
     samples: int = 256  # (token, layer) pairs, spread evenly over the layers
     seed: int = 0  # chooses the pairs
     out: str = ""  # JSON with every figure (optional)
     figure: str = ""  # plotly HTML (optional)
-    prompts: int = 2
-    prompt_tokens: int = 64
-    decode_tokens: int = 16
+    prompts: int = 2  # prompts cut from the text
+    prompt_tokens: int = 64  # tokens per prompt (prefilled)
+    decode_tokens: int = 16  # greedy decode steps per prompt
     dtype: str = "float64"  # float64 keeps rounding far below the measured changes
     device: str = "cpu"
     batch: int = 16  # perturbations per forward (batch rows of one sequence)

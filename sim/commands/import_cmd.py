@@ -1,20 +1,26 @@
-"""`python -m sim import FILE format=jsonl|csv|npz model=PRESET out=DIR [strict=true] [seq_field=..]`
+"""`python -m sim import FILE format=jsonl|csv|npz|vllm model=PRESET out=DIR [strict=true] [seq_field=..]`
 
 Converts an external routing log (expert ids + weights, no logits) to a trace folder (format v1,
-spec in `traces/README.md`; layouts in `sim.trace.importer`). The model shape comes from the preset.
+spec in `traces/README.md`; layouts in `sim.trace.importer`). The model shape comes from `model=`: a
+preset, a model YAML file, a Hugging Face config.json or checkpoint folder, with `model.FIELD=VALUE`
+on top (`model=deepseek-v2-lite model.layers=25`; docs/models.md); the trace records that model.
 Tokens missing from some layers are dropped and counted (meta.yaml `source`), reported in one
 printed line; `strict=true` refuses such a log instead. `format` defaults to the file extension.
+`format=vllm`: the routed experts vLLM returns (`enable_return_routed_experts`: ids, no weights) as
+a `.npy`, `.npz` or JSON Lines file (docs/import.md); the trace's weights are 1/top_k, flagged
+`source.weights_recorded: false`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from sim import atomic
 from sim.args import parse_args
 from sim.errors import UserError
-from sim.machine.models import load_preset
+from sim.machine.model_source import load_model
 from sim.trace.format import fill_trace
 from sim.trace.importer import EXTENSIONS, FORMATS, import_log
 
@@ -22,8 +28,9 @@ from sim.trace.importer import EXTENSIONS, FORMATS, import_log
 @dataclass
 class ImportArgs:
     file: str = ""  # the log (also accepted as the first, positional argument)
-    format: str = ""  # jsonl | csv | npz (default: from the file extension)
-    model: str = ""  # model preset name (sim.machine.models.PRESETS)
+    format: str = ""  # jsonl | csv | npz | vllm (default: from the file extension; .npy: vllm)
+    model: str = ""  # the log's model: a preset, a model YAML file, a config.json or checkpoint folder
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # model.FIELD=VALUE: fields set on top of the model
     out: str = ""  # trace folder to create
     strict: bool = False  # refuse a log with tokens missing from some layers
     overwrite: bool = False  # replace an existing `out`
@@ -49,7 +56,7 @@ def main(argv: list[str]) -> int:
     if fmt not in FORMATS:
         what = f"unknown format {fmt!r}" if args.format else f"cannot tell the format of {path.name}"
         raise UserError(f"{what}; known: {', '.join(FORMATS)} (pass format=...)")
-    preset = load_preset(args.model)
+    preset = load_model(args.model, args.model_overrides)
     if not path.is_file():
         raise UserError(f"import file not found: {path}")
     out = Path(args.out)

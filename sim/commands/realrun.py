@@ -1,6 +1,19 @@
 """`python -m sim realrun trace=DIR model=PRESET policy=... device=cpu|cuda store=disk|host [layers=N]
 [tokens=N] out=DIR [key=value ...]`: replay a trace with real tensors and real data movement.
 
+Defaults (`python -m sim realrun` alone works): trace=traces/toy, replayed without `model=` as
+mixtral-mini (float32 experts of 4.7 MB, Mixtral-8x7B's routing shape; `run` replays it as
+mixtral-8x7b, whose 2-bit experts a real run cannot compute with; another trace without `model=` is
+its own model, as in `run`), policy=mixtral_offloading, device=cpu, store=disk,
+tokens=64 (the first prompt's prefill and 64 decode tokens; tokens=0: the whole trace, or
+engine.max_tokens=N), all layers, hw=hwprofiles/local.yaml when `calibrate` wrote one (in the
+working folder's hwprofiles/, else the bundled one), else jetson.yaml. On a 2-core CPU the default
+run took 17-21 s (the first run writes the 1.2 GB disk store).
+
+store=disk keeps one store per model shape in the user's cache folder (platformdirs:
+~/.cache/moe-offload-sim/realrun-store on Linux) unless `store_dir=DIR`; it is written once,
+announced on stderr (where, how many GB) before it is written, and reused by later runs.
+
 With `model=DIR` (a Mixtral-architecture checkpoint folder) it runs the live model instead: the
 real forward pass over held-out text with experts served from the offloaded store, and reports
 perplexity under the gating policy (`sim/realrun/live.py`).
@@ -42,14 +55,16 @@ def main(argv: list[str]) -> int:
     if live:
         from sim.realrun.live import fill_live, live_run, print_live
 
-        with atomic.new_dir(out, need_bytes=8e6) as tmp:  # claimed before the run
+        with atomic.new_dir(out, overwrite=cfg.overwrite, need_bytes=8e6,  # claimed before the run
+                            replaces=("summary.json", "config.yaml")) as tmp:
             res = live_run(cfg, opts)
             fill_live(res, opts, tmp)
         print_live(res)
     else:
         from sim.realrun.run import fill_real_results, real_run
 
-        with atomic.new_dir(out, need_bytes=16e6 if cfg.report else 8e6) as tmp:  # claimed before the run
+        with atomic.new_dir(out, overwrite=cfg.overwrite, need_bytes=16e6 if cfg.report else 8e6,
+                            replaces=("summary.json", "config.yaml")) as tmp:  # claimed before the run
             res = real_run(cfg, opts)
             fill_real_results(res, opts, tmp, report=cfg.report, title=f"realrun {out.name}")
         s = res.summary

@@ -2,7 +2,11 @@
 
 One self-contained plotly HTML page from sweep folders and run folders (sim/sweep/report.py):
 Pareto front, TPOT vs cache size, speedup over the baseline, hit rate per layer, and the timeline
-of each run folder. The default `out` is `DIR/report.html` for one folder, `report.html` otherwise.
+of each run folder. One run folder alone gets its run report (timeline, hit rate per layer, TPOT
+CDF: the `report.html` that `run` writes, drawn again from its tables). The default `out` is
+`DIR/report.html` for one folder, `report.html` otherwise. A folder's own `report.html` is only
+ever replaced by a report of the same kind (that folder alone): the report of several folders
+written there is refused (give another out=).
 """
 
 from __future__ import annotations
@@ -16,9 +20,31 @@ from sim.errors import UserError
 
 @dataclass
 class ReportOptions:
-    out: str = ""
-    baseline: str = ""
-    title: str = ""
+    out: str = ""  # the HTML file to write (default DIR/report.html for one folder, else report.html)
+    baseline: str = ""  # the policy speedups are relative to (default mixtral_offloading when present)
+    title: str = ""  # the page's title (default: the folders' names)
+
+
+def _is_run_folder(d: Path) -> bool:
+    from sim.sweep.store import TABLE_FILE
+
+    return (d / "summary.json").is_file() and not (d / TABLE_FILE).is_file()
+
+
+def _own_report_of(out: Path, dirs: list[Path]) -> None:
+    """Refuse to write over a folder's own report.html with a report of another kind."""
+    from sim.sweep.store import REPORT_FILE, TABLE_FILE
+
+    if out.name != REPORT_FILE:
+        return
+    owner = out.parent
+    if not ((owner / TABLE_FILE).is_file() or (owner / "summary.json").is_file()):
+        return
+    if len(dirs) == 1 and dirs[0].resolve() == owner.resolve():
+        return  # that folder's own kind of report, drawn again
+    kind = "sweep" if (owner / TABLE_FILE).is_file() else "run"
+    raise UserError(f"out={out} is the {kind} folder {owner}'s own report; the report of "
+                    f"{', '.join(map(str, dirs))} goes elsewhere (out=FILE.html)")
 
 
 def main(argv: list[str]) -> int:
@@ -39,9 +65,22 @@ def main(argv: list[str]) -> int:
     if out.is_dir() or not out.parent.exists():
         raise UserError(f"out={out}: not a file path in an existing folder")
 
+    _own_report_of(out, dirs)
+    run_alone = len(dirs) == 1 and _is_run_folder(dirs[0])
+    if run_alone and opts.baseline:
+        raise UserError("baseline= is for the report of sweeps and several runs; one run folder gets its run report")
+
     with atomic.claim_file(out, need_bytes=8e6, what="report"):  # checked and claimed before the work
         try:
-            write_report(dirs, out, baseline=opts.baseline, title=opts.title)
+            if run_alone:  # its run report, never a one-point sweep report
+                from sim.results.report import run_folder_report, write_html
+
+                fig = run_folder_report(dirs[0])
+                if opts.title:
+                    fig.update_layout(title=opts.title)
+                write_html(fig, out)
+            else:
+                write_report(dirs, out, baseline=opts.baseline, title=opts.title)
         except pl.exceptions.PolarsError as err:  # a table of the right kinds that still does not fit
             line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise UserError(f"cannot draw a report of {', '.join(map(str, dirs))}: its tables do not have "

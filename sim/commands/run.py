@@ -2,7 +2,9 @@
 
 The results folder (`out=`, default `results/<timestamp>-<name>`) is claimed before the simulation
 starts (`sim.atomic`): a second run to the same folder is refused at once, and a run that fails
-leaves nothing behind.
+leaves nothing behind. An existing non-empty folder is refused unless `overwrite=true`, which
+replaces it once the new one is complete. `config=DIR/config.yaml` reruns the run of folder DIR
+(the same numbers) into a new folder.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def main(argv: list[str]) -> int:
     name = cfg.name or f"{cfg.policy}-{Path(cfg.hw).stem}"
     out = Path(cfg.out) if cfg.out else default_out(name)
     need = RESULTS_BYTES + (REPORT_BYTES if cfg.report else 0)
-    with atomic.new_dir(out, need_bytes=need) as tmp:
+    with atomic.new_dir(out, overwrite=cfg.overwrite, need_bytes=need,
+                        replaces=("summary.json", "config.yaml")) as tmp:
         t0 = time.perf_counter()
         res = simulate(cfg)  # with oracle/bound set, the bound keys too (sim/offline/oracle.py)
         wall = time.perf_counter() - t0
@@ -32,7 +35,8 @@ def main(argv: list[str]) -> int:
     s = res.summary
     print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
           f"{s['expert_bytes'] / 1e6:.1f} MB, simulated in {wall:.2f} s")
-    keys = list(SUMMARY_KEYS) + [k for k in BOUND_KEYS + ("prefetch_modelled",) if k in s]
+    keys = list(SUMMARY_KEYS) + [k for k in BOUND_KEYS + ("prefetch_modelled", "prefetch_modelled_assumption",
+                                                         "gating_T_solved") if k in s]
     print(summary_table(s, keys))
     print(f"results: {out}", file=sys.stderr)
     return 0

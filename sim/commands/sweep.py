@@ -4,7 +4,9 @@
 Simulates every point of the grid (the product of the value lists; any RunConfig key, e.g.
 `hw=jetson.yaml,rtx4090.yaml policy=adapmoe,lru cache.slots=32:256:32 gating.T=0.001,0.005`),
 writes `DIR/sweep.parquet` (one row per point) and `DIR/report.html`. Rerunning the same command
-finishes an interrupted sweep. Exit status: 0, 1 if any point failed, 2 for bad input. The options
+finishes an interrupted sweep (so a sweep takes no `overwrite=`: a new `out=` starts afresh). A
+policy from a plug-in: `plugins=MODULE` (or FILE.py), a grid key like any run key; every worker
+imports it too. Exit status: 0, 1 if any point failed, 2 for bad input. The options
 besides the grid keys are the sweep's own; see sim/sweep/run.py and docs/sweeps.md.
 """
 
@@ -24,13 +26,13 @@ class RayOptions:
 
 @dataclass
 class SweepOptions:
-    out: str = ""
+    out: str = ""  # the sweep folder (required); rerunning the same command there resumes it
     executor: str = "local"  # local | ray
     jobs: int = 0  # parallel points; 0: one per CPU
     ray: RayOptions = field(default_factory=RayOptions)
     report: bool = True  # write DIR/report.html at the end
     baseline: str = ""  # report: the policy speedups are relative to (default mixtral_offloading)
-    progress: bool = True
+    progress: bool = True  # show a progress bar on stderr
     extend: bool = False  # reuse the finished points of a folder holding a different grid
 
 
@@ -44,6 +46,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         key = arg.partition("=")[0]
         if "=" not in arg or key == "":
             raise UserError(f"argument {arg!r} is not of the form key=value")
+        if key == "overwrite":
+            raise UserError("sweep takes no overwrite=: rerunning the same command resumes its folder, extend=true "
+                            "reuses the finished points for another grid; a new out= folder starts afresh")
         (own if key in OWN_KEYS or key.startswith("ray.") else grid).append(arg)
     return own, grid
 

@@ -19,7 +19,7 @@ from sim.errors import UserError
 
 @dataclass
 class TraceArgs:
-    model: str = ""  # local checkpoint folder (config.json, weights, tokenizer)
+    model: str = ""  # local checkpoint folder (config.json, weights, tokenizer), or its config.json
     text: str = ""  # UTF-8 text file the prompts are cut from
     out: str = ""  # output trace folder (must not exist, or be empty, unless overwrite)
     device: str = "cpu"  # cpu | cuda | cuda:N
@@ -41,8 +41,7 @@ def check(args: TraceArgs) -> None:
     for key in ("model", "text", "out"):
         if not getattr(args, key):
             raise UserError(f"{key}= is required (python -m sim trace model=DIR text=FILE out=DIR)")
-    if not Path(args.model).is_dir():
-        raise UserError(f"model folder not found: {args.model}")
+    check_checkpoint(args)
     if not Path(args.text).is_file():
         raise UserError(f"text file not found: {args.text}")
     for key, low in (
@@ -55,6 +54,33 @@ def check(args: TraceArgs) -> None:
         if getattr(args, key) < low:
             raise UserError(f"{key} must be >= {low}, got {getattr(args, key)}")
     atomic.check_new_dir(Path(args.out), overwrite=args.overwrite)
+    check_family(args)
+
+
+def check_checkpoint(args: TraceArgs) -> None:
+    """`model=` of `trace` is a checkpoint folder (or its config.json: the folder it is in). A
+    preset or a model YAML file has sizes but no weights to run: refused, saying so."""
+    from sim.machine.models import PRESETS
+
+    path = Path(args.model)
+    if path.is_file() and path.name == "config.json":
+        args.model = str(path.parent)
+        path = path.parent
+    if not path.is_dir():
+        if args.model in PRESETS or path.suffix.lower() in (".yaml", ".yml"):
+            raise UserError(f"trace runs a checkpoint: model= is a folder with config.json, weights and a "
+                            f"tokenizer; {args.model} is a model preset or a model file (sizes, no weights)")
+        raise UserError(f"model folder not found: {args.model}")
+
+
+def check_family(args: TraceArgs) -> None:
+    """An unsupported `model_type` in the checkpoint's config.json: refused (the error names it)
+    before torch is imported. A folder without config.json is the loader's to report."""
+    from sim.machine.model_source import config_json_fields
+
+    config = Path(args.model) / "config.json"
+    if config.is_file():
+        config_json_fields(config)
 
 
 def main(argv: list[str]) -> int:

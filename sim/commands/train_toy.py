@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     from sim.toy.train import train
 
     command = " ".join(["python -m sim train-toy", *argv])
-    with atomic.new_dir(out, overwrite=args.overwrite, need_bytes=16e6) as tmp:  # claimed before training
+    with atomic.new_dir(out, overwrite=args.overwrite, need_bytes=16e6,
+                        replaces=("config.json", "train_config.json")) as tmp:  # claimed before training
         corpus = load_corpus()
         result = train(cfg, corpus, progress=args.progress)
         result.model.save_pretrained(str(tmp))

@@ -50,7 +50,7 @@ def _gc_paused():
 class EngineOptions:
     pipelining: bool = False  # per-matrix pipelining: each of an expert's 3 GEMMs starts when its matrix is in
     prefill: bool = True  # simulate each prompt's prefill (gives TTFT)
-    staging_buffers: int = 6  # transient buffers for demand loads that cannot take a cache slot
+    staging_buffers: int | None = None  # transient buffers for demand loads that take no cache slot (default: max(6, top-k))
     timeline_tokens: int = 16  # compute ops are recorded for the first N decode tokens (report timeline)
     max_tokens: int = 0  # simulate at most this many decode tokens (0: all)
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import yaml
 
-from sim import REPO_ROOT
+from sim import bundled
 from sim.errors import UserError, os_error
 from sim.validate import PROFILE as PROFILE_LIMITS
 from sim.validate import Range, check_number
 
-PROFILES_DIR = REPO_ROOT / "hwprofiles"
+PROFILES_DIR = bundled.hwprofiles()  # the checkout's hwprofiles/, or the copy a wheel ships
 TIERS = ("device", "host", "storage")
 EXPERT_TIERS = ("host", "storage")
 SOURCE_KINDS = ("estimate", "derived", "measured")  # "<kind>: <why / how / command, date>"
@@ -285,8 +285,8 @@ class _Reader:
 
 
 def _display(path: Path) -> str:
-    """A short name for messages: relative to the cwd or to the repository when possible."""
-    for base in (Path.cwd(), REPO_ROOT):
+    """A short name for messages: relative to the cwd or to the bundled root when possible."""
+    for base in (Path.cwd(), bundled.root()):
         try:
             return str(path.resolve().relative_to(base.resolve()))
         except ValueError:

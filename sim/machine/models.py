@@ -1,11 +1,12 @@
 """Model presets: how big a model's experts and layers are (DESIGN 3.2).
 
 A trace says which experts run; a preset says how big they are. A run replays a trace's routing
-with a preset's sizes, provided layers, experts and top-k match (`check_trace`).
+with a preset's sizes, provided layers, experts and top-k match (`check_trace`). A model can also
+come from a YAML file, a Hugging Face config.json or the trace itself, with `model.FIELD=`
+overrides on top: `sim/machine/model_source.py`, docs/models.md.
 
-Sizes are from each model's own `config.json` (see `../shared`-free copy of the table in
-`docs/models.md`). Quantisation: `bits` per expert weight plus, for `group_size = g > 0`,
-`scale_bits` per group for the scale and zero point. The default `scale_bits = 16` (8-bit scale +
+Sizes are from each model's own `config.json` (docs/models.md). Quantisation: `bits` per expert
+weight plus, for `group_size = g > 0`, `scale_bits` per group for the scale and zero point. The default `scale_bits = 16` (8-bit scale +
 8-bit zero, as HQQ stores its quantised meta-data) reproduces the published ~66 MB per
 Mixtral-8x7B expert at 2 bits / group 16 and ~93 MB at 4 bits / group 64.
 """
@@ -138,26 +139,26 @@ PRESETS: dict[str, ModelPreset] = {
 
 
 def load_preset(name: str, **overrides: object) -> ModelPreset:
-    """The preset called `name`, with field overrides (e.g. bits=4). UserError if unknown."""
-    if name not in PRESETS:
-        if "/" in name:  # a path: presets are bare names
-            raise UserError(f"model {name!r} is neither a model preset (a bare name) nor an existing checkpoint "
-                            f"folder; presets: {', '.join(sorted(PRESETS))}")
-        raise UserError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    preset = PRESETS[name]
-    fields = {f.name for f in dataclasses.fields(ModelPreset)}
-    bad = set(overrides) - fields
-    if bad:
-        raise UserError(f"unknown model field(s) {sorted(bad)}; valid: {sorted(fields)}")
-    return preset.with_overrides(**overrides) if overrides else preset
+    """The model `name` names, with field overrides (e.g. bits=4), every value checked.
+
+    `name` is a preset, or any other `model=` source (a model YAML file, a Hugging Face config.json
+    or checkpoint folder: `sim/machine/model_source.py`). UserError if it names nothing, for an
+    unknown field or a bad value."""
+    from sim.machine.model_source import complete, source_fields
+
+    values, why, where = source_fields(name)
+    return complete(values, why, None, dict(overrides), where, quant_key="model")
 
 
 def check_trace(preset: ModelPreset, layers: int, experts: int, top_k: int) -> None:
-    """Refuse a trace whose routing shape differs from the preset's (UserError names both)."""
+    """Refuse a trace whose routing shape differs from the model's (UserError names both)."""
     have = (layers, experts, top_k)
     want = (preset.layers, preset.experts, preset.top_k)
     if have != want:
+        same = sorted(n for n, p in PRESETS.items() if (p.layers, p.experts, p.top_k) == have)
+        hint = f"presets of this shape: {', '.join(same)}" if same else "no preset has this shape"
         raise UserError(
             f"trace shape (layers, experts, top_k) = {have} does not match model preset "
-            f"{preset.name!r} {want}; pick a preset with the trace's shape"
+            f"{preset.name!r} {want}; give model= of the trace's shape ({hint}), or set the fields "
+            f"with model.layers=, model.experts=, model.top_k= (docs/models.md)"
         )

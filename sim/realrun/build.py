@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from sim import REPO_ROOT
+from sim import bundled
 from sim.args import parse_args, split_pairs
 from sim.config import RunConfig, parse_run_config
 from sim.errors import UserError
@@ -28,15 +28,15 @@ class RealOptions:
     device: str = "cpu"  # cpu | cuda
     store: str = "disk"  # disk (safetensors, page cache dropped) | host (host memory; pinned on CUDA)
     layers: int = 0  # replay only the first N MoE layers (0: all)
-    tokens: int = 0  # decode at most N tokens (0: all; same as engine.max_tokens)
-    store_dir: str = ""  # where store=disk keeps its stores, one folder per shape (default results/realrun-store)
+    tokens: int = 64  # decode at most N tokens (0: all; engine.max_tokens= is kept when tokens= is not given)
+    store_dir: str = ""  # where store=disk keeps its stores, one folder per shape (default: the user cache folder)
     threads: int = 1  # compute threads (CPU); 1 leaves a core to the copy worker
     channels: int = 1  # copy workers (a link's channels)
     pin: bool = True  # main thread and workers on separate CPUs (when there are two or more)
     weights_seed: int = 0  # random expert weights (synthetic runs)
-    progress: bool = True
+    progress: bool = True  # show a progress bar on stderr
     # live-model mode (model=DIR of a checkpoint; live=true: the bundled toy model unless model= is a folder)
-    live: bool = False
+    live: bool = False  # run the live model (model=DIR, else the bundled toy model) and measure its perplexity
     text: str = ""  # held-out text file (default: the toy corpus's held-out split)
     seqs: int = 4  # windows of held-out text
     seq_len: int = 64  # tokens per window (teacher-forced, one token per forward, KV cache)
@@ -45,6 +45,59 @@ class RealOptions:
 
 OWN_KEYS = {f.name for f in dataclasses.fields(RealOptions)}
 
+#: the model a real run replays the bundled toy trace as, without `model=` (neither a pair nor in a
+#: `config=` file): a float preset with the trace's routing shape (Mixtral-8x7B's), small enough for
+#: a CPU; `run` replays that trace as mixtral-8x7b, whose 2-bit experts a real run cannot compute with.
+#: Any other trace without `model=` is replayed as its own model, as in `run`.
+DEFAULT_MODEL = "mixtral-mini"
+#: this machine's calibrated profile (`python -m sim calibrate`), used when `hw=` is not given:
+#: `./hwprofiles/local.yaml` of the working folder, else the one in the bundled hwprofiles/
+LOCAL_PROFILE = "hwprofiles/local.yaml"
+
+
+def local_profile() -> Path | None:
+    """The calibrated profile `hw=hwprofiles/local.yaml` resolves to, if there is one (`sim.paths`:
+    the working folder's hwprofiles/ first, then the bundled one)."""
+    for path in (Path(LOCAL_PROFILE), bundled.hwprofiles() / "local.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _given(pairs: list[str]) -> dict[str, str]:
+    """The run keys the user gave: the `config=` files' top-level keys, the pairs on top (a file
+    that does not read is skipped here; the run's own parse reports it)."""
+    import yaml
+
+    files: dict[str, str] = {}
+    own: dict[str, str] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key == "config":
+            try:
+                data = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            except (OSError, ValueError, yaml.YAMLError):
+                continue
+            if isinstance(data, dict):
+                files.update({str(k): str(v) for k, v in data.items()})
+        else:
+            own[key] = value
+    return {**files, **own}
+
+
+def _replays_bundled_toy_as_default(pairs: list[str]) -> bool:
+    """No model given (`model=`, `model.FIELD=`) and the trace is the bundled `traces/toy`."""
+    given = _given(pairs)
+    if any(k == "model" or k.startswith("model.") or k == "model_overrides" for k in given):
+        return False
+    from sim.runner import resolve_trace_path
+
+    try:
+        trace = resolve_trace_path(given.get("trace", RunConfig().trace)).resolve()
+    except (UserError, OSError):
+        return False  # the run's own parse reports a trace that is not there
+    return trace == (bundled.traces() / "toy").resolve()
+
 
 def parse_realrun(argv: list[str]) -> tuple[RunConfig, RealOptions]:
     """Split `key=value` pairs into RealOptions and a resolved RunConfig."""
@@ -52,11 +105,14 @@ def parse_realrun(argv: list[str]) -> tuple[RunConfig, RealOptions]:
     own = [p for p in pairs if p.split("=", 1)[0] in OWN_KEYS]
     rest = [p for p in pairs if p.split("=", 1)[0] not in OWN_KEYS]
     opts = parse_args(RealOptions, own, allow_config_file=False)
-    if not any(p.startswith("hw=") for p in rest) and (REPO_ROOT / "hwprofiles" / "local.yaml").is_file():
-        rest = ["hw=local", *rest]  # this machine's calibrated profile, when there is one
+    if not any(p.startswith("hw=") for p in rest) and local_profile() is not None:
+        rest = [f"hw={LOCAL_PROFILE}", *rest]  # this machine's calibrated profile, when there is one
+    if _replays_bundled_toy_as_default(rest):
+        rest = [f"model={DEFAULT_MODEL}", *rest]  # run's mixtral-8x7b for it is 2-bit: not runnable here
     cfg = parse_run_config(rest)
     check_options(opts)
-    if opts.tokens:
+    tokens_given = any(p.split("=", 1)[0] == "tokens" for p in own)
+    if opts.tokens and (tokens_given or not cfg.engine.max_tokens):
         cfg.engine.max_tokens = opts.tokens
     return cfg, opts
 
@@ -105,16 +161,25 @@ def with_layers(cfg: RunConfig, trace: Trace, preset: ModelPreset, layers: int) 
     return dataclasses.replace(cfg, model=register_preset(sliced), quant=type(cfg.quant)()), trace
 
 
-def preset_of(cfg: RunConfig) -> ModelPreset:
-    from sim.machine.models import load_preset
+def preset_of(cfg: RunConfig, trace=None) -> ModelPreset:
+    """The model realrun runs: `model=` with `model.*` and `quant.*` on top, or the trace's own."""
+    from sim.machine.model_source import run_model
+    from sim.runner import load_trace
 
-    quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
-    return load_preset(cfg.model, **quant)
+    return run_model(cfg, trace if trace is not None else load_trace(cfg.trace))
+
+
+def store_home() -> Path:
+    """The default store folder: `realrun-store` in this user's cache folder (platformdirs:
+    ~/.cache/moe-offload-sim/realrun-store on Linux), never inside the working folder."""
+    import platformdirs
+
+    return platformdirs.user_cache_path("moe-offload-sim") / "realrun-store"
 
 
 def store_folder(store_dir: str, tag: str) -> Path:
-    """Where the store `tag` lives: `<store_dir>/<tag>` (default store_dir: results/realrun-store)."""
-    return (Path(store_dir) if store_dir else Path("results") / "realrun-store") / tag
+    """Where the store `tag` lives: `<store_dir>/<tag>` (default store_dir: `store_home()`)."""
+    return (Path(store_dir) if store_dir else store_home()) / tag
 
 
 def model_info_for(preset: ModelPreset) -> ModelInfo:

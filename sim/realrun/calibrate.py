@@ -501,7 +501,7 @@ class CalibrateOptions:
     hidden: int = 512  # SwiGLU hidden size of the measured experts (without model=)
     sizes: str = ""  # expert sizes in bytes, comma-separated (default 0.25, 1, 4, 16 MB)
     repeats: int = 15
-    store_dir: str = ""  # where the disk stores live (default results/realrun-store), as for realrun
+    store_dir: str = ""  # where the disk stores live (default: the user cache folder, as for realrun)
     threads: int = 1
     pin: bool = True  # main thread and workers on separate CPUs, as realrun runs them
     quick: bool = False  # small sizes, few repeats (tests)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from sim import REPO_ROOT
+from sim import bundled
 from sim.config import parse_run_config
 from sim.errors import UserError
 from sim.machine.hardware import HardwareProfile
@@ -112,7 +112,7 @@ def default_trace(opts: ConfirmOptions):
 
     if opts.trace:
         return load_trace(opts.trace), opts.trace
-    if (REPO_ROOT / "traces" / "toy" / "meta.yaml").is_file():
+    if (bundled.traces() / "toy" / "meta.yaml").is_file():
         return load_trace("traces/toy"), "traces/toy"
     from sim.trace.synthetic import random_trace
 
@@ -130,7 +130,7 @@ def plan_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace)
     plans = []
     for arm in arms:
         cfg = parse_run_config(base + arm.overrides)
-        cfg2, tr = with_layers(cfg, trace, preset_of(cfg), opts.layers)
+        cfg2, tr = with_layers(cfg, trace, preset_of(cfg, trace), opts.layers)
         plans.append((arm, cfg2, tr, profile_for(hw, arm.store)))
     return plans
 

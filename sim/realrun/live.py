@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from policies.base import Context
 from policies.registry import GATING
-from sim import REPO_ROOT
+from sim import bundled
 from sim.config import RunConfig, split_knobs
 from sim.engine.cache import ExpertCache
 from sim.engine.step import Tally, decode_layer
@@ -48,7 +48,7 @@ from sim.realrun.store import HostStore, Layout, open_disk_store
 from sim.runner import RunResult, build_engine
 from sim.trace.format import ModelInfo, Trace
 
-DEFAULT_MODEL = REPO_ROOT / "models" / "toy-mixtral"
+DEFAULT_MODEL = bundled.models() / "toy-mixtral"  # the checkout's, or the copy a wheel ships
 ROW0 = torch.zeros(1, dtype=torch.long)
 PREGATE_DEPTH = 2
 

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from sim.errors import UserError
 from sim.realrun.backend import Backend
 
 MANIFEST = "manifest.json"
+NOTICE_BYTES = 100e6  # a store at least this large is announced on stderr (where, how many GB) before it is written
 STORE_FORMAT = 1
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.uint8: "uint8"}  # uint8: packed low-bit copies (`sim/realrun/low.py`)
@@ -292,6 +294,9 @@ def write_disk_store(folder: Path, layout: Layout, fill: Fill, manifest: dict, p
     from tqdm import tqdm
 
     check_store_folder(folder, layout.total_bytes)
+    if layout.total_bytes >= NOTICE_BYTES:  # say where the gigabytes go before writing them
+        print(f"writing the expert store: {layout.total_bytes / 1e9:.2f} GB to {folder} "
+              "(written once, reused by later runs; store_dir= to put it elsewhere)", file=sys.stderr, flush=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     n = len(layout.shapes)
     for layer in tqdm(range(layout.layers), desc="write expert store", unit="layer",

@@ -64,6 +64,26 @@ def run_report(summary: dict, tokens: pl.DataFrame, layers: pl.DataFrame, events
     return fig
 
 
+def run_folder_report(folder: Path) -> go.Figure:
+    """The run report of a results folder written by `python -m sim run` (its own `report.html`,
+    drawn again from its tables): UserError for a folder whose tables are missing or damaged."""
+    from sim.errors import UserError
+    from sim.sweep.report import read_run_folder
+
+    folder = Path(folder)
+    run = read_run_folder(folder)  # checks config.yaml, summary.json and the tables' columns
+    missing = [name for name in ("tokens", "layers", "events") if run[name] is None]
+    if missing:
+        raise UserError(f"{folder}: no {missing[0]}.parquet, so its run report cannot be drawn")
+    for need in ("layer", "hit_rate"):
+        if need not in run["layers"].columns:
+            raise UserError(f"{folder / 'layers.parquet'}: column {need!r} is missing")
+    if "latency_s" not in run["tokens"].columns:
+        raise UserError(f"{folder / 'tokens.parquet'}: column 'latency_s' is missing")
+    summary = {k: v for k, v in run["row"].items()}
+    return run_report(summary, run["tokens"], run["layers"], run["events"], folder.name)
+
+
 def write_html(fig: go.Figure, path: Path) -> None:
     """Self-contained HTML (plotly.js inlined: opens offline), written atomically."""
     atomic.write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))

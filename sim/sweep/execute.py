@@ -19,6 +19,11 @@ from the config's seed).
   if Ray is already initialised in this process (a notebook, a test) that instance is used. The
   parent reads each trace and hardware profile once and ships them through Ray's object store, so
   the workers need the package installed but not the files.
+
+Plug-ins (`plugins=`, `policies/registry.py`): each worker imports a point's plug-ins before
+simulating it, with the parent's `sys.path` added to its own and plug-in files named by absolute
+path, so a policy the parent can import runs on every executor. Entry-point plug-ins are found
+by each worker's registries as in the parent.
 """
 
 from __future__ import annotations
@@ -52,11 +57,40 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}{where}"
 
 
-def execute_point(cfg: Any, trace: Any = None, hw: Any = None) -> Outcome:
-    """Simulate one resolved RunConfig -> {summary, layers (column lists), error, wall_s}."""
+def worker_config(cfg: Any) -> Any:
+    """`cfg` as a worker gets it: its plug-in files as absolute paths (a worker may start elsewhere)."""
+    spec = getattr(cfg, "plugins", "")
+    if not spec:
+        return cfg
+    import dataclasses
+
+    from policies.registry import is_plugin_file, split_plugins
+
+    items = [str(Path(i).expanduser().resolve()) if is_plugin_file(i) else i for i in split_plugins(spec)]
+    return dataclasses.replace(cfg, plugins=",".join(items))
+
+
+def load_point_plugins(cfg: Any, sys_path: list[str] | None = None) -> None:
+    """Import the point's plug-ins in this (worker) process, on the parent's import path."""
+    spec = getattr(cfg, "plugins", "")
+    if not spec:
+        return
+    for entry in sys_path or ():
+        if entry not in sys.path:
+            sys.path.append(entry)
+    from policies.registry import load_plugins
+
+    load_plugins(spec)
+
+
+def execute_point(cfg: Any, trace: Any = None, hw: Any = None, sys_path: list[str] | None = None) -> Outcome:
+    """Simulate one resolved RunConfig -> {summary, layers (column lists), error, wall_s}. Its
+    plug-ins (`plugins=`) are imported first, with `sys_path` (the parent's) added to the path."""
     t0 = time.perf_counter()
     try:
         from sim.runner import simulate
+
+        load_point_plugins(cfg, sys_path)
 
         res = simulate(cfg, trace=trace, hw=hw)  # with oracle/bound set, the bound keys too
         return {"summary": res.summary, "layers": res.layers.to_dict(as_series=False), "error": None,
@@ -134,7 +168,8 @@ def run_local(todo: list[tuple[str, Any]], jobs: int, on_result: OnResult,
 
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"),
                              initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(execute_point, cfg): key for key, cfg in todo}
+        path = list(sys.path)  # a plug-in importable here (PYTHONPATH, the working folder) is there too
+        futures = {pool.submit(execute_point, worker_config(cfg), None, None, path): key for key, cfg in todo}
         workers = dict(getattr(pool, "_processes", None) or {})  # spawned by the submits (private state)
         broken: list[str] = []
         lost = 0
@@ -234,7 +269,8 @@ def run_ray(todo: list[tuple[str, Any]], jobs: int, address: str, on_result: OnR
         pending: dict[Any, str] = {}
         for key, cfg in todo:
             try:
-                pending[remote.remote(cfg, ref("trace", cfg.trace), ref("hw", cfg.hw))] = key
+                pending[remote.remote(worker_config(cfg), ref("trace", cfg.trace), ref("hw", cfg.hw),
+                                      list(sys.path))] = key
             except Exception as err:  # an unreadable trace: this point fails, the others run
                 on_result(key, failed(err))
         waiting = list(pending)

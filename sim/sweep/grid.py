@@ -29,7 +29,10 @@ from typing import Any
 from sim.errors import UserError
 
 #: RunConfig keys that only name or place a run's output: not part of a point's identity
-NON_SEMANTIC_KEYS = ("out", "name", "report")
+NON_SEMANTIC_KEYS = ("out", "name", "report", "overwrite")
+#: RunConfig keys added after sweep format 1, with their defaults: left out of a point's identity
+#: when at the default, so that the sweep folders written before them still resume
+LATER_KEYS: dict[str, object] = {"plugins": ""}
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RANGE_RE = re.compile(rf"^({_NUM}):({_NUM}):({_NUM})$")
@@ -123,6 +126,9 @@ def flat_config(cfg: Any) -> dict[str, Any]:
     data = dataclasses.asdict(cfg)
     for key in NON_SEMANTIC_KEYS:
         data.pop(key, None)
+    for key, default in LATER_KEYS.items():  # at its default, a later key leaves the point keys as they were
+        if key in data and data[key] == default:
+            data.pop(key)
     for sec in ("gating", "prefetch", "cache", "placement"):  # name first, then knobs by name
         if isinstance(data.get(sec), dict):
             d = data[sec]

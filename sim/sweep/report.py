@@ -97,7 +97,9 @@ def read_run_folder(path: Path) -> dict[str, Any]:
     if bad:
         raise UserError(f"{path / 'summary.json'}: {bad[0]!r} must be a number, text or null")
     cfg.pop("resolved", None)
-    for key in ("out", "name", "report"):
+    from sim.sweep.grid import NON_SEMANTIC_KEYS
+
+    for key in NON_SEMANTIC_KEYS:
         cfg.pop(key, None)
     row = {"point": path.name, "error": None, "source": path.name, **_flatten(cfg), **summary}
     frames = {}

@@ -16,7 +16,9 @@ RunConfig: the message lists the valid keys), an empty value list, a bad range, 
 point can use (for example a policy preset or knob that does not exist: every point holding it is
 invalid), a hardware profile or trace folder that does not exist, a folder of another sweep or
 format version. A combination that is invalid although each value is fine alone (a knob of one
-policy swept together with another policy) is a failed point, recorded and not run.
+policy swept together with another policy) is a failed point, recorded and not run. A knob that
+another point's policy accepts is dropped where it does not apply; grid points that are then the
+same configuration (one key) are one point: run once, one row, with a note saying so.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Point:
     config: Any = None  # resolved RunConfig (None if invalid)
     flat: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # why the config is invalid (the point is then not run)
+    same_as: int | None = None  # the index of an earlier point with the same configuration (not stored again)
 
 
 @dataclass
@@ -192,7 +195,28 @@ def plan(grid: dict[str, list[str]], log: Callable[[str], None] | None = None) -
         if ident not in fingerprints:
             fingerprints[ident] = _inputs(p.config)
         p.key = point_key(p.flat, fingerprints[ident], SWEEP_FORMAT)
+    _mark_repeats(pts, log)
     return pts
+
+
+def _mark_repeats(pts: list[Point], log: Callable[[str], None] | None) -> None:
+    """A point whose configuration is an earlier point's (a knob dropped where it does not apply
+    makes `policy=baseline gating.T=0.001` and `gating.T=0.01` one configuration) is that point:
+    run once, one row, one key."""
+    first: dict[str, Point] = {}
+    repeats: list[Point] = []
+    for p in pts:
+        if p.error is None:
+            seen = first.setdefault(p.key, p)
+            if seen is not p:
+                p.same_as = seen.index
+                repeats.append(p)
+    if repeats and log:
+        p = repeats[0]
+        example = f"{' '.join(p.args)} is {' '.join(pts[p.same_as].args)}"
+        log(f"note: {len(repeats)} grid point(s) repeat the configuration of an earlier one (a knob dropped where "
+            f"it does not apply, or a value given twice; e.g. {example}): each configuration is run and stored "
+            f"once, {len(pts) - len(repeats)} rows")
 
 
 def _signature(cfg: Any) -> str:
@@ -213,10 +237,9 @@ def _build_points(pts: list[Point]) -> None:
     size and seed until one builds (grid order), and that one stands for the rest. A point that
     fails is recorded with its error and not run.
     """
-    import dataclasses
 
     from sim.machine.hardware import load_profile
-    from sim.machine.models import load_preset
+    from sim.machine.model_source import run_model
     from sim.runner import build_engine, cache_capacity, load_trace
 
     profiles: dict[str, Any] = {}
@@ -228,8 +251,8 @@ def _build_points(pts: list[Point]) -> None:
         try:
             if cfg.hw not in profiles:
                 profiles[cfg.hw] = load_profile(cfg.hw)
-            quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if v is not None}
-            cache_capacity(cfg, load_preset(cfg.model, **quant), profiles[cfg.hw], load_trace(cfg.trace))
+            tr = load_trace(cfg.trace)
+            cache_capacity(cfg, run_model(cfg, tr), profiles[cfg.hw], tr)  # model=, model.*, quant.* or the trace's
         except UserError as err:
             p.error, p.config = f"UserError: {err}", None
             continue
@@ -358,12 +381,13 @@ def _run(pts, store, executor, jobs, ray_address, progress, report, baseline, re
 
     from sim.sweep import execute as sweep_exec
 
+    pts = [p for p in pts if p.same_as is None]  # one row per configuration (_mark_repeats)
     wanted = {p.key for p in pts}
     records = {k: r for k, r in store.load_points().items() if k in wanted and r.get("error") is None}
     by_key: dict[str, Point] = {}
     for p in pts:
         if p.error is None and p.key not in records:
-            by_key.setdefault(p.key, p)  # the same config twice in a grid runs once
+            by_key[p.key] = p
     todo = [(k, p.config) for k, p in by_key.items()]
     skipped = sum(1 for p in pts if p.key in records)
     if log and resumed:

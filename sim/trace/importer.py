@@ -11,6 +11,8 @@ preset and keeps the tokens present in every MoE layer. Accepted layouts (spec: 
   list (`3;5`).
 - npz: arrays `experts [T, L, k]` and `weights [T, L, k]`, optional `seq [T]`, `pos [T]`,
   `phase [T]`; a (token, layer) whose ids are all -1 is missing.
+- vllm: the routed experts vLLM returns with `enable_return_routed_experts` (ids only, no weights),
+  as `.npy`, `.npz` or JSON Lines: `sim/trace/import_vllm.py`, docs/import.md.
 
 A token absent from some layers is dropped, never shifted between layers; `strict=True` refuses.
 Every problem is a `UserError` naming the line (or array index) and field.
@@ -19,6 +21,7 @@ Every problem is a `UserError` naming the line (or array index) and field.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -33,8 +36,8 @@ from sim.errors import UserError
 from sim.machine.models import ModelPreset
 from sim.trace.format import PHASES, ModelInfo, Trace
 
-FORMATS = ("jsonl", "csv", "npz")
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".npz": "npz"}
+FORMATS = ("jsonl", "csv", "npz", "vllm")
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".npz": "npz", ".npy": "vllm"}
 
 #: role -> accepted field names, first match wins (checked on the first record / the header)
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -60,6 +63,7 @@ class Records:
     phase: list[str] | None  # 'prefill' | 'decode' per record; None: all decode
     where: Callable[[int], str]  # record index -> "routing.jsonl: line 12"
     fields: dict[str, str | None] = field(default_factory=dict)  # role -> the field name used
+    source: dict[str, Any] = field(default_factory=dict)  # what the format adds to meta.yaml `source`
 
 
 # ---------------------------------------------------------------------------------- readers
@@ -260,7 +264,7 @@ def build_trace(rec: Records, preset: ModelPreset, *, strict: bool = False) -> t
         raise UserError(f"{where(i)}: {f['experts']!r} has {n_ex[i]} ids but {f['weights']!r} has {n_w[i]} values")
     if N and (n_ex == n_ex[0]).all() and n_ex[0] != k:
         raise UserError(f"the log routes top-{n_ex[0]} but model preset {preset.name!r} has top_k={k}; "
-                        "pick a preset with the log's shape")
+                        f"pick a model with the log's shape (model=, or model.top_k={n_ex[0]}: docs/models.md)")
     for i in np.flatnonzero(n_ex != k)[:1]:
         raise UserError(f"{where(i)}: {f['experts']!r} has {n_ex[i]} ids, expected {k} (top_k of {preset.name!r})")
     experts = np.asarray(rec.experts, dtype=np.int64).reshape(N, k)  # [N, k]
@@ -343,12 +347,17 @@ def model_info(preset: ModelPreset, *, renormalize: bool, routing: str = "softma
 def import_log(path: Path, fmt: str, preset: ModelPreset, *, strict: bool = False,
                names: dict[str, str] | None = None) -> tuple[Trace, ImportReport]:
     """Read `path` in format `fmt` and build a trace for `preset`; fills `trace.source`."""
-    if fmt not in READERS:
+    if fmt not in FORMATS:
         raise UserError(f"unknown import format {fmt!r}; known: {', '.join(FORMATS)}")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"import file not found: {path}")
-    rec = READERS[fmt](path, dict(names or {}))
+    if fmt == "vllm":  # its layer axis depends on the preset (dense layers): sim/trace/import_vllm.py
+        from sim.trace.import_vllm import read_vllm
+
+        rec = read_vllm(path, dict(names or {}), preset)
+    else:
+        rec = READERS[fmt](path, dict(names or {}))
     trace, report = build_trace(rec, preset, strict=strict)
     trace.source = {
         "tool": "python -m sim import",
@@ -366,7 +375,11 @@ def import_log(path: Path, fmt: str, preset: ModelPreset, *, strict: bool = Fals
         "dropped_tokens": [[_yaml_key(s), int(p)] for s, p in report.dropped[:1000]],
         "phase": "from the log" if rec.phase is not None else "all decode (the log has no phase field)",
         "weights_sum_to_one": trace.model.renormalize,
+        # the whole model the log was imported for: `run` without model= replays it as this model
+        # (sim/machine/model_source.py trace_model)
+        "model_preset": dataclasses.asdict(preset),
     }
+    trace.source.update(rec.source)
     labels = _factorize(rec.seq)[0]
     if any(code != label for code, label in labels.items()):
         trace.source["sequence_labels"] = {code: _yaml_key(label) for code, label in labels.items()}

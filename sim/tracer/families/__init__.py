@@ -25,9 +25,13 @@ def family_for(config: Any, where: str = "checkpoint") -> Family:
     """The adapter for a transformers config; UserError for a model type we cannot trace."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        if not model_type:
+            raise UserError(f"{where}: its config names no model_type, so the tracer cannot tell its family "
+                            f"(supported MoE families: {supported})")
         raise UserError(
-            f"{where}: model type {model_type!r} is not a supported MoE family, so it has no MoE "
-            f"layers to trace (supported: {', '.join(sorted(FAMILIES))})"
+            f"{where}: the tracer does not support model type {model_type!r} (supported MoE families: "
+            f"{supported}; a new family needs an adapter in sim/tracer/families/, docs/tracer.md)"
         )
     return FAMILIES[model_type]
 
