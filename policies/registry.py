@@ -153,6 +153,7 @@ FAMILIES = {"gating": GATING, "prefetch": PREFETCH, "cache": CACHE, "placement":
 # ----------------------------------------------------------------------------------- plug-ins
 
 _entry_points_loaded = False
+_entry_points_loading = False
 _plugins_loaded: dict[str, str] = {}  # plug-in as given -> the module name it was imported as
 
 
@@ -163,10 +164,18 @@ def _first_line(err: BaseException) -> str:
 
 def load_entry_points() -> None:
     """Load the installed plug-ins of the entry-point group `moe_offload_sim.policies` (once)."""
-    global _entry_points_loaded
-    if _entry_points_loaded:
+    global _entry_points_loaded, _entry_points_loading
+    if _entry_points_loaded or _entry_points_loading:  # loading: a plug-in asking a registry does not recurse
         return
-    _entry_points_loaded = True  # first: a plug-in that asks a registry for its names does not recurse
+    _entry_points_loading = True
+    try:
+        _load_entry_points()
+        _entry_points_loaded = True  # only once every one loaded: a failed one is reported again next time
+    finally:
+        _entry_points_loading = False
+
+
+def _load_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for fam in FAMILIES.values():  # a plug-in clashing with a built-in of any family is told so

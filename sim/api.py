@@ -251,7 +251,7 @@ def _grid(grid: Mapping[str, Any] | Iterable[str]) -> dict[str, Any] | list[str]
 def sweep(grid: Mapping[str, Any] | Iterable[str], out: str | os.PathLike | None = None, *, jobs: int | None = None,
           executor: str = "local", ray_address: str = "", report: bool | None = None, baseline: str = "",
           extend: bool = False, progress: bool = False) -> Any:
-    """Simulate every point of `grid`; return the table (polars, one row per point, grid order).
+    """Simulate every point of `grid`; return the table (polars, one row per distinct configuration, grid order: points that become the same configuration once a knob that does not apply is dropped are one row).
 
     `grid`: `{key: value or [values]}` (nested dicts allowed: `{"cache": {"slots": [32, 64]}}`)
     or the command line's `["policy=baseline,adapmoe", "cache.slots=32:64:32"]`. `out`: the sweep

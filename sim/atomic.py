@@ -106,9 +106,9 @@ def check_output_path(out: Path, *, folder: bool, overwrite: bool = False, need_
                 raise UserError(f"{shown} is a folder; give a file name")
             if folder and any(out.iterdir()) and not overwrite:
                 raise UserError(f"output folder {out} already exists and is not empty (pass overwrite=true)")
-            if folder and overwrite and replaces and any(out.iterdir()) and not any(
-                    (out / name).exists() for name in replaces):
-                raise UserError(f"{shown} holds no {replaces[0]}: it is not an earlier output of this command, "
+            missing = [name for name in replaces if not (out / name).exists()] if folder and overwrite else []
+            if missing and any(out.iterdir()):  # an earlier output of this command holds all of them
+                raise UserError(f"{shown} holds no {missing[0]}: it is not an earlier output of this command, "
                                 f"and overwrite=true replaces only those; choose another folder")
             base = out.parent
         else:

@@ -109,7 +109,7 @@ def resolve_model(cfg: RunConfig) -> RunConfig:
     the trace itself: `sim.api`). A `model=` that does not load is left as given, for the command
     to report in its own order (a realrun checks its checkpoint folder first). `sim.runner.
     build_engine` decides what is left the same way, on the trace it runs."""
-    from sim.machine.model_source import bundled_default, load_model, trace_model
+    from sim.machine.model_source import load_model, replay_model_of, trace_model
 
     quant = dataclasses.asdict(cfg.quant)
     model, preset = cfg.model, None
@@ -120,7 +120,7 @@ def resolve_model(cfg: RunConfig) -> RunConfig:
             folder = resolve_trace_path(cfg.trace)
         except UserError:
             folder = None
-        default = bundled_default(folder) if folder is not None and folder.is_dir() else None
+        default = replay_model_of(folder) if folder is not None and folder.is_dir() else None
         if default is not None:
             model = default
         elif folder is not None and folder.is_dir():

@@ -78,6 +78,11 @@ def test_trace_and_profile_objects(tmp_path, capsys):
     assert got.config.trace.startswith("<in-memory trace") and got.config.hw.startswith("<in-memory hardware")
     by_path = sim.run(trace=tmp_path / "two", hw="rtx4090.yaml", cache={"slots": 40})
     assert same(by_path.summary, want)
+    # the subset, in memory or written elsewhere, is replayed as the bundled trace is (its meta.yaml's
+    # source.replay_model), never as another model because of where it lives
+    from sim.machine.models import PRESETS
+
+    assert got.summary["expert_bytes"] == by_path.summary["expert_bytes"] == PRESETS["mixtral-8x7b"].expert_bytes
 
 
 @pytest.mark.parametrize("keys, argv", [

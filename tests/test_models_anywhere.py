@@ -285,6 +285,22 @@ def test_a_folder_without_config_json(tmp_path):
         load_model(str(tmp_path / "bad.json"))
 
 
+@pytest.mark.parametrize("preset, key, value", [
+    ("qwen1.5-moe-a2.7b", "decoder_sparse_step", "x"),
+    ("qwen1.5-moe-a2.7b", "decoder_sparse_step", 0),
+    ("qwen1.5-moe-a2.7b", "mlp_only_layers", 3),
+    ("qwen1.5-moe-a2.7b", "shared_expert_intermediate_size", "abc"),
+    ("deepseek-v2-lite", "first_k_dense_replace", -1),
+    ("deepseek-v2-lite", "moe_layer_freq", 1.5),
+    ("deepseek-v2-lite", "n_shared_experts", "two"),
+])
+def test_bad_layer_and_shared_expert_keys_name_the_key(tmp_path, preset, key, value):
+    """Not a traceback: the config.json key that is not a count is named, with its value."""
+    d = _checkpoint(tmp_path, "m", {**CONFIGS[preset], key: value})
+    with pytest.raises(UserError, match=f"config.json: {key} is"):
+        load_model(str(d))
+
+
 def test_the_families_are_the_tracers():
     pytest.importorskip("torch")
     from sim.tracer.families import FAMILIES as TRACED

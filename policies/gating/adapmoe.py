@@ -19,7 +19,8 @@ Knobs:
   (`gating_T_solved`). Give `T` or `target_share`, not both; with neither, `target_share =
   DEFAULT_TARGET_SHARE` (0.25: about AdapMoE's published share at its T = 0.005, 25.8% on MMLU).
   It needs `min_experts = 1` (a single expert is what it counts). The `adapmoe` policy preset
-  sets AdapMoE's `T = 0.005`; `gating.T=null gating.target_share=X` replaces it.
+  sets neither (so its share is 0.25 on any sensitivity scale); `gating.T=0.005` is AdapMoE's own
+  value in its published S_l's units (`python -m sim paper` gives it).
 - `sensitivity` (`trace`, `published`, or a file; see policies/published.py), `per_token` (use
   the trace's per-token `fisher` instead of the layer mean S_l: a finer, generalised rule),
   `min_experts` (never run fewer; default 1).
@@ -120,7 +121,7 @@ class AdapMoE(GatingPolicy):
             raise UserError(f"gating.T must be >= 0, got {knobs.T}")
         if knobs.T is not None and knobs.target_share is not None:
             raise UserError(f"give gating.T or gating.target_share, not both (T={knobs.T:g}, "
-                            f"target_share={knobs.target_share:g}; a policy preset's T is dropped with gating.T=null)")
+                            f"target_share={knobs.target_share:g}; a T set by a policy preset is dropped with gating.T=null)")
         if not 1 <= knobs.min_experts <= ctx.top_k:
             raise UserError(f"gating.min_experts must be in 1..{ctx.top_k}")
         if knobs.per_token:

@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     names = {role: getattr(args, f"{role}_field") for role in ("seq", "pos", "layer", "experts", "weights", "phase")}
     # claimed before the log is read; a trace takes about as much room as its log (zstd Parquet)
-    with atomic.new_dir(out, overwrite=args.overwrite, need_bytes=path.stat().st_size + 1e6) as tmp:
+    with atomic.new_dir(out, overwrite=args.overwrite, need_bytes=path.stat().st_size + 1e6,
+                        replaces=("meta.yaml", "routing.parquet")) as tmp:  # overwrite= replaces a trace only
         trace, report = import_log(path, fmt, preset, strict=args.strict,
                                    names={k: v for k, v in names.items() if v})
         if args.routing != trace.model.routing:

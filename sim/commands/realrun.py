@@ -37,13 +37,14 @@ def main(argv: list[str]) -> int:
     from sim.results.folder import default_out, summary_table
 
     cfg, opts = parse_realrun(argv)
-    live = opts.live or Path(cfg.model).is_dir()
-    if live and not Path(cfg.model).is_dir():
+    model_dir = bool(cfg.model) and Path(cfg.model).is_dir()  # "" (the trace's own model) is no folder
+    live = opts.live or model_dir
+    if live and not model_dir:
         from sim.errors import UserError
         from sim.paths import is_bare_name
         from sim.realrun.live import DEFAULT_MODEL
 
-        if not is_bare_name(cfg.model):  # a path that does not exist is never swapped for the toy model
+        if cfg.model and not is_bare_name(cfg.model):  # a path that does not exist is never swapped for the toy model
             raise UserError(f"model folder not found: {cfg.model}")
 
         if not DEFAULT_MODEL.is_dir():

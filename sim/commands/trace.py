@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(TraceArgs, argv)
     check(args)
     # the output is claimed before the checkpoint is loaded: a second trace to it fails at once
-    with atomic.new_dir(Path(args.out), overwrite=args.overwrite, need_bytes=16e6) as tmp:
+    with atomic.new_dir(Path(args.out), overwrite=args.overwrite, need_bytes=16e6,
+                        replaces=("meta.yaml", "routing.parquet")) as tmp:  # overwrite= replaces a trace only
         trace = _trace(args)
         from sim.trace.format import fill_trace
 

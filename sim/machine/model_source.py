@@ -16,8 +16,9 @@ value is a UserError naming the field, and so is a field no source gives. `quant
 scale_bits` set the same fields as `model.bits|...`; giving both for one field is refused.
 
 Without `model=`, the trace decides (`trace_model`):
-  1. the bundled trace `traces/toy` is replayed as `mixtral-8x7b` (`BUNDLED_DEFAULT`: the project's
-     headline configuration, the toy model's real routing with Mixtral-8x7B's expert sizes);
+  1. a trace whose meta.yaml names a preset to replay it as (`source.replay_model`) uses it: the
+     bundled `traces/toy` says `mixtral-8x7b` (the project's headline configuration, the toy
+     model's real routing with Mixtral-8x7B's expert sizes), wherever it is copied;
   2. a trace that records the whole model it was made for (`meta.yaml: source.model_preset`,
      written by `python -m sim import`) uses that model;
   3. a trace whose `model.name` is a preset of its routing shape (layers, experts, top-k) uses it;
@@ -40,9 +41,11 @@ from typing import Any
 from sim.errors import UserError
 from sim.machine.models import PRESETS, ModelPreset
 
-#: bundled traces replayed, without `model=`, as a model other than their own: the bundled toy trace
-#: is the toy model's routing replayed with Mixtral-8x7B's sizes (README "Figures measured here")
-BUNDLED_DEFAULT: dict[str, str] = {"toy": "mixtral-8x7b"}
+#: a trace's `meta.yaml` key `source.replay_model`: the preset it is replayed as without `model=`,
+#: when that is not its own model (the bundled `traces/toy` is the toy model's routing replayed with
+#: Mixtral-8x7B's sizes: README "Figures measured here"). It travels with the trace (a copy, a
+#: subset of its sequences), so where a trace lives never decides its model.
+REPLAY_MODEL = "replay_model"
 
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelPreset))
 #: the fields a model needs (no default in ModelPreset)
@@ -179,6 +182,16 @@ def yaml_fields(path: Path) -> tuple[dict[str, Any], Why, str]:
 # ------------------------------------------------------------------------ Hugging Face config.json
 
 
+def _count(c: dict[str, Any], key: str, default: int, lo: int = 0) -> int:
+    """`c[key]` as a whole number >= `lo` (`default` when absent or null); UserError naming the key."""
+    v = c.get(key)
+    if v is None:
+        return default
+    if not _whole(v) or v < lo:
+        raise UserError(f"config.json: {key} is {v!r}; expected a whole number >= {lo}")
+    return v
+
+
 def _moe_all(c: dict[str, Any], n: int) -> list[bool]:
     return [True] * n
 
@@ -186,16 +199,19 @@ def _moe_all(c: dict[str, Any], n: int) -> list[bool]:
 def _moe_qwen(c: dict[str, Any], n: int) -> list[bool]:
     """transformers' Qwen2-MoE / Qwen3-MoE: layer i is MoE unless listed in `mlp_only_layers`, and
     then only when (i + 1) is a multiple of `decoder_sparse_step` (default 1)."""
-    only = set(c.get("mlp_only_layers") or [])
-    step = int(c.get("decoder_sparse_step") or 1)
+    only = c.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(_whole(i) for i in only):
+        raise UserError(f"config.json: mlp_only_layers is {only!r}; expected a list of layer numbers")
+    only = set(only)
+    step = _count(c, "decoder_sparse_step", 1, lo=1)
     return [i not in only and (i + 1) % step == 0 for i in range(n)]
 
 
 def _moe_deepseek(c: dict[str, Any], n: int) -> list[bool]:
     """DeepSeek-V2/V3: the first `first_k_dense_replace` layers are dense, then layer i is MoE when
     it is a multiple of `moe_layer_freq` (default 1)."""
-    first = int(c.get("first_k_dense_replace") or 0)
-    freq = int(c.get("moe_layer_freq") or 1)
+    first = _count(c, "first_k_dense_replace", 0)
+    freq = _count(c, "moe_layer_freq", 1, lo=1)
     return [i >= first and i % freq == 0 for i in range(n)]
 
 
@@ -296,10 +312,10 @@ def config_json_fields(path: Path) -> tuple[dict[str, Any], Why, str]:
     if dense:
         values["dense_layers"] = dense
         take("dense_width", "intermediate_size")
-    if fam.shared == "qwen" and int(c.get("shared_expert_intermediate_size") or 0) > 0:
-        values["shared_experts"], values["shared_expert_width"] = 1, int(c["shared_expert_intermediate_size"])
-    elif fam.shared == "deepseek" and int(c.get("n_shared_experts") or 0) > 0 and "expert_width" in values:
-        values["shared_experts"], values["shared_expert_width"] = int(c["n_shared_experts"]), values["expert_width"]
+    if fam.shared == "qwen" and _count(c, "shared_expert_intermediate_size", 0) > 0:
+        values["shared_experts"], values["shared_expert_width"] = 1, c["shared_expert_intermediate_size"]
+    elif fam.shared == "deepseek" and _count(c, "n_shared_experts", 0) > 0 and "expert_width" in values:
+        values["shared_experts"], values["shared_expert_width"] = c["n_shared_experts"], values["expert_width"]
     dtype = c.get("torch_dtype", c.get("dtype"))
     dtype_bits = DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
     no_dtype = (f"its torch_dtype {dtype!r} is not one of {', '.join(DTYPE_BITS)}" if dtype is not None
@@ -331,17 +347,29 @@ def config_json_fields(path: Path) -> tuple[dict[str, Any], Why, str]:
 # ------------------------------------------------------------------------ the trace's own model
 
 
-def bundled_default(trace_path: Path | str | None) -> str | None:
-    """The model a bundled trace is replayed as without `model=` (`BUNDLED_DEFAULT`), else None."""
-    if trace_path is None:
+def replay_model(source: dict[str, Any] | None, where: str) -> str | None:
+    """The preset a trace's `source.replay_model` names (None if it names none); UserError if it
+    names no preset."""
+    name = (source or {}).get(REPLAY_MODEL)
+    if name is None:
         return None
-    from sim import bundled
+    if not isinstance(name, str) or name not in PRESETS:
+        raise UserError(f"{where}: meta.yaml source.{REPLAY_MODEL}={name!r} is not a model preset; "
+                        f"known: {', '.join(sorted(PRESETS))}")
+    return name
+
+
+def replay_model_of(folder: Path | str) -> str | None:
+    """`replay_model` of a trace folder, read from its meta.yaml alone (the routing is not loaded);
+    None when the folder has no readable meta.yaml (the run that loads it reports that)."""
+    import yaml
 
     try:
-        p, home = Path(trace_path).resolve(), bundled.traces().resolve()
-    except OSError:
+        meta = yaml.safe_load((Path(folder) / "meta.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return BUNDLED_DEFAULT.get(p.name) if p.parent == home else None
+    source = meta.get("source") if isinstance(meta, dict) else None
+    return replay_model(source if isinstance(source, dict) else None, f"trace {folder}")
 
 
 def shape_of(m: Any) -> tuple[int, int, int]:
@@ -361,8 +389,11 @@ def trace_model(trace: Any, overrides: dict[str, Any] | None = None,
     shape = shape_of(info)
     path = getattr(trace, "path", None)
     where = f"trace {path}" if path is not None else f"the trace of {info.name!r}"
-    default = bundled_default(path)
-    if default is not None and shape_of(PRESETS[default]) == shape:
+    default = replay_model(getattr(trace, "source", None), where)
+    if default is not None:
+        if shape_of(PRESETS[default]) != shape:
+            raise UserError(f"{where}: meta.yaml source.{REPLAY_MODEL}={default} has (layers, experts, top_k) = "
+                            f"{shape_of(PRESETS[default])}, the routing {shape}")
         return load_model(default, overrides, quant), default
     recorded = (getattr(trace, "source", None) or {}).get("model_preset")
     if recorded is not None:

@@ -50,6 +50,12 @@ PROMPT_SUFFIX = ".prompt_tokens"
 #: what meta.yaml `source.weights` says of an imported vLLM log
 WEIGHTS_NOTE = "not recorded: vLLM returns expert ids only; every weight is 1/top_k"
 
+#: presets whose dense decoder layers all come first (DeepSeek: `first_k_dense_replace`, MoE every
+#: layer after), so a routes array over every decoder layer maps to the MoE ones by dropping its
+#: first rows; for other models with dense layers (Qwen's `mlp_only_layers`, a sparse step) the
+#: positions are not in the preset, and such a file is refused
+LEADING_DENSE = frozenset({"deepseek-v2-lite", "deepseek-v3"})
+
 #: policies that read the gating weights (the trace's `weights`): refused on a trace without them
 NEEDS_WEIGHTS: dict[str, tuple[str, ...]] = {
     "gating": ("adapmoe", "adapmoe_cache_aware", "drop_on_miss", "substitute", "top_p"),
@@ -346,6 +352,11 @@ def _records(requests: list[_Request], preset: Any, path: Path) -> tuple[Any, st
         if rows and layers == L:
             axis = axis or f"{L} MoE layers"
         elif rows and dense and layers == dense + L:
+            if preset.name not in LEADING_DENSE:  # where its dense layers sit is not known here
+                raise UserError(f"{r.where}: routed_experts counts all {layers} decoder layers, but where the "
+                                f"{dense} dense layer(s) of model {preset.name!r} sit is not known here (only "
+                                f"{', '.join(sorted(LEADING_DENSE))} are known to lead with them); keep only the "
+                                "MoE layers' routes in the file")
             offset = dense
             axis = axis or f"{dense + L} decoder layers; the first {dense} (dense) dropped"
         elif rows:
