@@ -314,11 +314,9 @@ def load_trace(path: str | os.PathLike = "toy", *, sequences: int | None = None)
 
 def _installed_plugins() -> None:
     """The policies and presets of installed plug-ins are listed, as by `python -m sim list`."""
-    from policies import registry
+    from policies.registry import load_entry_points
 
-    load = getattr(registry, "load_entry_points", None)
-    if load is not None:
-        load()
+    load_entry_points()
 
 
 def presets() -> dict[str, dict[str, dict[str, Any]]]:

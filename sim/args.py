@@ -67,8 +67,7 @@ def _override_keys(schema: Any) -> dict[str, str]:
     """`{"model": "model_overrides"}`: a `str` field F beside a mapping field `F_overrides` takes
     dotted keys too: `model.layers=25` is `model_overrides.layers=25` (the name stays in `model`)."""
     names = {f.name for f in dataclasses.fields(schema)}
-    return {k.split(".")[-1]: k.split(".")[-1] + "_overrides" for k in _str_keys(schema)
-            if "." not in k and k + "_overrides" in names}
+    return {k: k + "_overrides" for k in _str_keys(schema) if "." not in k and k + "_overrides" in names}
 
 
 def parse_args(schema: type[T], argv: list[str], *, allow_config_file: bool = True) -> T:
@@ -95,7 +94,7 @@ def parse_args(schema: type[T], argv: list[str], *, allow_config_file: bool = Tr
         if dot and head in overridable:
             key = f"{overridable[head]}.{rest}"
         if key == "config" and allow_config_file:
-            layers.append(_load_yaml(Path(value), schema))
+            layers.append(_load_yaml(Path(value)))
         elif key in text_keys:
             texts.append((key, value))
         else:
@@ -133,15 +132,14 @@ def _limits_for(schema: Any) -> Any:
 PROVENANCE_KEY = "resolved"
 
 
-def _load_yaml(path: Path, schema: Any = None) -> Any:
+def _load_yaml(path: Path) -> Any:
     """A `config=FILE.yaml` as an OmegaConf layer. A run's own `config.yaml` (it holds the
     provenance block `resolved:`) is checked and loaded without that block and without the keys
     that placed its output (`sim.results.folder.rerun_config`), so that it runs again as it was."""
     from sim.errors import read_yaml_mapping
 
     data = read_yaml_mapping(path, "config file", "keys to values")
-    takes_it = schema is not None and any(f.name == PROVENANCE_KEY for f in dataclasses.fields(schema))
-    if PROVENANCE_KEY in data and not takes_it:
+    if PROVENANCE_KEY in data:
         from sim.results.folder import rerun_config
 
         data = rerun_config(data, path)
