@@ -85,6 +85,9 @@ class GatingPolicy:
     """Chooses which experts run. Override `plan` (stateless) or `decide` (stateful)."""
 
     name = "?"
+    #: the policy reads the trace's gating weights (not only the expert ids): it is refused on a
+    #: trace that does not record them (a vLLM log: `sim.trace.import_vllm.check_weights_recorded`)
+    reads_weights = False
 
     def __init__(self, knobs: object, ctx: Context):
         self.knobs = knobs
@@ -187,6 +190,7 @@ class PlacementPolicy:
 
     name = "?"
     always_load = False  # True lets the engine skip the call on its hot path
+    reads_weights = False  # as `GatingPolicy.reads_weights` (a placement deciding by an expert's weight)
 
     def __init__(self, knobs: object, ctx: Context):
         self.knobs = knobs

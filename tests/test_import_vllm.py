@@ -150,6 +150,24 @@ def test_imported_trace_runs_and_weight_policies_are_refused(tmp_path, capsys):
     with pytest.raises(UserError, match=r"placement policy 'low_precision_on_miss'"):
         check_weights_recorded(tr, {"gating": {"name": "topk"}, "placement": {"name": "low_precision_on_miss"}})
     check_weights_recorded(tr, {"gating": {"name": "topk"}, "placement": {"name": "load"}})
+    # every built-in that decides by the weights says so (`reads_weights`), and only those
+    from policies.registry import GATING, PLACEMENT
+
+    assert {n for n in GATING.names() if GATING.get(n).reads_weights} == {
+        "adapmoe", "adapmoe_cache_aware", "drop_on_miss", "substitute", "top_p"}
+    assert {n for n in PLACEMENT.names() if PLACEMENT.get(n).reads_weights} == {"low_precision_on_miss"}
+    # a plug-in's policy is refused by the same declaration
+    from policies.base import GatingPolicy
+
+    @GATING.register("test_weighty_plugin")
+    class Weighty(GatingPolicy):
+        reads_weights = True
+
+    try:
+        with pytest.raises(UserError, match=r"gating policy 'test_weighty_plugin' reads the gating weights"):
+            check_weights_recorded(tr, {"gating": {"name": "test_weighty_plugin"}})
+    finally:
+        GATING._classes.pop("test_weighty_plugin")
     tr.source.pop("weights_recorded")  # a trace with real weights: nothing refused
     check_weights_recorded(tr, {"gating": {"name": "adapmoe"}})
 

@@ -107,6 +107,7 @@ def solve_T(costs: np.ndarray, target: float) -> tuple[float, float]:
 
 @GATING.register("adapmoe")
 class AdapMoE(GatingPolicy):
+    reads_weights = True  # decides by the gating weights
     @dataclass
     class Knobs:
         T: float | None = None  # loss budget in S_l's units (0: top-k exactly); or give target_share

@@ -23,6 +23,7 @@ from policies.registry import GATING
 
 @GATING.register("adapmoe_cache_aware")
 class AdapMoECacheAware(GatingPolicy):
+    reads_weights = True  # decides by the gating weights
     @dataclass
     class Knobs:
         T_miss: float = 0.01  # budget for dropping an expert that would have to be loaded

@@ -30,6 +30,7 @@ def kept_whatever_the_cache(trace, w_max: float) -> GatingPlan:
 
 @GATING.register("drop_on_miss")
 class DropOnMiss(GatingPolicy):
+    reads_weights = True  # decides by the gating weights
     @dataclass
     class Knobs:
         w_max: float = 0.2  # drop a missed expert whose renormalised weight is below this

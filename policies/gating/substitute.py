@@ -23,6 +23,7 @@ from sim.engine.cache import RESIDENT
 
 @GATING.register("substitute")
 class Substitute(GatingPolicy):
+    reads_weights = True  # decides by the gating weights
     @dataclass
     class Knobs:
         w_max: float = 0.2

@@ -18,6 +18,7 @@ from sim.errors import UserError
 
 @GATING.register("top_p")
 class TopP(GatingPolicy):
+    reads_weights = True  # decides by the gating weights
     @dataclass
     class Knobs:
         p: float = 0.9

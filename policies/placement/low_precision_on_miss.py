@@ -22,6 +22,7 @@ from sim.errors import UserError
 
 @PLACEMENT.register("low_precision_on_miss")
 class LowPrecisionOnMiss(PlacementPolicy):
+    reads_weights = True  # decides by the gating weights
     @dataclass
     class Knobs:
         w_max: float = 0.3

@@ -56,11 +56,6 @@ WEIGHTS_NOTE = "not recorded: vLLM returns expert ids only; every weight is 1/to
 #: positions are not in the preset, and such a file is refused
 LEADING_DENSE = frozenset({"deepseek-v2-lite", "deepseek-v3"})
 
-#: policies that read the gating weights (the trace's `weights`): refused on a trace without them
-NEEDS_WEIGHTS: dict[str, tuple[str, ...]] = {
-    "gating": ("adapmoe", "adapmoe_cache_aware", "drop_on_miss", "substitute", "top_p"),
-    "placement": ("low_precision_on_miss",),
-}
 
 
 @dataclass
@@ -404,9 +399,11 @@ def check_weights_recorded(trace: Any, sections: dict[str, Any]) -> None:
     (a RunConfig's policy sections)."""
     if trace.source.get("weights_recorded", True) is not False:
         return
-    for fam, names in NEEDS_WEIGHTS.items():
+    from policies.registry import GATING, PLACEMENT
+
+    for fam, registry in (("gating", GATING), ("placement", PLACEMENT)):
         name = (sections.get(fam) or {}).get("name")
-        if name in names:
+        if name is not None and getattr(registry.get(str(name)), "reads_weights", False):  # plug-ins too
             raise UserError(f"{fam} policy {name!r} reads the gating weights, which this trace does not record "
                             f"({trace.source.get('weights', 'source.weights_recorded: false')}); use a policy that "
                             "needs only the expert ids (gating topk) or a log with weights (format=jsonl|csv|npz)")
