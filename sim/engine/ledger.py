@@ -103,8 +103,7 @@ class Ledger:
                 if self.notify:
                     self.machine.on_evicted(key)
             if key in self.unused:
-                self.unused.discard(key)
-                self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
+                self._wasted(key, key // self.E)
             self.prefetch_cancelled += 1
         elif not tr.staging:  # a cache load (a staging buffer is released after its compute)
             if inflight.get(key) is tr:
@@ -149,8 +148,7 @@ class Ledger:
                 if self.notify:
                     self.machine.on_staging_freed(tr)
                 if tr.key in self.unused:
-                    self.unused.discard(tr.key)
-                    self.rec.per_layer["prefetch_wasted"][layer] += 1
+                    self._wasted(tr.key, layer)
 
     def evict(self, key: int) -> None:
         self.cache.evict(key)
@@ -158,8 +156,12 @@ class Ledger:
         if self.notify:
             self.machine.on_evicted(key)
         if key in self.unused:
-            self.unused.discard(key)
-            self.rec.per_layer["prefetch_wasted"][key // self.E] += 1
+            self._wasted(key, key // self.E)
+
+    def _wasted(self, key: int, layer: int) -> None:
+        """A prefetched expert leaves unused (evicted, dropped or cut): counted wasted at `layer`."""
+        self.unused.discard(key)
+        self.rec.per_layer["prefetch_wasted"][layer] += 1
 
     def finish(self) -> None:
         """The run is over: prefetches never used count as wasted."""

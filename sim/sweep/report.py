@@ -33,6 +33,7 @@ from plotly.subplots import make_subplots
 
 from sim import atomic
 from sim.errors import UserError
+from sim.sweep.grid import flatten
 
 PALETTE = ("#4C78A8", "#F58518", "#E45756", "#72B7B2", "#54A24B", "#EECA3B", "#B279A2", "#FF9DA6",
            "#9D755D", "#BAB0AC")
@@ -44,16 +45,6 @@ CONFIG_TOP = ("model", "trace", "seed", "oracle", "config")
 
 
 # ------------------------------------------------------------------------------------ reading
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def read_table(path: Path) -> pl.DataFrame:
@@ -101,7 +92,7 @@ def read_run_folder(path: Path) -> dict[str, Any]:
 
     for key in NON_SEMANTIC_KEYS:
         cfg.pop(key, None)
-    row = {"point": path.name, "error": None, "source": path.name, **_flatten(cfg), **summary}
+    row = {"point": path.name, "error": None, "source": path.name, **flatten(cfg), **summary}
     frames = {}
     for name in ("layers", "tokens", "events"):
         f = path / f"{name}.parquet"
