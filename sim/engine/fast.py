@@ -40,12 +40,7 @@ class FastMachine(SimulatedMachine):
 
     def attach(self, ledger) -> None:
         self.ledger = ledger
-        self.link.on_done = self._on_done
-
-    def _on_done(self, tr: Transfer) -> None:
-        link = self.link
-        moved = tr.nbytes if not tr.cancelled else max(0.0, (tr.done_s - tr.start_s - link.latency_s) * link.bandwidth_Bps)
-        self.ledger.applied(tr, moved)
+        self.link.on_done = ledger.applied
 
     # ------------------------------------------------------------------ the link
     def settle(self) -> None:
@@ -55,8 +50,12 @@ class FastMachine(SimulatedMachine):
             self.link.advance(self.now)
 
     def link_full(self) -> bool:
-        self.settle()
-        return len(self.link.running_heap) >= self.link.channels
+        """Every channel busy, as of now (`settle`, inline: this is on every load's path)."""
+        link = self.link
+        heap = link.running_heap
+        if heap and heap[0][0] <= self.now:
+            link.advance(self.now)
+        return len(heap) >= link.channels
 
     def issue(self, key: int, nbytes: float, priority: int, staging: bool, t: int, layer: int) -> Transfer:
         return self.link.submit(key, nbytes, priority, self.now, staging, t, layer)
@@ -196,7 +195,8 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
     on_layer, on_access = prefetch.on_layer, e.cache_policy.on_access
     wait_prefetch, stop_on_skip = prefetch.wait_for_prefetch, prefetch.stop_at_first_skip
     prefetch_staging, by_target, released = ledger.prefetch_staging, ledger.by_target, ledger.released
-    expert_s, expert_shared_s = m.expert_s, m.expert_work.shared_s
+    expert_s, expert_work = m.expert_s, m.expert_work
+    bus_op_s = bus.op_s if bus is not None else None
     simple_compute = not m.pipelining
     trace = e.ctx.trace
     pos = int(trace.pos[t])
@@ -213,7 +213,7 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
     for layer in range(e.L):
         # 1. attention; what has arrived by now
         a0 = now
-        now += attn_work.shared_s(a0, bus) if bus is not None else attn_s
+        now += bus_op_s(attn_work, a0) if bus is not None else attn_s
         busy += now - a0
         if rec_ops:
             rec.op("compute", t, layer, "attention", a0, now)
@@ -297,7 +297,7 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
         # 6. compute: resident first, then loads in arrival order, then the CPU's
         for key in ready:
             c0 = now
-            now += expert_shared_s(c0, bus) if bus is not None else expert_s
+            now += bus_op_s(expert_work, c0) if bus is not None else expert_s
             busy += now - c0
             on_access(key, t)
             if rec_ops:
@@ -315,7 +315,7 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
                         now = tr.done_s
                     else:
                         s = 0.0
-                    dur = expert_shared_s(now, bus) if bus is not None else expert_s
+                    dur = bus_op_s(expert_work, now) if bus is not None else expert_s
                     now += dur
                     busy += dur
                 else:

@@ -1,7 +1,7 @@
 """A copy link (PCIe, NVMe, unified-memory DMA): a priority resource with `channels`.
 
 States of a transfer (`sim/engine/transfer.py`): QUEUED (waiting for a channel) -> ACTIVE (on a
-channel; `start_s` and `done_s` fixed) -> DONE (its `on_done` callback has run). Two priorities: a queued DEMAND (0)
+channel; `start_s` and `done_s` fixed) -> DONE (its `on_done(transfer, bytes moved)` callback has run). Two priorities: a queued DEMAND (0)
 transfer starts before any queued PREFETCH (1) one; within a priority, in issue order. A transfer
 in flight keeps its channel to the end, unless its owner cuts it short with `preempt` (a prefetch
 issued in chunks). Duration = `latency_s + bytes / bandwidth_Bps`.
@@ -28,7 +28,7 @@ class CopyLink:
     """A link with `channels` concurrent transfers and a priority queue (see module docstring)."""
 
     def __init__(self, name: str, bandwidth_Bps: float, latency_s: float, channels: int,
-                 on_done: Callable[[Transfer], None] | None = None, keep_history: bool = False):
+                 on_done: Callable[[Transfer, float], None] | None = None, keep_history: bool = False):
         if bandwidth_Bps <= 0 or latency_s < 0 or channels < 1:
             raise ValueError(f"link {name}: need bandwidth > 0, latency >= 0, channels >= 1")
         self.name = name
@@ -43,10 +43,9 @@ class CopyLink:
         #: waiting transfers, one FIFO per priority (DEMAND, PREFETCH): issue order within a priority
         self._queues: tuple[deque[Transfer], deque[Transfer]] = (deque(), deque())
         self._seq = 0
-        #: bumped by every change of the schedule (a submit, a preempt): the copy bodies are a
-        #: function of it (`sim.machine.contention.MemoryBus` caches its bandwidth profile by it)
-        self.version = 0
-        self.last_append: tuple[int, float, float] | None = None  # see `_note_append`
+        #: told of every change of the schedule (`_tell_profile`, a preempt): a
+        #: `sim.machine.contention.MemoryBus` whose bandwidth profile follows the copy bodies
+        self.profile = None
         #: transfers that ended after the owner's clock (applied by a lookahead), in completion
         #: order; None: not kept, and `copy_bodies` then only sees what is still on a channel
         self.history: deque[Transfer] | None = deque() if keep_history else None
@@ -74,8 +73,9 @@ class CopyLink:
             tr.done = True
             if lookahead and history is not None:
                 history.append(tr)
-            if on_done is not None:
-                on_done(tr)
+            if on_done is not None:  # with the bytes it moved: all of them, or up to its cut
+                on_done(tr, tr.nbytes if not tr.cancelled
+                        else max(0.0, (done_s - tr.start_s - self.latency_s) * self.bandwidth_Bps))
             if demand_q or prefetch_q:  # the freed channel takes the next queued transfer
                 self._start((demand_q or prefetch_q).popleft(), done_s)
         if t_s > self.now_s:
@@ -92,35 +92,32 @@ class CopyLink:
         if t_s > self.now_s:
             self.now_s = t_s
         self._seq += 1
-        self.version += 1
         tr = Transfer(key, nbytes, priority, staging, token, layer, t_s, self._seq)
-        if self.history is not None:  # copies share memory bandwidth: note a body added after all others
-            self._note_append(tr, t_s)
+        if self.profile is not None:  # copies share memory bandwidth
+            self._tell_profile(tr, t_s)
         if len(running) < self.channels:
             self._start(tr, t_s)
         else:
             self._queues[priority].append(tr)
         return tr
 
-    def _note_append(self, tr: Transfer, t_s: float) -> None:
-        """`last_append` = (version, body start, body end) when this submit only adds a copy body
-        after every other one (one channel, the transfer goes to the end of the line), so that a
-        `MemoryBus` can extend its profile instead of rebuilding it; else None."""
-        self.last_append = None
-        if self.channels != 1:
-            return
+    def _tell_profile(self, tr: Transfer, t_s: float) -> None:
+        """Tell the profile of the body this submit adds, when it only adds one after every other
+        (one channel, the transfer goes to the end of the line: the profile extends itself);
+        else that the schedule changed (the profile rebuilds itself from `copy_bodies`)."""
         running, (demand_q, prefetch_q) = self.running_heap, self._queues
-        dur = self.latency_s + tr.nbytes / self.bandwidth_Bps
+        if self.channels != 1 or (tr.priority == DEMAND and prefetch_q):  # every later body may move
+            self.profile.changed()
+            return
+        lat = self.latency_s
         if not running:
             start = t_s
-        elif tr.priority == PREFETCH or not prefetch_q:  # behind everything queued
+        else:  # behind everything queued
             start = running[0][0]
             for q in (demand_q, prefetch_q):
                 for x in q:
-                    start += self.latency_s + x.nbytes / self.bandwidth_Bps
-        else:  # a demand load ahead of queued prefetches: every later body moves
-            return
-        self.last_append = (self.version, start + self.latency_s, start + dur)
+                    start += lat + x.nbytes / self.bandwidth_Bps
+        self.profile.added(start + lat, start + (lat + tr.nbytes / self.bandwidth_Bps))
 
     def _start(self, tr: Transfer, t_s: float) -> None:
         dur = self.latency_s + tr.nbytes / self.bandwidth_Bps
@@ -149,7 +146,8 @@ class CopyLink:
         self.bytes_moved -= (tr.done_s - new_done) * self.bandwidth_Bps
         tr.done_s = new_done
         tr.cancelled = True
-        self.version += 1
+        if self.profile is not None:
+            self.profile.changed()
         self.running_heap[:] = [(d if x is not tr else new_done, q, x) for d, q, x in self.running_heap]  # in place: owners hold it
         heapq.heapify(self.running_heap)
         return new_done

@@ -1,7 +1,7 @@
 """What a run records: per decode token, per layer, per load, and compute ops in a window.
 
-Plain Python lists and numpy accumulators on the hot path; loads go to typed columns (`LoadLog`,
-42 bytes a load), so a long run keeps no object per load. Everything is turned into tidy polars
+Plain Python lists and numpy accumulators on the hot path; loads go to typed arrays (`LoadLog`,
+56 bytes a load), so a long run keeps no object per load. Everything is turned into tidy polars
 frames (one row per token / layer / event, raw SI numbers) at the end.
 """
 
@@ -26,40 +26,50 @@ LAYER_FIELDS = (
 
 
 class LoadLog:
-    """Every load of a run, one row each in issue order (its `seqno`), in typed columns.
+    """Every load of a run, one row each in issue order (its `seqno`), in two typed arrays.
 
     A row is written when the load is issued (`add`) and completed when it ends (`finish`):
-    start and end time, and the bytes it really moved (less than its size if it was cut)."""
+    start and end time, and the bytes it really moved (less than its size if it was cut). Rows
+    are interleaved (`INTS` and `FLOATS` per row: one `fromlist` of each per load on the hot path);
+    the columns are numpy views (`col`, or an attribute of that name)."""
+
+    INTS = ("key", "token", "kind", "staging")  # int32
+    FLOATS = ("nbytes", "moved", "issued_s", "start_s", "end_s")  # float64
 
     def __init__(self) -> None:
-        self.key, self.token = array("i"), array("i")
-        self.kind, self.staging = array("b"), array("b")
-        self.nbytes, self.moved = array("d"), array("d")
-        self.issued_s, self.start_s, self.end_s = array("d"), array("d"), array("d")
+        self._ints, self._floats = array("i"), array("d")
 
     def __len__(self) -> int:
-        return len(self.key)
+        return len(self._ints) // 4
 
     def add(self, tr: Transfer) -> None:
         """Log a load as it is issued (loads are issued in `seqno` order, so row = seqno - 1)."""
-        self.key.append(tr.key)
-        self.token.append(tr.token)
-        self.kind.append(tr.priority)
-        self.staging.append(tr.staging)
-        self.nbytes.append(tr.nbytes)
-        self.moved.append(0.0)
-        self.issued_s.append(tr.issued_s)
-        self.start_s.append(-1.0)
-        self.end_s.append(-1.0)
+        self._ints.fromlist([tr.key, tr.token, tr.priority, tr.staging])
+        self._floats.fromlist([tr.nbytes, 0.0, tr.issued_s, -1.0, -1.0])
 
     def finish(self, tr: Transfer, moved_bytes: float) -> None:
-        i = tr.seqno - 1
-        self.start_s[i], self.end_s[i], self.moved[i] = tr.start_s, tr.done_s, moved_bytes
+        i, f = 5 * tr.seqno - 5, self._floats
+        f[i + 1], f[i + 3], f[i + 4] = moved_bytes, tr.start_s, tr.done_s
+
+    def col(self, name: str) -> np.ndarray:
+        """One column as a numpy array (a copy: the log can still grow)."""
+        if name in self.INTS:
+            a, width, j, dt = self._ints, 4, self.INTS.index(name), np.int32
+        else:
+            a, width, j, dt = self._floats, 5, self.FLOATS.index(name), np.float64
+        if not len(a):
+            return np.zeros(0, dt)
+        return np.frombuffer(a, dtype=dt).reshape(-1, width)[:, j].copy()
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name in LoadLog.INTS or name in LoadLog.FLOATS:
+            return self.col(name)
+        raise AttributeError(name)
 
     def moved_by_token(self) -> dict[int, float]:
         """Bytes moved by the loads each token issued."""
         out: dict[int, float] = {}
-        for t, b in zip(self.token, self.moved, strict=True):
+        for t, b in zip(self.col("token").tolist(), self.col("moved").tolist(), strict=True):
             out[t] = out.get(t, 0.0) + b
         return out
 
@@ -98,18 +108,17 @@ class Recorder:
 
     def events_frame(self, experts: int) -> pl.DataFrame:
         lg = self.loads
-        key = np.frombuffer(lg.key, dtype=np.int32).astype(np.int64) if len(lg) else np.zeros(0, np.int64)
-        col = lambda a, dt: np.frombuffer(a, dtype=dt) if len(lg) else np.zeros(0, dt)  # noqa: E731
+        key = lg.col("key").astype(np.int64)
         loads = pl.DataFrame({
-            "kind": [KIND[k] for k in lg.kind],
-            "token": col(lg.token, np.int32).astype(np.int64),
+            "kind": [KIND[k] for k in lg.col("kind").tolist()],
+            "token": lg.col("token").astype(np.int64),
             "layer": key // experts,
             "expert": key % experts,
-            "bytes": col(lg.nbytes, np.float64),
-            "issued_s": col(lg.issued_s, np.float64),
-            "start_s": col(lg.start_s, np.float64),
-            "end_s": col(lg.end_s, np.float64),
-            "staging": col(lg.staging, np.int8).astype(bool),
+            "bytes": lg.col("nbytes"),
+            "issued_s": lg.col("issued_s"),
+            "start_s": lg.col("start_s"),
+            "end_s": lg.col("end_s"),
+            "staging": lg.col("staging").astype(bool),
         }, schema_overrides={"kind": pl.String})
         loads = loads.with_columns(pl.lit("link").alias("lane"), pl.lit(None, pl.String).alias("what"))
         ops = pl.DataFrame(self.ops, schema_overrides={"token": pl.Int64, "layer": pl.Int64})

@@ -23,8 +23,9 @@ bandwidth or more channels never slow a demand-only run (`tests/test_physics.py`
 
 `MemoryBus` answers "how long does reading `nbytes` from `t0` take" from the link's copy bodies
 (`sim.engine.link.CopyLink.copy_bodies`): it keeps the cumulative bandwidth left to compute, W(t), as a
-piecewise-linear function rebuilt whenever the link's schedule changes (a submit or a preempt),
-so that an op costs two bisections. `sim/engine/naive.py` simulates the same model the direct way (a
+piecewise-linear function rebuilt when the link's schedule changes (a submit or a preempt), so
+that an op costs two bisections; a submit that only adds a copy after every other one (one
+channel) extends the profile instead (`MemoryBus.added`). `sim/engine/naive.py` simulates the same model the direct way (a
 compute process re-rated at every copy start and end), and the two agree to 1e-9.
 """
 
@@ -38,10 +39,12 @@ FLOOR = 0.1  # compute keeps at least this share of the memory bandwidth
 class MemoryBus:
     """The device memory bandwidth that a link's copies leave to compute, over time.
 
-    States: the profile is valid for one `link.version`; any submit or preempt on the link bumps
-    the version and the next query rebuilds it from the copies that end after that query's
-    start. Queries come from one owner (the compute stream) in time order, and it issues nothing
-    before the op it asks about has ended, so the copies already submitted are all there is."""
+    States: *valid* or *stale*. The link tells it of each change of its schedule: a submit that
+    only adds a copy body after every other one extends a valid profile (`added`); any other
+    submit, or a preempt, makes it stale (`changed`), and the next query rebuilds it from the
+    copies that end after that query's start. Queries come from one owner (the compute stream) in
+    time order, and it issues nothing before the op it asks about has ended, so the copies
+    already submitted are all there is."""
 
     def __init__(self, memory_Bps: float, copy_Bps: float, link):
         if memory_Bps <= 0 or copy_Bps <= 0:
@@ -49,8 +52,11 @@ class MemoryBus:
         self.memory_Bps = float(memory_Bps)
         self.copy_Bps = float(copy_Bps)
         self.floor_Bps = FLOOR * self.memory_Bps
+        self._rate_one = self._rate(1)
         self.link = link
-        self._version = -1
+        link.profile = self
+        self.stale = True
+        self._t0_s = 0.0  # the last query's start of reading: queries never go back before it
         #: change points of n(t), the rate left to compute after each, and W at each point
         self._times: list[float] = []
         self._rates: list[float] = []
@@ -76,46 +82,57 @@ class MemoryBus:
             rates.append(self._rate(n))
             work.append(w)
         self._times, self._rates, self._work = times, rates, work
-        self._version = self.link.version
+        self.stale = False
 
-    def _extend(self, b0: float, b1: float) -> None:
-        """Add one copy body after every other (the link's `last_append`): two change points."""
+    def changed(self) -> None:
+        """The link's schedule changed in a way `added` cannot describe: rebuild at the next query."""
+        self.stale = True
+
+    def added(self, b0: float, b1: float) -> None:
+        """The link added a copy body `[b0, b1]` that starts after every other: two change points."""
+        if self.stale:
+            return
         times, rates, work = self._times, self._rates, self._work
-        if len(times) > 64:  # queries only move forward: forget the change points far behind
-            self._times, self._rates, self._work = times, rates, work = times[-8:], rates[-8:], work[-8:]
-        w = work[-1] + rates[-1] * (b0 - times[-1]) if times else 0.0
+        if times and b0 < times[-1]:
+            self.stale = True
+            return
+        if len(times) > 64:  # queries only move forward: forget the change points before the last one's segment
+            i = bisect.bisect_right(times, self._t0_s) - 1
+            if i > 0:
+                del times[:i], rates[:i], work[:i]
+                base = work[0]  # W counts from the first point kept: it stays small, and precise
+                work[:] = [w - base for w in work]
         if b1 > b0:
-            one = self._rate(1)
+            w = work[-1] + rates[-1] * (b0 - times[-1]) if times else 0.0
+            one = self._rate_one
             times += (b0, b1)
-            rates += (one, self._rate(0))
+            rates += (one, self.memory_Bps)  # the rate left beside one copy, then beside none
             work += (w, w + one * (b1 - b0))
 
-    def memory_time_s(self, t0_s: float, nbytes: float) -> float:
-        """Time from `t0_s` until `nbytes` have been read at the bandwidth the copies leave."""
-        version = self.link.version
-        if self._version != version:
-            app = self.link.last_append
-            if (app is not None and app[0] == version == self._version + 1
-                    and (not self._times or app[1] >= self._times[-1])):
-                self._extend(app[1], app[2])
-                self._version = version
-            else:
-                self._rebuild(t0_s)
+    def op_s(self, work, start_s: float) -> float:
+        """The duration of `work` (a `sim.machine.cost.OpWork`) started at `start_s` beside the copies:
+        its overhead, then the larger of its matmul time and the time its `nbytes` take to read
+        from the end of the overhead at the bandwidth the copies leave."""
+        overhead_s, nbytes = work.overhead_s, work.nbytes
+        t0_s = start_s + overhead_s
+        self._t0_s = t0_s
+        if self.stale:
+            self._rebuild(t0_s)
         times = self._times
         if not times or t0_s >= times[-1]:  # no copy in flight from t0 on
-            return nbytes / self.memory_Bps
-        rates, work = self._rates, self._work
+            return overhead_s + max(nbytes / self.memory_Bps, work.matmul_s)
+        rates, cum = self._rates, self._work
         i = bisect.bisect_right(times, t0_s) - 1  # the segment holding t0 (-1: before the first copy)
         if i < 0:
             w0 = (t0_s - times[0]) * self.memory_Bps  # W before the first change point (negative)
             if w0 + nbytes <= 0.0:
-                return nbytes / self.memory_Bps
+                return overhead_s + max(nbytes / self.memory_Bps, work.matmul_s)
         else:
-            w0 = work[i] + (t0_s - times[i]) * rates[i]
+            w0 = cum[i] + (t0_s - times[i]) * rates[i]
         target = w0 + nbytes
-        j = bisect.bisect_right(work, target) - 1  # the segment where W reaches the target
+        j = bisect.bisect_right(cum, target) - 1  # the segment where W reaches the target
         if j < 0:
             end = times[0] + target / self.memory_Bps
         else:
-            end = times[j] + (target - work[j]) / rates[j]
-        return max(end - t0_s, 0.0)
+            end = times[j] + (target - cum[j]) / rates[j]
+        return overhead_s + max(max(end - t0_s, 0.0), work.matmul_s)

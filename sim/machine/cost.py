@@ -50,7 +50,7 @@ class OpWork:
 
     def shared_s(self, start_s: float, bus) -> float:
         """Its duration from `start_s` beside the copies of a `sim.machine.contention.MemoryBus`."""
-        return self.overhead_s + max(bus.memory_time_s(start_s + self.overhead_s, self.nbytes), self.matmul_s)
+        return bus.op_s(self, start_s)
 
 
 class CostModel:
