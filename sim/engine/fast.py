@@ -14,6 +14,8 @@ channels, shared and separate memory, pipelining, prefill). `run` and `sweep` us
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from policies.base import CPU, LOAD
 from sim.engine.cache import ABSENT, RESIDENT
 from sim.engine.link import CopyLink
@@ -167,8 +169,7 @@ class FastMachine(SimulatedMachine):
         self.link.advance(float("inf"))
 
 
-def _done_s(tr: Transfer) -> float:
-    return tr.done_s
+_done_s = attrgetter("done_s")  # a transfer's end (a sort key)
 
 
 def decode_token(e, t: int, rec_ops: bool) -> None:

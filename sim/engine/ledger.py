@@ -52,7 +52,8 @@ class Ledger:
     def admit(self, key: int, priority: int, t: int, layer: int, nbytes: float, staging: bool,
               link_full: bool) -> bool | None:
         """Where a load of `key` goes, decided at step (t, `layer`): False = a cache slot (its victims
-        evicted, the slot taken), True = a staging buffer (counted), None = refused (a prefetch)."""
+        evicted, the slot taken), True = a staging buffer (counted), None = refused (a prefetch).
+        `link_full`: every channel busy (only read for an idle-only prefetch)."""
         prefetch = self.prefetch
         if priority == PREFETCH and prefetch.idle_only and link_full:
             self.prefetch_skipped += 1

@@ -69,7 +69,8 @@ def load(e, key: int, priority: int, t: int, layer: int, nbytes: float | None = 
     m, ledger = e.machine, e.ledger
     if nbytes is None:
         nbytes = e.expert_bytes
-    where = ledger.admit(key, priority, t, layer, nbytes, staging, m.link_full())
+    full = priority == PREFETCH and e.prefetch.idle_only and m.link_full()  # asked only when it matters
+    where = ledger.admit(key, priority, t, layer, nbytes, staging, full)
     if where is None:
         return None
     if priority == DEMAND and e.yield_chunk_bytes:
