@@ -136,6 +136,9 @@ class PrefetchPolicy:
     schedule: object | None = None
     #: predictions are modelled, not read from the trace (flagged in the summary)
     modelled: bool = False
+    #: it plans on the replay's order of steps (`Context.steps`, an offline schedule): valid for
+    #: `workload.kind=replay` only (a serving run, whose order the scheduler decides, refuses it)
+    reads_replay_future: bool = False
 
     def __init__(self, knobs: object, ctx: Context):
         self.knobs = knobs
@@ -145,11 +148,21 @@ class PrefetchPolicy:
         """Keys to prefetch after layer `layer` of token t has gated. Present ones are skipped."""
         return []
 
+    def on_batch(self, rows: list[int], layer: int) -> list[int]:
+        """Keys to prefetch after layer `layer` of a batched step whose decode tokens are `rows`
+        (serving). Default: what `on_layer` names for each token, each key once, in the order
+        first named (batch-unaware; `pregate_union` ranks by the tokens that need each)."""
+        if len(rows) == 1:
+            return self.on_layer(rows[0], layer)
+        return list(dict.fromkeys(k for t in rows for k in self.on_layer(t, layer)))
+
 
 class CachePolicy:
     """Chooses eviction victims. Keys are `layer * E + expert`."""
 
     name = "?"
+    #: it reads the replay's future (`Context.steps`): `workload.kind=replay` only (as `PrefetchPolicy`'s)
+    reads_replay_future: bool = False
 
     def __init__(self, knobs: object, ctx: Context):
         self.knobs = knobs

@@ -57,6 +57,7 @@ _UNPLANNED = object()
 
 @CACHE.register("belady")
 class Belady(CachePolicy):
+    reads_replay_future = True  # the future of the replay's steps
     @dataclass
     class Knobs:
         scope: str = "global"

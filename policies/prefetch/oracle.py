@@ -21,6 +21,7 @@ from sim.errors import UserError
 
 @PREFETCH.register("oracle")
 class Oracle(PrefetchPolicy):
+    reads_replay_future = True  # an offline schedule of the replay's steps
     stage_without_slot = True  # the loads MIN bypasses wait for their step in staging buffers
     def __init__(self, knobs: object, ctx: Context):
         super().__init__(knobs, ctx)

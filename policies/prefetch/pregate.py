@@ -121,7 +121,17 @@ class Pregate(PrefetchPolicy):
                 ids = np.argsort(-tr.pregate[d], axis=-1, kind="stable")[..., :k]  # [T, L, k]
             self.pred[d] = (ids + (np.arange(L)[None, :, None] + d) * E).astype(np.int32)  # key in layer l + d
         self._layers = L
-        self._row_t, self._rows = -1, {}
+        self._by_t: dict[int, dict] = {}  # token -> its predictions as lists, kept while its step (or batch) runs
+
+    def _predictions(self, t: int) -> dict[int, list[list[int]]]:
+        """Token t's predicted keys per depth and layer, as lists (fast scalar access), kept while
+        its step (or batch) runs."""
+        rows = self._by_t.get(t)
+        if rows is None:
+            if len(self._by_t) >= 4096:  # more than a step holds (batch.max_tokens)
+                self._by_t.clear()
+            rows = self._by_t[t] = {d: pred[t].tolist() for d, pred in self.pred.items()}
+        return rows
 
     @staticmethod
     def _accuracy_spec(spec: str) -> None:
@@ -167,9 +177,10 @@ class Pregate(PrefetchPolicy):
         # on the simulator's hot path: `first_absent`, inline
         out: list[int] = []
         state, count = self.ctx.cache.state, self.knobs.count
-        if t != self._row_t:  # this token's predictions as lists (fast scalar access)
-            self._row_t, self._rows = t, {d: pred[t].tolist() for d, pred in self.pred.items()}
-        for d, pred in self._rows.items():  # depths 1, 2, ... in order
+        rows = self._by_t.get(t)
+        if rows is None:
+            rows = self._predictions(t)
+        for d, pred in rows.items():  # depths 1, 2, ... in order
             if layer + d >= self._layers:
                 break
             n = 0

@@ -116,7 +116,7 @@ class Engine:
         self._n = (ids >= 0).sum(-1).astype(np.int32)  # [T, L] experts run (the kept ones come first)
         self._w = np.asarray(plan.weights, dtype=np.float64)  # [T, L, k]
         self._dL = np.asarray(plan.dL, dtype=np.float64)  # [T, L]
-        self._row_t = -1
+        self._rows: dict[int, tuple] = {}  # token -> its decisions as lists (`decide`)
 
     def decide(self, t: int, layer: int) -> tuple[list[int], list[float], float]:
         """(keys of the experts that run, their weights, dL) of token t at `layer`."""
@@ -124,10 +124,13 @@ class Engine:
             ids, ws, dL = self.gating.decide(t, layer)
             base = layer * self.E
             return [base + e for e in ids if e >= 0], ws, dL
-        if t != self._row_t:
-            self._row_t = t
-            self._row = (self._keys[t].tolist(), self._w[t].tolist(), self._dL[t].tolist(), self._n[t].tolist())
-        keys, w, dL, n = self._row
+        row = self._rows.get(t)
+        if row is None:  # this token's decisions as lists, kept while its step (or batch) runs
+            if len(self._rows) >= 4096:  # more than a step holds (batch.max_tokens)
+                self._rows.clear()
+            row = self._rows[t] = (self._keys[t].tolist(), self._w[t].tolist(), self._dL[t].tolist(),
+                                   self._n[t].tolist())
+        keys, w, dL, n = row
         k = n[layer]
         return keys[layer][:k], w[layer][:k], dL[layer]
 
@@ -240,11 +243,12 @@ class Engine:
         if len(rows):
             pl_["dL"] = np.cumsum(np.vstack([np.asarray(pl_["dL"])[None, :], dL]), axis=0)[-1].tolist()
 
-    def _prefill(self, prompt: list[int]):
-        """A prompt's prefill: one batch per layer (a generator, as the steps)."""
+    def _prefill(self, prompt: list[int], tally=None):
+        """A prompt's prefill: one batch per layer (a generator, as the steps); `tally`: a
+        `sim.engine.step.BatchTally` to count its experts in (serving)."""
         m = self.machine
         for layer in range(self.L):
-            yield from prefill_layer(self, prompt, layer)
+            yield from prefill_layer(self, prompt, layer, tally)
         end = m.token_done()
         pf = self.rec.prefill
         pf["seq"].append(int(self.ctx.trace.seq[prompt[0]]))

@@ -126,6 +126,15 @@ class EventMachine(SimulatedMachine):
     def attention(self, layer: int, context: int, new_tokens: int) -> Pending:
         return self._compute(self.cost.attention_work(context, new_tokens))
 
+    def attention_batch(self, layer: int, pairs: list[tuple[int, int]]) -> Pending:
+        return self._compute(self.cost.batch_attention_work(pairs))
+
+    def run_op(self, work: OpWork) -> Pending:
+        return self._compute(work)
+
+    def idle_until(self, t_s: float) -> Pending:
+        return Pending(self.env.timeout(max(0.0, t_s - self.env.now)))
+
     def compute(self, key: int, tokens: int, weight: float) -> Pending:
         return self._compute(self.cost.expert_work(tokens))
 

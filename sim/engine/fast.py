@@ -84,6 +84,24 @@ class FastMachine(SimulatedMachine):
         self.now = a0 + d
         self.compute_busy_s += d
 
+    def attention_batch(self, layer: int, pairs: list[tuple[int, int]]) -> None:
+        """A batch's non-expert work: each request's (context, new tokens) (`CostModel.batch_attention_work`)."""
+        self.run_op(self.cost.batch_attention_work(pairs))
+
+    def run_op(self, work) -> None:
+        """An op on the compute stream (a `sim.machine.cost.OpWork`: a batch's attention, a draft model)."""
+        if self.bus is not None:
+            d = self.bus.op_s(work, self.now)
+        else:
+            d = work.overhead_s + max(work.nbytes / self.cost.device.memory_bandwidth_Bps, work.matmul_s)
+        self.now += d
+        self.compute_busy_s += d
+
+    def idle_until(self, t_s: float) -> None:
+        """Nothing to run until `t_s` (the next request's arrival): the compute stream waits."""
+        if t_s > self.now:
+            self.now = t_s
+
     def _expert_s(self, start_s: float, tokens: int, fraction: float = 1.0) -> float:
         if self.bus is not None:
             work = self.expert_work if tokens == 1 and fraction == 1.0 else self.cost.expert_work(tokens, fraction)

@@ -164,6 +164,22 @@ class Ledger:
         self.unused.discard(key)
         self.rec.per_layer["prefetch_wasted"][layer] += 1
 
+    def resize_cache(self, capacity_bytes: float, t: int) -> None:
+        """The expert cache may now use `capacity_bytes` (serving with a shared KV cache: it shrinks
+        as KV grows, grows back as requests finish). Shrinking evicts through the cache policy, as
+        if it made room in the layer that holds the most experts, until the residents fit; experts
+        still loading cannot be evicted, so the cache may stay over until they land (the next
+        call tries again; a load never starts without room)."""
+        cache = self.cache
+        cache.capacity_bytes = float(capacity_bytes)
+        while cache.used_bytes > cache.capacity_bytes * (1 + 1e-12):
+            layer = max(range(cache.layers), key=cache.per_layer.__getitem__)
+            victims = self.cache_policy.victims(layer * self.E, 0.0, t, layer)
+            if not victims:
+                return
+            for v in victims:
+                self.evict(v)
+
     def finish(self) -> None:
         """The run is over: prefetches never used count as wasted."""
         for key in self.unused:

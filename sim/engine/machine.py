@@ -5,6 +5,9 @@ a `sim.engine.step.Pending` holding a SimPy event whose value is the result (the
 
     now                          the compute stream's clock (s)
     attention(layer, ctx, n)     a layer's non-expert work for n new tokens at context ctx
+    attention_batch(layer, pairs)   the same for a batch of requests' (context, new tokens)
+    run_op(work)                 an op on the compute stream (a `sim.machine.cost.OpWork`: a draft model)
+    idle_until(t_s)              nothing to run until t_s (serving: the next arrival)
     settle()                     apply the transfers that ended by now (in time order)
     link_full()                  every channel busy (settled first)
     issue(key, nbytes, prio, staging, t, layer) -> Transfer       a load, admitted by the ledger

@@ -51,6 +51,10 @@ class LoadLog:
         i, f = 5 * tr.seqno - 5, self._floats
         f[i + 1], f[i + 3], f[i + 4] = moved_bytes, tr.start_s, tr.done_s
 
+    def nbytes_since(self, row: int) -> float:
+        """Bytes of the loads logged from row `row` on (their sizes, as issued)."""
+        return float(sum(self._floats[5 * row::5]))
+
     def col(self, name: str) -> np.ndarray:
         """One column as a numpy array (a copy: the log can still grow)."""
         if name in self.INTS:

@@ -32,7 +32,10 @@ A demand load that finds every channel busy cuts the running prefetch that frees
 soonest at its next chunk boundary, if the prefetch policy issues chunks (never one this layer
 needs). Prefill runs one batch per layer over the prompt: the union of its experts, each computed
 once on its tokens, resident ones first, then loads with at most `staging_buffers` outstanding,
-computed in issue order; no prefetch.
+computed in issue order; no prefetch. A serving run's batched step (`batch_layer`, docs/serving.md)
+is the same over several requests' tokens, with each request's attention context and the
+prefetch policy told of the step's decode tokens; a prompt's prefill is `batch_layer` with one
+request.
 """
 
 from __future__ import annotations
@@ -179,11 +182,12 @@ def _classify(e, t: int, layer: int, keys: list[int], ws: list[float], dL: float
     return ready, waiting, cpu_keys, hits, dL
 
 
-def _prefetch(e, t: int, layer: int) -> None:
-    """Step 4: the prefetch policy's loads for later layers, after this layer's demand loads."""
+def _prefetch(e, t: int, layer: int, rows: list[int] | None = None) -> None:
+    """Step 4: the prefetch policy's loads for later layers, after this layer's demand loads (for
+    token t, or for the decode tokens `rows` of a batched step)."""
     ledger, prefetch = e.ledger, e.prefetch
     state, inflight = ledger.cache.state, ledger.inflight
-    for pk in prefetch.on_layer(t, layer):
+    for pk in (prefetch.on_layer(t, layer) if rows is None else prefetch.on_batch(rows, layer)):
         if state[pk] == ABSENT and pk not in inflight:
             if load(e, pk, PREFETCH, t, layer, None, ledger.prefetch_staging) is None and prefetch.stop_at_first_skip:
                 break
@@ -267,16 +271,39 @@ def _count(e, layer: int, keys: list[int], hits: int, dL: float, tally: Tally) -
         pl_["dL"][layer] += dL
 
 
-def prefill_layer(e, prompt: list[int], layer: int):
+class BatchTally:
+    """The counters of one batched step (`batch_layer`), summed over its layers."""
+
+    __slots__ = ("union", "hits", "demand", "stall_s")
+
+    def __init__(self) -> None:
+        self.union = self.hits = self.demand = 0
+        self.stall_s = 0.0
+
+
+def prefill_layer(e, prompt: list[int], layer: int, tally: BatchTally | None = None):
     """Layer `layer` of a prompt's prefill: one batch over its tokens (the module docstring)."""
+    yield from batch_layer(e, layer, prompt, [(0, len(prompt))], (), tally)
+
+
+def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], decode_rows, tally: BatchTally | None):
+    """Layer `layer` of a batched step: the tokens of trace `rows` (prompt chunks, decode and
+    verify positions of several requests), attention over each request's (context, new tokens)
+    in `pairs`, then the union of the rows' experts, each computed once on the tokens it serves:
+    resident ones first (most tokens first), then loads with at most `staging_buffers`
+    outstanding, each computed once its load is in, in issue order. The prefetch policy is asked
+    for each of `decode_rows` (none for a prefill) after the first loads are issued, and a layer
+    waits for the prefetches aimed at it as in `decode_layer`. Every absent expert is loaded
+    (placement on the CPU or in low precision applies to batch-1 decode steps). A prompt's
+    prefill is this step with one request and no decode rows."""
     m, ledger = e.machine, e.ledger
     cache = ledger.cache
-    t0, P = prompt[0], len(prompt)
-    r = m.attention(layer, 0, P)
-    if r.__class__ is Pending:
-        yield r.event
+    t0 = rows[0]  # the step is booked at its first token
+    a = m.attention(layer, pairs[0][0], pairs[0][1]) if len(pairs) == 1 else m.attention_batch(layer, pairs)
+    if a.__class__ is Pending:
+        yield a.event
     counts: dict[int, int] = {}
-    for t in prompt:
+    for t in rows:
         for k in e.decide(t, layer)[0]:
             counts[k] = counts.get(k, 0) + 1
     r = m.settle()
@@ -291,18 +318,39 @@ def prefill_layer(e, prompt: list[int], layer: int):
             if r.__class__ is Pending:
                 yield r.event
             on_access(key, t0)
+            if tally is not None:
+                tally.hits += 1
+            if decode_rows and key in ledger.unused:  # a prefetch that arrived in time
+                ledger.unused.discard(key)
+                e.rec.per_layer["prefetch_used"][layer] += 1
         else:
             todo.append(key)
+    if tally is not None:
+        tally.union += len(counts)
     # loads: at most `staging_buffers` outstanding; each computed once its load is in, in issue order
     outstanding: list = []
+    asked = not decode_rows
     while todo or outstanding:
         while todo and len(outstanding) < ledger.staging_buffers:
             key = todo.pop(0)
             r = m.settle()
             if r.__class__ is Pending:
                 yield r.event
-            if key in ledger.inflight:  # already on its way (a prefetch from the last token)
-                outstanding.append(ledger.inflight[key])
+            tr = ledger.inflight.get(key)
+            if tr is not None and (tr.cancelled or tr.cancel_requested):  # a prefetch cut for a demand load
+                r = m.wait_ended(tr)  # until it has stopped: the expert is absent then, and loaded below
+                if r.__class__ is Pending:
+                    r = yield r.event
+                if tally is not None:
+                    tally.stall_s += r
+                todo.insert(0, key)
+                continue
+            if tr is not None:  # already on its way (a prefetch from the last token)
+                outstanding.append(tr)
+                if decode_rows and key in ledger.unused:
+                    ledger.unused.discard(key)
+                    e.rec.per_layer["prefetch_used"][layer] += 1
+                    e.rec.per_layer["prefetch_late"][layer] += 1
                 continue
             if cache.state[key] == RESIDENT:  # arrived meanwhile
                 r = m.compute(key, counts[key], 1.0)
@@ -313,11 +361,39 @@ def prefill_layer(e, prompt: list[int], layer: int):
             cache.pinned.update(tr.key for tr in outstanding)
             outstanding.append(load(e, key, DEMAND, t0, layer))
             cache.pinned.clear()
+            if tally is not None:
+                tally.demand += 1
+        if not asked:  # the prefetch policy, told of the step's decode rows, after the first loads
+            asked = True
+            cache.pinned.update(counts)
+            _prefetch(e, t0, layer, decode_rows)
+            cache.pinned.clear()
         tr = outstanding.pop(0)
         r = m.first_to_arrive([tr])  # in issue order, whatever arrives first
         if r.__class__ is Pending:
             yield r.event
         r = m.compute_loaded(tr, counts[tr.key], 1.0)
         if r.__class__ is Pending:
-            yield r.event
-        ledger.released(tr, t0, layer)
+            r = yield r.event
+        if tally is not None:
+            tally.stall_s += r[1]
+        if tr.staging and tr.priority == PREFETCH:  # its release may adopt it into the cache (AdapMoE's
+            cache.pinned.update(x.key for x in outstanding)  # admit-on-use), never in place of an expert
+            cache.pinned.update(todo)  # still to compute
+            ledger.released(tr, t0, layer)
+            cache.pinned.clear()
+        else:
+            ledger.released(tr, t0, layer)
+    if not asked:
+        cache.pinned.update(counts)
+        _prefetch(e, t0, layer, decode_rows)
+        cache.pinned.clear()
+    if decode_rows:  # AdapMoE: the prefetches aimed at this layer, waited for and dropped as in `decode_layer`
+        pending = ledger.by_target.pop(layer, None) if ledger.by_target else None
+        if pending and e.prefetch.wait_for_prefetch:
+            stall = Tally()
+            yield from _wait_for(e, layer, pending, stall)
+            if tally is not None:
+                tally.stall_s += stall.stall_s
+        if pending and ledger.prefetch_staging:
+            ledger.drop_unused_staged(pending, layer)

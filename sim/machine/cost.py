@@ -101,6 +101,16 @@ class CostModel:
             w = self._attn_work[key] = self.device.work(*self._attention_work(context_tokens, new_tokens), N_ATTN_KERNELS)
         return w
 
+    def batch_attention_work(self, pairs: list[tuple[int, int]]) -> OpWork:
+        """One layer's non-expert work for a batch: each request's (context tokens, new tokens).
+        The weights are read once for the batch; each request reads its own KV cache."""
+        p = self.preset
+        new = sum(n for _, n in pairs)
+        nbytes = p.non_expert_bytes_per_layer + self.kv_bytes_per_token * sum(c + n for c, n in pairs)
+        flops = p.non_expert_flops_per_token_per_layer * new + sum(
+            4.0 * p.heads * p.head_dim * n * (c + n) for c, n in pairs)
+        return self.device.work(nbytes, flops, N_ATTN_KERNELS)
+
     def expert_work(self, tokens: int = 1, fraction: float = 1.0) -> OpWork:
         """One expert (or `fraction` of it: 1/3 is one of its GEMMs) on `tokens` tokens, on the device."""
         return self.device.work(self.expert_bytes * fraction, self.preset.expert_flops_per_token * tokens * fraction,
