@@ -17,6 +17,10 @@ from typing import Any
 from sim.args import parse_args
 from sim.engine.engine import EngineOptions
 from sim.errors import UserError
+from sim.serving.kv import MemoryOptions
+from sim.serving.metrics import SloOptions
+from sim.serving.scheduler import BatchOptions, SpecOptions
+from sim.serving.workload import WorkloadOptions
 
 DEFAULT_TRACE = "traces/toy"
 
@@ -47,6 +51,11 @@ class RunConfig:
     placement: dict[str, Any] = field(default_factory=dict)  # placement.name=POLICY and its knobs
     quant: QuantConfig = field(default_factory=QuantConfig)  # bytes per expert: overrides of the preset's
     engine: EngineOptions = field(default_factory=EngineOptions)  # what the engine simulates
+    workload: WorkloadOptions = field(default_factory=WorkloadOptions)  # replay (default), or many requests: open / closed loop (docs/serving.md)
+    batch: BatchOptions = field(default_factory=BatchOptions)  # serving: continuous batching
+    memory: MemoryOptions = field(default_factory=MemoryOptions)  # serving: the KV cache beside the expert cache
+    spec: SpecOptions = field(default_factory=SpecOptions)  # serving: speculative decoding
+    slo: SloOptions = field(default_factory=SloOptions)  # serving: the SLOs goodput counts
     seed: int = 0  # seeds every random choice of the run (same config and seed: same numbers)
     out: str = ""  # results folder; default results/<timestamp>-<name>
     name: str = ""  # run name (default: policy and hardware)

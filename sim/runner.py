@@ -62,6 +62,8 @@ class RunResult:
     events: pl.DataFrame
     hw: HardwareProfile
     preset: ModelPreset
+    requests: pl.DataFrame | None = None  # serving: one row per request (sim.serving.metrics.requests_frame)
+    steps: pl.DataFrame | None = None  # serving: one row per batched step
 
 
 def cache_capacity(cfg: RunConfig, preset: ModelPreset, hw: HardwareProfile, trace: Trace) -> tuple[int, float]:
@@ -163,6 +165,13 @@ def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | N
     with `oracle`/`bound` set, add the bound keys (`sim/offline/oracle.py`)."""
     if engine is None:
         engine, info = build_engine(cfg, trace, hw, preset)
+    if cfg.workload.kind != "replay":  # many requests (docs/serving.md)
+        if cfg.oracle or cfg.bound:
+            raise UserError("oracle=true and bound=true are defined for the replay (workload.kind=replay), "
+                            "not for a serving workload")
+        from sim.serving.run import simulate_serving
+
+        return simulate_serving(cfg, engine, info)
     rec: Recorder = engine.run()
     tokens = rec.tokens_frame()
     layers = rec.layers_frame()

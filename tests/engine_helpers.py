@@ -42,3 +42,22 @@ def config(**sections) -> RunConfig:
     for k, v in sections.items():
         setattr(cfg, k, v)
     return cfg
+
+
+#: the real Mixtral-8x7B HumanEval routing shared with the project (never committed)
+HUMANEVAL_LOG = __import__("sim").REPO_ROOT.parent / "shared" / "traces" / "mixtral-8x7b-humaneval" / "routing.jsonl"
+
+
+def import_humaneval(folder) -> str:
+    """The shared HumanEval log imported as a trace into `folder` (a test skips without the log)."""
+    import pytest
+
+    if not HUMANEVAL_LOG.is_file():
+        pytest.skip("shared Mixtral HumanEval log not present")
+    from sim.machine.models import load_preset
+    from sim.trace.format import write_trace
+    from sim.trace.importer import import_log
+
+    trace, _ = import_log(HUMANEVAL_LOG, "jsonl", load_preset("mixtral-8x7b"))
+    write_trace(trace, folder)
+    return str(folder)

@@ -20,13 +20,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import sim
 from policies.presets import PRESETS
 from sim.config import parse_run_config
 from sim.errors import UserError
 from sim.runner import simulate
 from sim.trace.synthetic import random_trace
-from tests.engine_helpers import config, hw, preset
+from tests.engine_helpers import config, hw, import_humaneval, preset
 
 GATINGS = {
     "topk": {"name": "topk"},
@@ -123,21 +122,11 @@ def test_no_preset_beats_the_lower_bound_many(name, sc):
 
 
 # ---------------------------------------------------------------- real and bundled traces
-HUMANEVAL = sim.REPO_ROOT.parent / "shared" / "traces" / "mixtral-8x7b-humaneval" / "routing.jsonl"
 
 
 @pytest.fixture(scope="module")
 def he_trace(tmp_path_factory):
-    if not HUMANEVAL.is_file():
-        pytest.skip("shared Mixtral HumanEval log not present")
-    from sim.machine.models import load_preset
-    from sim.trace.format import write_trace
-    from sim.trace.importer import import_log
-
-    trace, _ = import_log(HUMANEVAL, "jsonl", load_preset("mixtral-8x7b"))
-    out = tmp_path_factory.mktemp("he") / "he"
-    write_trace(trace, out)
-    return str(out)
+    return import_humaneval(tmp_path_factory.mktemp("he") / "he")
 
 
 def _real_cases(trace: str, sensitivity: str):

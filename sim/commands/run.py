@@ -33,6 +33,14 @@ def main(argv: list[str]) -> int:
         wall = time.perf_counter() - t0
         fill_results(res, tmp, report=cfg.report, title=name)
     s = res.summary
+    if res.requests is not None:  # a serving workload
+        from sim.serving.metrics import SERVING_SUMMARY_KEYS
+
+        print(f"{name}: {s['requests']} requests ({cfg.workload.kind} loop), {s['steps']} steps, cache "
+              f"{s['cache_slots']} experts of {s['expert_bytes'] / 1e6:.1f} MB, simulated in {wall:.2f} s")
+        print(summary_table(s, list(SERVING_SUMMARY_KEYS) + ["link_utilization", "compute_utilization"]))
+        print(f"results: {out}", file=sys.stderr)
+        return 0
     print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
           f"{s['expert_bytes'] / 1e6:.1f} MB, simulated in {wall:.2f} s")
     keys = list(SUMMARY_KEYS) + [k for k in BOUND_KEYS + ("prefetch_modelled", "prefetch_modelled_assumption",

@@ -103,7 +103,15 @@ def fill_results(res: RunResult, tmp: Path, *, report: bool = True, title: str =
     res.tokens.write_parquet(tmp / "tokens.parquet")
     res.layers.write_parquet(tmp / "layers.parquet")
     res.events.write_parquet(tmp / "events.parquet")
-    if report:
+    if res.requests is not None:  # a serving run
+        res.requests.write_parquet(tmp / "requests.parquet")
+        res.steps.write_parquet(tmp / "steps.parquet")
+    if report and res.requests is not None:
+        from sim.results.report import write_html
+        from sim.serving.report import serving_report
+
+        write_html(serving_report(res.summary, res.requests, res.steps, title or tmp.name), tmp / "report.html")
+    elif report:
         from sim.results.report import run_report, write_html
 
         write_html(run_report(res.summary, res.tokens, res.layers, res.events, title or tmp.name),

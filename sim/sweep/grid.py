@@ -34,6 +34,21 @@ NON_SEMANTIC_KEYS = ("out", "name", "report", "overwrite")
 #: when at the default, so that the sweep folders written before them still resume
 LATER_KEYS: dict[str, object] = {"plugins": ""}
 
+
+def _later_sections() -> dict[str, object]:
+    """The serving sections (added after sweep format 1) at their defaults, as `asdict` gives them."""
+    from sim.serving.kv import MemoryOptions
+    from sim.serving.metrics import SloOptions
+    from sim.serving.scheduler import BatchOptions, SpecOptions
+    from sim.serving.workload import WorkloadOptions
+
+    return {name: dataclasses.asdict(cls()) for name, cls in (
+        ("workload", WorkloadOptions), ("batch", BatchOptions), ("memory", MemoryOptions), ("spec", SpecOptions),
+        ("slo", SloOptions))}
+
+
+LATER_KEYS.update(_later_sections())
+
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RANGE_RE = re.compile(rf"^({_NUM}):({_NUM}):({_NUM})$")
 _PARTIAL_RANGE_RE = re.compile(rf"^{_NUM}:{_NUM}$")

@@ -1,0 +1,222 @@
+"""Serving workloads end to end (docs/serving.md): the replay reproduced by one closed-loop user,
+the union of experts a batched step runs checked against numpy, preemption, shared KV memory,
+speculative verification, the two machines, and the bad inputs (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from sim.cli import main
+from sim.config import parse_run_config
+from sim.runner import build_engine, load_trace, simulate
+from sim.serving.run import build_serving
+from tests.engine_helpers import import_humaneval
+
+ONE_USER = ["workload.kind=closed", "workload.users=1", "workload.order=trace"]
+
+
+@pytest.mark.parametrize("hw", ["jetson.yaml", "rtx4090.yaml"])
+@pytest.mark.parametrize("policy", ["baseline", "lfu", "mixtral_offloading", "adapmoe", "adapmoe_yield", "fiddler",
+                                    "hobbit"])
+def test_one_closed_user_reproduces_the_replay(policy, hw):
+    if policy == "fiddler" and hw == "jetson.yaml":
+        pytest.skip("CPU placement does not apply where experts live on storage")
+    base = [f"hw={hw}", f"policy={policy}", "cache.slots=64", "report=false"]
+    replay = simulate(parse_run_config(base))
+    served = simulate(parse_run_config(base + ONE_USER))
+    for col in ("start_s", "end_s", "stall_s", "demand_loads", "hits"):
+        assert served.tokens[col].to_list() == replay.tokens[col].to_list(), col
+    req = served.requests.sort("rid")
+    # each request's first token at its prefill's end, as the replay's TTFT
+    assert req["first_token_s"].to_list() == replay.tokens.group_by("seq", maintain_order=True).agg(
+        pl.col("start_s").first())["start_s"].to_list()
+    assert req.height == 16 and req["output_tokens"].to_list() == [129] * 16
+    assert served.summary["preemptions"] == 0
+
+
+def _lockstep_union(trace, seqs: list[int], prompt: bool) -> float:
+    """The mean over steps and layers of the distinct experts of the batch's tokens, computed
+    from the trace: one step with every prompt, then step i with decode token i of every request
+    still running (the schedule of B requests admitted together)."""
+    from sim.serving.workload import sequences
+
+    by_seq = {s: (p, d) for s, p, d in sequences(trace)}
+    experts = trace.experts.astype(np.int64)  # [T, L, k]
+    L = experts.shape[1]
+    unions = []
+    if prompt:
+        rows = [r for s in seqs for r in by_seq[s][0]]
+        unions.append(np.mean([np.unique(experts[rows, layer]).size for layer in range(L)]))
+    longest = max(len(by_seq[s][1]) for s in seqs)
+    for i in range(longest):
+        rows = [by_seq[s][1][i] for s in seqs if i < len(by_seq[s][1])]
+        unions.append(np.mean([np.unique(experts[rows, layer]).size for layer in range(L)]))
+    return float(np.mean(unions))
+
+
+def _union_case(trace_path: str, B: int, prompt: bool):
+    trace = load_trace(trace_path)
+    cfg = parse_run_config([f"trace={trace_path}", "hw=rtx4090.yaml", "cache.slots=64", "report=false",
+                            "workload.kind=closed", f"workload.users={B}", f"workload.requests={B}",
+                            "workload.order=trace", "gating.name=topk", "prefetch.name=none"])
+    res = simulate(cfg)
+    seqs = res.requests.sort("rid")["seq"].to_list()
+    return res.summary["union_experts_per_layer_mean"], _lockstep_union(trace, seqs, prompt)
+
+
+@pytest.mark.parametrize("B", [1, 2, 4, 8])
+def test_union_of_experts_equals_numpy_bundled(B):
+    got, want = _union_case("traces/toy", B, prompt=True)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def he_trace(tmp_path_factory):
+    return import_humaneval(tmp_path_factory.mktemp("he") / "he")
+
+
+@pytest.mark.parametrize("B", [1, 2, 4, 8])
+def test_union_of_experts_equals_numpy_humaneval(he_trace, B):
+    got, want = _union_case(he_trace, B, prompt=False)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_batching_shares_experts_and_every_request_finishes():
+    res = simulate(parse_run_config(["hw=rtx4090.yaml", "cache.slots=64", "report=false", "workload.kind=open",
+                                     "workload.rate=2", "workload.requests=24", "batch.max_requests=8"]))
+    s, req = res.summary, res.requests
+    assert s["requests"] == 24 and req["finish_s"].null_count() == 0
+    assert 1.0 < s["batch_size_mean"] <= 8.0
+    assert s["union_experts_per_layer_mean"] < 2 * s["batch_size_mean"]  # shared experts: less than top-2 each
+    assert (req["ttft_s"] > 0).all() and (req["e2e_s"] >= req["ttft_s"]).all()
+    assert (res.steps["requests"] <= 8).all()
+
+
+def test_preemption_recomputes_and_keeps_every_token():
+    # the Jetson's 8 GB leave ~90 MB of KV: four users of 192-token requests cannot all fit
+    res = simulate(parse_run_config(["hw=jetson.yaml", "report=false", "workload.kind=closed", "workload.users=4",
+                                     "workload.requests=8"]))
+    assert res.summary["preemptions"] > 0
+    assert res.requests["output_tokens"].to_list() == [129] * 8
+    assert res.summary["kv_bytes_peak"] <= res.summary["kv_budget_bytes"]
+
+
+def test_shared_kv_shrinks_the_expert_cache():
+    common = ["hw=rtx4090.yaml", "cache.slots=64", "report=false", "workload.kind=closed", "workload.users=8",
+              "workload.requests=8", "prefetch.name=none"]
+    kv_bytes = 8 * 192 * 131072 * 0.5  # half of what eight requests need at their end
+    static = simulate(parse_run_config(common + [f"memory.kv_bytes={kv_bytes * 2}"]))
+    shared = simulate(parse_run_config(common + [f"memory.kv_bytes={kv_bytes}", "memory.kv=shared"]))
+    cap = shared.summary["cache_slots"] * shared.summary["expert_bytes"]
+    exp = shared.steps["expert_cache_bytes"]
+    assert exp.min() < cap and exp.min() >= 2 * shared.summary["expert_bytes"]
+    assert (static.steps["expert_cache_bytes"] == cap).all()
+    assert shared.summary["bytes_loaded_per_output_token"] > static.summary["bytes_loaded_per_output_token"]
+
+
+@pytest.mark.parametrize("acceptance,per_step", [(1.0, 4), (0.0, 1)])
+def test_speculative_verify_advances_by_the_accepted(acceptance, per_step):
+    res = simulate(parse_run_config(ONE_USER + ["hw=rtx4090.yaml", "cache.slots=64", "report=false",
+                                                "workload.requests=2", "spec.k=3", f"spec.acceptance={acceptance}",
+                                                "spec.draft_s=0.001"]))
+    decode_steps = res.steps.filter(pl.col("decode_tokens") > 0)
+    # 128 decode tokens per request, verified per_step at a time (the last verify may be shorter)
+    assert decode_steps.height == 2 * -(-128 // per_step)
+    assert res.requests["output_tokens"].to_list() == [129, 129]
+    assert (decode_steps["decode_tokens"] <= 4).all()
+
+
+def test_same_seed_same_numbers_and_the_event_machine_agrees():
+    args = ["hw=jetson.yaml", "cache.slots=64", "report=false", "workload.kind=open", "workload.rate=0.5",
+            "workload.requests=6", "batch.max_requests=4", "workload.max_output=12", "batch.prefill_chunk=16"]
+    a = simulate(parse_run_config(args)).summary
+    b = simulate(parse_run_config(args)).summary
+    assert a == b
+    cfg = parse_run_config(args)
+    ends = {}
+    for machine in ("fast", "events"):
+        engine, info = build_engine(cfg, machine=machine)
+        serving = build_serving(cfg, engine, info)
+        serving.run()
+        ends[machine] = np.array([s.end_s for s in serving.steps])
+    assert ends["fast"].shape == ends["events"].shape
+    np.testing.assert_allclose(ends["fast"], ends["events"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["workload.kind=open", "workload.rate=0"], "workload.rate"),
+    (["workload.kind=closed", "workload.users=0"], "workload.users"),
+    (["workload.kind=open", "batch.max_requests=0"], "batch.max_requests"),
+    (["workload.kind=open", "memory.kv_bytes=1000"], "cannot hold one request's context"),
+    (["workload.kind=open", "spec.k=200"], "spec.k=200"),
+    (["workload.kind=open", "cache.name=belady"], "replay's order"),
+    (["workload.kind=open", "oracle=true"], "oracle=true"),
+])
+def test_bad_serving_inputs(args, match, tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(["run", "hw=rtx4090.yaml", f"out={out}", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_bad_arrivals_file(tmp_path, capsys):
+    f = tmp_path / "arrivals.csv"
+    f.write_text("arrival_s\n0.5\n-1.0\n")
+    out = tmp_path / "res"
+    rc = main(["run", "hw=rtx4090.yaml", f"out={out}", "workload.kind=open", f"workload.arrivals={f}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "row 2" in err and not out.exists(), err
+
+
+def test_serving_results_folder(tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(["run", "hw=rtx4090.yaml", "cache.slots=64", f"out={out}", "workload.kind=open", "workload.rate=1",
+               "workload.requests=4", "slo.ttft_s=5", "slo.tpot_s=1"])
+    assert rc == 0
+    for f in ("summary.json", "config.yaml", "requests.parquet", "steps.parquet", "report.html"):
+        assert (out / f).is_file(), f
+    s = json.loads((out / "summary.json").read_text())
+    req = pl.read_parquet(out / "requests.parquet")
+    assert s["requests"] == req.height == 4
+    good = req.filter((pl.col("ttft_s") <= 5) & (pl.col("tpot_mean_s") <= 1)).height
+    makespan = req["finish_s"].max() - req["arrival_s"].min()
+    assert s["goodput_requests_per_s"] == pytest.approx(good / makespan)
+
+
+def test_pregate_union_ranks_the_batch_votes():
+    """Hand-computed: 3 tokens predict layer 1's experts [5, 6], [6, 7], [6, 5] (keys of layer 1 =
+    8 + expert); with count=2 the votes are 6: 3, 5: 2, 7: 1; expert 5 is resident, so the
+    prefetches are 14 then 15 (limit=0), or only 14 (limit=1)."""
+    from types import SimpleNamespace
+
+    from policies.prefetch.pregate_union import PregateUnion
+    from sim.engine.cache import ABSENT, RESIDENT
+
+    pol = object.__new__(PregateUnion)
+    E = 8
+    pred = np.zeros((3, 2, 2), dtype=np.int32)
+    pred[:, 0] = np.array([[5, 6], [6, 7], [6, 5]]) + E  # made at layer 0 for layer 1
+    state = [ABSENT] * (2 * E)
+    state[E + 5] = RESIDENT
+    pol.pred, pol._layers, pol._by_t = {1: pred}, 2, {}
+    pol.ctx = SimpleNamespace(cache=SimpleNamespace(state=state))
+    pol.knobs = PregateUnion.Knobs(count=2, limit=0)
+    assert pol.on_batch([0, 1, 2], 0) == [E + 6, E + 7]
+    pol.knobs = PregateUnion.Knobs(count=2, limit=1)
+    assert pol.on_batch([0, 1, 2], 0) == [E + 6]
+    pol.knobs = PregateUnion.Knobs(count=1, limit=0)  # first choices only: 5 (resident), 6, 6
+    assert pol.on_batch([0, 1, 2], 0) == [E + 6]
+    assert pol.on_batch([0, 1, 2], 1) == []  # no layer after the last
+
+
+def test_the_real_run_refuses_a_serving_workload():
+    from sim.errors import UserError
+    from sim.realrun.build import parse_realrun
+
+    with pytest.raises(UserError, match="batch-1 replay only"):
+        parse_realrun(["workload.kind=open"])
