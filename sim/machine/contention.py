@@ -18,8 +18,12 @@ bandwidth, not for the op's whole duration. With `n(t) * b <= (1 - FLOOR) * B` c
 together never use more than `B`, so a faster link moves the same bytes in less time and takes
 the same bandwidth-time from compute; beyond that the floor keeps compute at 10% (the copies are
 not slowed: `B` is the bandwidth compute attains, which on a CPU is well below what the memory
-bus can carry, so a copy can be as fast as a GEMV's reads). More link bandwidth, more memory
-bandwidth or more channels never slow a demand-only run (`tests/test_physics.py`).
+bus can carry, so a copy can be as fast as a GEMV's reads). A copy costs compute nothing while it
+overlaps an op's launch overhead or a wait (the memory is idle then), so a faster link, memory or
+more channels, which move copies relative to ops, can make a demand-only token later, by at most
+its copies' bytes at the memory bandwidth (a faster copy that no longer overlaps a gap takes all
+of its bandwidth-time from an op's body); where copies do not share memory bandwidth they never
+slow one (`tests/test_physics.py`, `contention_slack_s`).
 
 `MemoryBus` answers "how long does reading `nbytes` from `t0` take" from the link's copy bodies
 (`sim.engine.link.CopyLink.copy_bodies`): it keeps the cumulative bandwidth left to compute, W(t), as a
