@@ -130,9 +130,12 @@ def test_speculative_verify_advances_by_the_accepted(acceptance, per_step):
     assert (decode_steps["decode_tokens"] <= 4).all()
 
 
-def test_same_seed_same_numbers_and_the_event_machine_agrees():
-    args = ["hw=jetson.yaml", "cache.slots=64", "report=false", "workload.kind=open", "workload.rate=0.5",
-            "workload.requests=6", "batch.max_requests=4", "workload.max_output=12", "batch.prefill_chunk=16"]
+@pytest.mark.parametrize("hw,policy", [("jetson.yaml", "mixtral_offloading"), ("rtx4090.yaml", "fiddler"),
+                                       ("rtx4090.yaml", "adapmoe")])
+def test_same_seed_same_numbers_and_the_event_machine_agrees(hw, policy):
+    args = [f"hw={hw}", f"policy={policy}", "cache.slots=64", "report=false", "workload.kind=open",
+            "workload.rate=0.5", "workload.requests=6", "batch.max_requests=4", "workload.max_output=12",
+            "batch.prefill_chunk=16"]
     a = simulate(parse_run_config(args)).summary
     b = simulate(parse_run_config(args)).summary
     assert a == b
@@ -220,3 +223,14 @@ def test_the_real_run_refuses_a_serving_workload():
 
     with pytest.raises(UserError, match="batch-1 replay only"):
         parse_realrun(["workload.kind=open"])
+
+
+def test_a_batched_step_runs_cpu_placed_experts_on_the_cpu():
+    res = simulate(parse_run_config(["hw=rtx4090.yaml", "policy=fiddler", "cache.slots=64", "report=false",
+                                     "workload.kind=closed", "workload.users=4", "workload.requests=4",
+                                     "workload.max_output=16"]))
+    batched = res.steps.filter(pl.col("requests") > 1)
+    assert batched.height > 0
+    assert res.layers["cpu_experts"].sum() > 0
+    # nothing to load but what the CPU does not take: fiddler loads far less than top-k per token
+    assert res.summary["bytes_loaded_per_output_token"] < 2 * 32 * res.summary["expert_bytes"]

@@ -279,14 +279,16 @@ class EventMachine(SimulatedMachine):
         return None, stall
 
     # ------------------------------------------------------------------ the CPU worker
-    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float) -> None:
-        self._cpu_job = self.env.process(self._cpu(len(keys)))
+    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None) -> None:
+        duration_s = (len(keys) * self.cpu_expert_s if tokens is None
+                      else sum(self.cost.expert_compute_s(n, on_cpu=True) for n in tokens))
+        self._cpu_job = self.env.process(self._cpu(duration_s))
 
-    def _cpu(self, n: int):
+    def _cpu(self, duration_s: float):
         with self.cpu.request() as req:
             yield req
             start = self.env.now
-            yield self.env.timeout(n * self.cpu_expert_s)
+            yield self.env.timeout(duration_s)
             return start, self.env.now
 
     def cpu_wait(self) -> Pending:

@@ -37,6 +37,7 @@ class FastMachine(SimulatedMachine):
         self.expert_work = cost.expert_work()
         self.expert_s = cost.expert_s
         self.cpu_expert_s = cost.expert_compute_s(1, on_cpu=True)
+        self._expert_tokens_s: dict[int, float] = {}
         self._cpu_span = (0.0, 0.0)
         self.ledger = None  # set by the engine; the link reports completions to it
 
@@ -107,7 +108,12 @@ class FastMachine(SimulatedMachine):
             work = self.expert_work if tokens == 1 and fraction == 1.0 else self.cost.expert_work(tokens, fraction)
             return work.shared_s(start_s, self.bus)
         assert fraction == 1.0, "a fraction of an expert is only timed on a shared link"
-        return self.expert_s if tokens == 1 else self.cost.expert_compute_s(tokens)
+        if tokens == 1:
+            return self.expert_s
+        d = self._expert_tokens_s.get(tokens)
+        if d is None:  # an expert on a batch's tokens: memoised by their count
+            d = self._expert_tokens_s[tokens] = self.cost.expert_compute_s(tokens)
+        return d
 
     def compute(self, key: int, tokens: int, weight: float) -> None:
         d = self.expert_s if tokens == 1 and self.bus is None else self._expert_s(self.now, tokens)
@@ -167,9 +173,11 @@ class FastMachine(SimulatedMachine):
         return None, stall
 
     # ------------------------------------------------------------------ the CPU worker
-    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float) -> None:
+    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None) -> None:
+        """The CPU worker computes `keys` (each on one token, or on `tokens[i]` of a batch)."""
         start = max(self.cpu_t, ready_s)
-        self.cpu_t = start + len(keys) * self.cpu_expert_s
+        self.cpu_t = start + (len(keys) * self.cpu_expert_s if tokens is None
+                              else sum(self.cost.expert_compute_s(n, on_cpu=True) for n in tokens))
         self._cpu_span = (start, self.cpu_t)
 
     def cpu_wait(self) -> tuple[float, None, float, float]:

@@ -17,7 +17,7 @@ a `sim.engine.step.Pending` holding a SimPy event whose value is the result (the
     first_to_arrive(waiting)     the transfer of `waiting` that arrives first
     compute(key, tokens, w)      a resident expert -> its output (None when simulated)
     compute_loaded(tr, tokens, w) -> (output, stall)   an expert whose transfer was issued
-    cpu_start(keys, ws, ready_s), cpu_wait() -> (wait, outputs, start, end)   the CPU worker
+    cpu_start(keys, ws, ready_s[, tokens]), cpu_wait() -> (wait, outputs, start, end)   the CPU worker (tokens: a batch's per expert)
     combine(outputs)             the MoE block's output from {key: output}
     warm(keys), run(process), finish()   the run around the steps
     token_done() -> end_s        a token's (or prefill's) work is issued: when it ended

@@ -293,24 +293,43 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
     resident ones first (most tokens first), then loads with at most `staging_buffers`
     outstanding, each computed once its load is in, in issue order. The prefetch policy is asked
     for each of `decode_rows` (none for a prefill) after the first loads are issued, and a layer
-    waits for the prefetches aimed at it as in `decode_layer`. Every absent expert is loaded
-    (placement on the CPU or in low precision applies to batch-1 decode steps). A prompt's
-    prefill is this step with one request and no decode rows."""
+    waits for the prefetches aimed at it as in `decode_layer`. With decode rows, an absent expert
+    the placement policy puts on the CPU is computed there on its tokens (asked with its largest
+    gate weight in the batch), beside the device's work; every other absent expert is loaded (a
+    low-precision copy is a batch-1 decode step's). A prompt's prefill (no decode rows) loads
+    every expert, as the replay's prefill always has: it is this step with one request."""
     m, ledger = e.machine, e.ledger
     cache = ledger.cache
     t0 = rows[0]  # the step is booked at its first token
     a = m.attention(layer, pairs[0][0], pairs[0][1]) if len(pairs) == 1 else m.attention_batch(layer, pairs)
     if a.__class__ is Pending:
         yield a.event
-    counts: dict[int, int] = {}
-    for t in rows:
-        for k in e.decide(t, layer)[0]:
-            counts[k] = counts.get(k, 0) + 1
-    r = m.settle()
+    r = m.settle()  # the loads that ended by now are applied first: a stateful gating reads the cache
     if r.__class__ is Pending:
         yield r.event
+    counts: dict[int, int] = {}
+    placement = e.placement
+    place = decode_rows and not placement.always_load  # a prompt's prefill loads every expert
+    weight: dict[int, float] = {}  # (with a placement to ask) the largest gate weight of each expert
+    for t in rows:
+        keys, ws, _ = e.decide(t, layer)
+        for j, k in enumerate(keys):
+            counts[k] = counts.get(k, 0) + 1
+            if place and ws[j] > weight.get(k, -1.0):
+                weight[k] = ws[j]
+    gate_s = m.now
     order = sorted(counts, key=lambda k: (cache.state[k] != RESIDENT, -counts[k], k))
     on_access = e.cache_policy.on_access
+    cpu_keys: list[int] = []
+    if place:  # missed experts the placement runs where they live (the CPU worker, on their tokens)
+        for key in order:
+            if (cache.state[key] == ABSENT and key not in ledger.inflight
+                    and placement.place(key, t0, weight[key]) == CPU):
+                cpu_keys.append(key)
+        if cpu_keys:
+            order = [k for k in order if k not in cpu_keys]
+            m.cpu_start(cpu_keys, [weight[k] for k in cpu_keys], gate_s, [counts[k] for k in cpu_keys])
+            e.rec.per_layer["cpu_experts"][layer] += len(cpu_keys)
     todo: list[int] = []
     for key in order:
         if cache.state[key] == RESIDENT:
@@ -378,8 +397,11 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         if tally is not None:
             tally.stall_s += r[1]
         if tr.staging and tr.priority == PREFETCH:  # its release may adopt it into the cache (AdapMoE's
-            cache.pinned.update(x.key for x in outstanding)  # admit-on-use), never in place of an expert
-            cache.pinned.update(todo)  # still to compute
+            r = m.settle()  # admit-on-use): into the cache as of now, never in place of an expert still
+            if r.__class__ is Pending:  # to compute
+                yield r.event
+            cache.pinned.update(x.key for x in outstanding)
+            cache.pinned.update(todo)
             ledger.released(tr, t0, layer)
             cache.pinned.clear()
         else:
@@ -388,6 +410,12 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         cache.pinned.update(counts)
         _prefetch(e, t0, layer, decode_rows)
         cache.pinned.clear()
+    if cpu_keys:
+        r = m.cpu_wait()
+        if r.__class__ is Pending:
+            r = yield r.event
+        if tally is not None:
+            tally.stall_s += r[0]
     if decode_rows:  # AdapMoE: the prefetches aimed at this layer, waited for and dropped as in `decode_layer`
         pending = ledger.by_target.pop(layer, None) if ledger.by_target else None
         if pending and e.prefetch.wait_for_prefetch:
