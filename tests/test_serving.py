@@ -234,3 +234,25 @@ def test_a_batched_step_runs_cpu_placed_experts_on_the_cpu():
     assert res.layers["cpu_experts"].sum() > 0
     # nothing to load but what the CPU does not take: fiddler loads far less than top-k per token
     assert res.summary["bytes_loaded_per_output_token"] < 2 * 32 * res.summary["expert_bytes"]
+
+
+def test_a_prompt_chunk_that_does_not_fit_preempts_and_every_token_comes():
+    """Two 72-token requests in 80 tokens of KV, prompts in chunks of 40: the second one's chunk
+    must preempt (it used to leave the scheduler with nothing to plan); the preempted request,
+    preempted in its first prefill, still gets its first token when its prefill ends."""
+    res = simulate(parse_run_config(["hw=rtx4090.yaml", "cache.slots=64", "report=false", "workload.kind=closed",
+                                     "workload.users=2", "workload.requests=2", "workload.max_output=8",
+                                     "batch.prefill_chunk=40", f"memory.kv_bytes={80 * 131072}"]))
+    assert res.summary["preemptions"] >= 1
+    assert res.requests["output_tokens"].to_list() == [9, 9]
+    assert res.summary["kv_bytes_peak"] <= 80 * 131072
+
+
+def test_prefill_first_never_decodes_a_request_twice_in_a_step(tmp_path):
+    f = tmp_path / "arrivals.csv"
+    f.write_text("arrival_s,prompt_tokens,output_tokens\n0,0,5\n0,0,5\n")
+    res = simulate(parse_run_config(["hw=rtx4090.yaml", "cache.slots=64", "report=false", "workload.kind=open",
+                                     f"workload.arrivals={f}", "batch.priority=prefill"]))
+    assert res.requests["output_tokens"].to_list() == [5, 5]
+    assert (res.steps["decode_tokens"] <= res.steps["requests"]).all()
+    assert res.steps.height == 5

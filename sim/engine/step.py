@@ -376,8 +376,13 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                 if r.__class__ is Pending:
                     yield r.event
                 on_access(key, t0)
+                if decode_rows and key in ledger.unused:  # a prefetch, used
+                    ledger.unused.discard(key)
+                    e.rec.per_layer["prefetch_used"][layer] += 1
                 continue
+            # the experts still to compute are kept (neither evicted nor cut for this load)
             cache.pinned.update(tr.key for tr in outstanding)
+            cache.pinned.update(todo)
             outstanding.append(load(e, key, DEMAND, t0, layer))
             cache.pinned.clear()
             if tally is not None:

@@ -16,7 +16,7 @@ Per request (`requests.parquet`, one row per request, every request of the run):
 | `admitted_s` | when the scheduler first admitted it into the batch; null if never |
 | `first_token_s` | when its first output token was produced; null if none was |
 | `finish_s` | when its last output token was produced; null if it did not finish |
-| `ttft_s` | time to first token: `first_token_s - arrival_s` (queueing + prefill + first decode); null without a first token |
+| `ttft_s` | time to first token: `first_token_s - arrival_s` (queueing and the prompt's prefill; a request without prompt routing: its first decode step); null without a first token |
 | `tpot_mean_s` | time per output token: the mean gap between consecutive output tokens, `(t[n-1] - t[0]) / (n - 1)` over its `n` token times `t`; null when `n < 2` |
 | `e2e_s` | end-to-end latency: `finish_s - arrival_s`; null if it did not finish |
 | `prompt_tokens`, `output_tokens` | prompt length; output tokens it produced |

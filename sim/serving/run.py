@@ -50,7 +50,7 @@ def build_serving(cfg, engine, info: dict) -> Serving:
     longest = max(len(r.prompt_rows) + len(r.decode_rows) for r in requests)
     preset, hw = engine.ctx.preset, engine.ctx.hw
     kv = KvBudget(cfg.memory, preset, hw, engine.cache.capacity_bytes, longest)
-    sched = Scheduler(cfg.batch, cfg.spec, kv, trace.pos, np.random.default_rng([cfg.seed, 17]))
+    sched = Scheduler(cfg.batch, cfg.spec, kv, np.random.default_rng([cfg.seed, 17]))
     return Serving(engine, requests, cfg.workload, sched, kv, cfg.spec)
 
 

@@ -11,9 +11,11 @@ Each step (`plan`): under `batch.max_requests` running requests and `batch.max_t
 `batch.priority=decode` (default) first gives every decoding request its tokens, then continues
 the prefills of admitted requests, then admits waiting requests first come, first served while
 their first chunk's KV fits; `priority=prefill` does the prefills and admissions first. A
-decoding request whose KV cannot grow preempts the most recently admitted running request (its
-KV freed; it waits at the head of the queue and recomputes its prompt and the tokens it had
-produced as a prefill when re-admitted: vLLM's recompute preemption), itself if it is the last.
+running request whose KV cannot grow (a decode, or its next prompt chunk) preempts the most
+recently admitted running request (its KV freed; it waits at the head of the queue and
+recomputes its prompt and the tokens it had produced as a prefill when re-admitted: vLLM's
+recompute preemption), itself if it is the last; a step that preempts admits no one. A request's
+attention context is the positions whose KV it holds.
 
 Speculative decoding (`spec.k` > 0): a decoding request verifies the next k + 1 positions of
 its routing at once (fewer at its end); `spec.acceptance` is the chance each draft token is
@@ -102,14 +104,13 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, batch: BatchOptions, spec: SpecOptions, kv: KvBudget, pos: np.ndarray,
-                 rng: np.random.Generator):
+    def __init__(self, batch: BatchOptions, spec: SpecOptions, kv: KvBudget, rng: np.random.Generator):
         self.opt, self.spec, self.kv = batch, spec, kv
-        self.pos = pos  # the trace's position of each row: a row's context
         self.rng = rng
         self.waiting: deque[Live] = deque()
         self.running: list[Live] = []
         self.preemptions = 0
+        self._preempted_now = False
 
     def arrive(self, live: Live) -> None:
         self.waiting.append(live)
@@ -123,6 +124,7 @@ class Scheduler:
         """The next step's work (empty: nothing can run now)."""
         budget = [self.opt.max_tokens]
         out: list[Work] = []
+        self._preempted_now = False  # a step that preempts admits no one (vLLM v1)
         if self.opt.priority == "decode":
             self._decodes(out, budget)
             self._prefills(out, budget, now_s)
@@ -133,7 +135,8 @@ class Scheduler:
 
     def _decodes(self, out: list[Work], budget: list[int]) -> None:
         for live in list(self.running):
-            if live.state == DECODE and live in self.running:  # (a preemption may have taken it)
+            if (live.state == DECODE and live in self.running  # (a preemption may have taken it)
+                    and not any(w.live is live for w in out)):  # (admitted and decoded this step already)
                 self._decode(live, out, budget)
 
     def _decode(self, live: Live, out: list[Work], budget: list[int]) -> None:
@@ -145,10 +148,11 @@ class Scheduler:
             self._preempt(self.running[-1], out, budget)
         if live not in self.running:
             return
+        context = live.kv_tokens
         self.kv.take(n)
         live.kv_tokens += n
         rows = live.req.decode_rows[live.decoded:live.decoded + n]
-        out.append(Work(live, "verify" if self.spec.k else "decode", rows, int(self.pos[rows[0]])))
+        out.append(Work(live, "verify" if self.spec.k else "decode", rows, context))
         budget[0] -= n
 
     def _decode_size(self, live: Live) -> int:
@@ -157,10 +161,11 @@ class Scheduler:
         return min(k + 1, len(live.req.decode_rows) - live.decoded) if k else 1
 
     def _prefills(self, out: list[Work], budget: list[int], now_s: float) -> None:
-        for live in self.running:
-            if live.state == PREFILL and budget[0] > 0:
-                self._chunk(live, out, budget)
-        while self.waiting and len(self.running) < self.opt.max_requests and budget[0] > 0:
+        for live in list(self.running):
+            if live.state == PREFILL and budget[0] > 0 and live in self.running:
+                self._chunk(live, out, budget, preempt=True)
+        while (self.waiting and len(self.running) < self.opt.max_requests and budget[0] > 0
+               and not self._preempted_now):
             live = self.waiting[0]
             n = self._chunk_size(live, budget[0]) if live.prefill_rows else self._decode_size(live)
             if not self.kv.fits(max(n, 1)) or n > budget[0]:
@@ -183,13 +188,20 @@ class Scheduler:
             n = min(n, self.opt.prefill_chunk)
         return min(n, budget)
 
-    def _chunk(self, live: Live, out: list[Work], budget: list[int]) -> None:
+    def _chunk(self, live: Live, out: list[Work], budget: list[int], preempt: bool = False) -> None:
+        """`live`'s next prompt chunk; a running request's (`preempt`) preempts for its KV as a
+        decode does (a newly admitted one was admitted because its chunk fits)."""
         n = self._chunk_size(live, budget[0])
-        if n <= 0 or not self.kv.fits(n):
+        if n <= 0:
             return
+        while preempt and not self.kv.fits(n) and live in self.running:
+            self._preempt(self.running[-1], out, budget)
+        if live not in self.running or not self.kv.fits(n):
+            return
+        context = live.kv_tokens
         self.kv.take(n)
         rows = live.prefill_rows[live.prefilled:live.prefilled + n]
-        out.append(Work(live, "prefill", rows, int(self.pos[rows[0]])))
+        out.append(Work(live, "prefill", rows, context))
         live.kv_tokens += n
         budget[0] -= n
 
@@ -206,10 +218,11 @@ class Scheduler:
         victim.kv_tokens = 0
         victim.prefill_rows = list(victim.req.prompt_rows) + list(victim.req.decode_rows[:victim.decoded])
         victim.prefilled = 0
-        victim.recompute = True
+        victim.recompute = bool(victim.token_times_s)  # preempted in its first prefill: its first token is still to come
         victim.state = WAITING
         victim.preemptions += 1
         self.preemptions += 1
+        self._preempted_now = True
         self.waiting.appendleft(victim)
 
     # ------------------------------------------------------------------ after the step

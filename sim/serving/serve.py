@@ -84,6 +84,7 @@ class Serving:
         e, m, sched, kv = self.e, self.e.machine, self.sched, self.kv
         self._start_arrivals()
         n = len(self.requests)
+        empty = 0
         while len(self.records) < n:
             while self._arrivals and self._arrivals[0][0] <= m.now:
                 sched.arrive(heapq.heappop(self._arrivals)[2])
@@ -94,10 +95,15 @@ class Serving:
                 e.t_end = m.now
                 continue
             work = sched.plan(m.now)
-            assert work, "the scheduler planned an empty step with requests waiting (their KV was checked to fit)"
+            if not work:  # the plan only preempted (a step that preempts admits no one): plan again
+                empty += 1
+                assert empty < 2, "the scheduler planned two empty steps in a row with requests waiting"
+                continue
+            empty = 0
             if kv.shared:
                 e.ledger.resize_cache(kv.expert_cache_bytes(), work[0].rows[0])
             start, loads0 = m.now, len(e.rec.loads)
+            kv_bytes, cache_bytes = kv.used_bytes, kv.expert_cache_bytes()  # held during the step
             union = yield from self._step(work)
             end = m.token_done()
             e.t_end = end
@@ -109,14 +115,14 @@ class Serving:
             self.steps.append(StepRecord(
                 start_s=start, end_s=end, requests=len(work), decode_tokens=dec,
                 prefill_tokens=sum(len(w.rows) for w in work) - dec, union_experts=union / e.L,
-                bytes_loaded=e.rec.loads.nbytes_since(loads0), kv_bytes=kv.used_bytes,
-                expert_cache_bytes=kv.expert_cache_bytes()))
+                bytes_loaded=e.rec.loads.nbytes_since(loads0), kv_bytes=kv_bytes, expert_cache_bytes=cache_bytes))
 
     def _step(self, work: list[Work]):
         """Run one planned step on the engine; returns the experts it ran, summed over layers."""
         e = self.e
-        if len(work) == 1 and work[0].kind == "decode":  # the replay's decode step
-            t = work[0].rows[0]
+        t = work[0].rows[0]
+        if len(work) == 1 and work[0].kind == "decode" and work[0].context == int(e.ctx.trace.pos[t]):
+            # the replay's decode step (its attention at the trace's position: the KV held, uncapped)
             if isinstance(e.machine, FastMachine) and e.decode_inline:
                 fast_decode_token(e, t, False)
             else:
