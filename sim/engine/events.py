@@ -61,7 +61,6 @@ class EventMachine(SimulatedMachine):
         self.copies = 0  # copy bodies in flight on the memory bus
         self.bus_changed = env.event()
         self.compute_busy_s = 0.0
-        self.cpu_expert_s = cost.expert_compute_s(1, on_cpu=True)
         self.ledger = None
         self._seq = 0
         self._running: dict[int, tuple[Transfer, simpy.Process]] = {}  # seqno -> on a channel
@@ -280,9 +279,7 @@ class EventMachine(SimulatedMachine):
 
     # ------------------------------------------------------------------ the CPU worker
     def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None) -> None:
-        duration_s = (len(keys) * self.cpu_expert_s if tokens is None
-                      else sum(self.cost.expert_compute_s(n, on_cpu=True) for n in tokens))
-        self._cpu_job = self.env.process(self._cpu(duration_s))
+        self._cpu_job = self.env.process(self._cpu(self.cost.cpu_experts_s(len(keys), tokens)))
 
     def _cpu(self, duration_s: float):
         with self.cpu.request() as req:

@@ -36,7 +36,6 @@ class FastMachine(SimulatedMachine):
         self.bus = MemoryBus(cost.device.memory_bandwidth_Bps, cost.link_bandwidth_Bps, link) if cost.shared_link else None
         self.expert_work = cost.expert_work()
         self.expert_s = cost.expert_s
-        self.cpu_expert_s = cost.expert_compute_s(1, on_cpu=True)
         self._expert_tokens_s: dict[int, float] = {}
         self._cpu_span = (0.0, 0.0)
         self.ledger = None  # set by the engine; the link reports completions to it
@@ -176,8 +175,7 @@ class FastMachine(SimulatedMachine):
     def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None) -> None:
         """The CPU worker computes `keys` (each on one token, or on `tokens[i]` of a batch)."""
         start = max(self.cpu_t, ready_s)
-        self.cpu_t = start + (len(keys) * self.cpu_expert_s if tokens is None
-                              else sum(self.cost.expert_compute_s(n, on_cpu=True) for n in tokens))
+        self.cpu_t = start + self.cost.cpu_experts_s(len(keys), tokens)
         self._cpu_span = (start, self.cpu_t)
 
     def cpu_wait(self) -> tuple[float, None, float, float]:

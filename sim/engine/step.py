@@ -193,6 +193,14 @@ def _prefetch(e, t: int, layer: int, rows: list[int] | None = None) -> None:
                 break
 
 
+def _prefetch_batch(e, layer: int, decode_rows: list[int], keys) -> None:
+    """A batched step's prefetches (step 4), with the layer's experts `keys` kept meanwhile."""
+    pinned = e.ledger.cache.pinned
+    pinned.update(keys)
+    _prefetch(e, -1, layer, decode_rows)
+    pinned.clear()
+
+
 def _wait_for(e, layer: int, pending: list, tally: Tally):
     """Step 5 (AdapMoE): the layer waits for the in-flight prefetches aimed at it, used or not."""
     m, rec = e.machine, e.rec
@@ -389,9 +397,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                 tally.demand += 1
         if not asked:  # the prefetch policy, told of the step's decode rows, after the first loads
             asked = True
-            cache.pinned.update(counts)
-            _prefetch(e, t0, layer, decode_rows)
-            cache.pinned.clear()
+            _prefetch_batch(e, layer, decode_rows, counts)
         tr = outstanding.pop(0)
         r = m.first_to_arrive([tr])  # in issue order, whatever arrives first
         if r.__class__ is Pending:
@@ -412,9 +418,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         else:
             ledger.released(tr, t0, layer)
     if not asked:
-        cache.pinned.update(counts)
-        _prefetch(e, t0, layer, decode_rows)
-        cache.pinned.clear()
+        _prefetch_batch(e, layer, decode_rows, counts)
     if cpu_keys:
         r = m.cpu_wait()
         if r.__class__ is Pending:

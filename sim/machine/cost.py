@@ -121,5 +121,11 @@ class CostModel:
         roof = self.cpu if on_cpu else self.device
         return roof.op_s(self.expert_bytes, self.preset.expert_flops_per_token * tokens, N_EXPERT_KERNELS)
 
+    def cpu_experts_s(self, n_experts: int, tokens: list[int] | None) -> float:
+        """The CPU worker's time for `n_experts` experts, each on one token, or on `tokens[i]`."""
+        if tokens is None:
+            return n_experts * self.expert_compute_s(1, on_cpu=True)
+        return sum(self.expert_compute_s(n, on_cpu=True) for n in tokens)
+
     def load_s(self, nbytes: float) -> float:
         return self.link_latency_s + nbytes / self.link_bandwidth_Bps
