@@ -5,7 +5,8 @@
 
 The grid: every policy preset x {jetson, rtx4090, a100} x two cache sizes x {bundled trace, and
 an imported trace if `he=` names one} x {pipelining off, on} (prefill on), plus each preset on the
-bundled trace without prefill. A preset that does not apply to a profile (CPU placement on a
+bundled trace without prefill, plus serving runs (`SERVING`: open and closed loops, chunked
+prefill, a shared KV cache, speculative verification) of each preset on the bundled trace. A preset that does not apply to a profile (CPU placement on a
 profile whose experts live on storage) is recorded as its error message. `compare` prints every
 configuration whose summary differs, key by key.
 """
@@ -19,6 +20,15 @@ from concurrent.futures import ProcessPoolExecutor
 PRESETS = ["baseline", "lfu", "mixtral_offloading", "adapmoe", "adapmoe_yield", "fiddler", "hobbit", "oracle"]
 PROFILES = ["jetson.yaml", "rtx4090.yaml", "a100.yaml"]
 SLOTS = [64, 160]
+SERVING = [  # serving workloads (docs/serving.md), each run with every preset on the bundled trace
+    ["workload.kind=open", "workload.rate=2", "workload.requests=24", "hw=rtx4090.yaml", "cache.slots=64"],
+    ["workload.kind=closed", "workload.users=4", "workload.requests=16", "hw=jetson.yaml", "cache.slots=64",
+     "batch.prefill_chunk=16"],
+    ["workload.kind=closed", "workload.users=8", "workload.requests=16", "hw=a100.yaml", "cache.slots=64",
+     "memory.kv=shared", "engine.pipelining=true"],
+    ["workload.kind=closed", "workload.users=3", "workload.requests=9", "hw=rtx4090.yaml", "cache.slots=64",
+     "spec.k=2", "spec.acceptance=0.7"],
+]
 
 
 def grid(he: str | None) -> list[list[str]]:
@@ -37,6 +47,14 @@ def grid(he: str | None) -> list[list[str]]:
                                     f"engine.pipelining={pipe}", *extra])
             out.append([f"trace={tr}", "hw=rtx4090.yaml", f"policy={p}", "cache.slots=96",
                         "engine.prefill=false", *extra])
+    for p in PRESETS:
+        if p == "oracle":  # reads the replay's future: refused by a serving run
+            continue
+        extra = ["gating.sensitivity=trace"] if p in ("adapmoe", "adapmoe_yield") else []
+        if p == "hobbit":
+            extra = ["placement.sensitivity=trace"]
+        for wl in SERVING:
+            out.append(["trace=traces/toy", f"policy={p}", *wl, *extra])
     return out
 
 

@@ -173,6 +173,31 @@ class Pregate(PrefetchPolicy):
                             f"{name} (got {acc.size}): give prefetch.accuracy=A")
         return acc, told
 
+    def on_batch(self, rows: list[int], layer: int) -> list[int]:
+        """`PrefetchPolicy.on_batch` (each row's `on_layer`, each key once, in the order first
+        named), in one loop: a serving step asks this at every layer."""
+        if len(rows) == 1:
+            return self.on_layer(rows[0], layer)
+        out: list[int] = []
+        named: set[int] = set()
+        state, count, by_t, layers = self.ctx.cache.state, self.knobs.count, self._by_t, self._layers
+        depths = [d for d in self.pred if layer + d < layers]  # 1, 2, ... in order
+        for t in rows:
+            preds = by_t.get(t)
+            if preds is None:
+                preds = self._predictions(t)
+            for d in depths:
+                n = 0
+                for key in preds[d][layer]:
+                    if state[key] == ABSENT:
+                        if key not in named:
+                            named.add(key)
+                            out.append(key)
+                        n += 1
+                        if n == count:
+                            break
+        return out
+
     def on_layer(self, t: int, layer: int) -> list[int]:
         # on the simulator's hot path: `first_absent`, inline
         out: list[int] = []

@@ -11,6 +11,12 @@ time per step and its ratio to `lru`'s, loads per step, and the memory a run hol
 Python allocation of the run per load and per step (tracemalloc, one extra run) and the process's
 peak resident set (all runs, the trace included). Last line: `<policy>_ratio=<r> ...
 bytes_per_load=<n> peak_rss_mb=<n>`. Single-threaded: this measures one core.
+
+`serving=N`: a serving run (docs/serving.md): N requests arriving open-loop at `rate` requests/s
+on the bundled trace (`trace=`), the scheduler's defaults (batches of up to 16 requests),
+`mixtral_offloading` with `slots` cache slots (default 64) on `hw` (default for this mode:
+rtx4090.yaml), timed from the engine's set-up to the summary (no files written); the fastest of
+`repeats`. Last line: `serving_s=<s> requests_per_s=<n> steps_per_s=<n>`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class BenchArgs:
     slots: int = 0  # with shape=: cache slots (0: 4930 for deepseek-v3, else 10% of the experts)
     policies: str = "lru,lfu,belady,oracle"  # with shape=: the cache policies (oracle: its prefetch + belady)
     locality: float = 0.5  # with shape=: temporal reuse of the synthetic routing, in [0, 1)
+    serving: int = 0  # bench a serving run of this many requests (open loop) instead
+    rate: float = 1.0  # with serving=: arrivals per second
 
 
 def main(argv: list[str]) -> int:
@@ -45,6 +53,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(BenchArgs, argv)
     if args.shape:
         return bench_shape(args)
+    if args.serving:
+        return bench_serving(args, hw_given=any(a.startswith("hw=") for a in argv))
     trace = load_trace(args.trace)
     cfg = parse_run_config([f"hw={args.hw}", f"model={args.model}", "policy=mixtral_offloading",
                             "engine.prefill=false", "engine.timeline_tokens=0", f"engine.max_tokens={args.tokens}"])
@@ -81,6 +91,32 @@ POLICY_ARGS = {
     "belady": ["cache.name=belady"],
     "oracle": ["cache.name=belady", "prefetch.name=oracle"],
 }
+
+
+def bench_serving(args: BenchArgs, hw_given: bool) -> int:
+    """The time of a serving run of `args.serving` open-loop requests, set-up to summary."""
+    from sim.config import parse_run_config
+    from sim.runner import load_trace, simulate
+
+    hw = args.hw if hw_given else "rtx4090.yaml"
+    trace = load_trace(args.trace)
+    cfg = parse_run_config([f"trace={args.trace}", f"hw={hw}", f"model={args.model}", "policy=mixtral_offloading",
+                            f"cache.slots={args.slots or 64}", "workload.kind=open", f"workload.rate={args.rate}",
+                            f"workload.requests={args.serving}"])
+    best = float("inf")
+    for _ in range(max(1, args.repeats)):
+        t0 = time.perf_counter()
+        res = simulate(cfg, trace)
+        best = min(best, time.perf_counter() - t0)
+    s = res.summary
+    steps = res.steps.height
+    print(f"serving: {args.serving} requests (open loop, {args.rate:g}/s) on {args.trace}, hw {hw}, "
+          f"{args.slots or 64} slots: {steps} steps, batch {s['batch_size_mean']:.2f} requests on average, "
+          f"union {s['union_experts_per_layer_mean']:.2f} experts per layer")
+    print(f"run: {best:.2f} s (fastest of {max(1, args.repeats)}; set-up, run and summary, no files) -> "
+          f"{args.serving / best:.1f} requests/s, {steps / best:.0f} steps/s of the simulator")
+    print(f"serving_s={best:.2f} requests_per_s={args.serving / best:.1f} steps_per_s={steps / best:.0f}")
+    return 0
 
 
 def bench_shape(args: BenchArgs) -> int:

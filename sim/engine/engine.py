@@ -33,7 +33,7 @@ from sim.machine.cost import CostModel
 
 
 @contextmanager
-def _gc_paused():
+def gc_paused():
     """Pause Python's cyclic garbage collector during a run. A run allocates a Transfer per load
     but creates no reference cycles, so the collections that the allocations trigger find nothing
     and cost a few percent of the run (`python -m sim bench`)."""
@@ -134,6 +134,38 @@ class Engine:
         k = n[layer]
         return keys[layer][:k], w[layer][:k], dL[layer]
 
+    def batch_union(self, rows: list[int], weights: bool) -> list[tuple[dict, dict | None, list[int]]] | None:
+        """Per MoE layer, the union of the experts that the tokens `rows` run (a batched step):
+        ({key: how many of the rows run it}, with `weights` {key: its largest gate weight among
+        them}, the keys by count, most first, then by key), from the plan in one pass over the
+        step; a row twice in `rows` counts twice. None for a stateful gating: `batch_layer` then
+        asks `decide` layer by layer, after the loads that ended by then (the same counts when the
+        plan exists)."""
+        if self.plan is None:
+            return None
+        L, E = self.L, self.E
+        flat = self._keys[rows].ravel()  # [B * L * k] keys, -1 where no expert runs
+        ran = flat >= 0
+        flat = flat[ran]
+        count = np.bincount(flat, minlength=L * E)  # [L * E]
+        keys = np.flatnonzero(count)  # ascending: layer by layer
+        bounds = np.searchsorted(keys, np.arange(L + 1) * E).tolist()  # [L + 1]
+        n = count[keys]
+        ranked = keys[np.lexsort((keys, -n, keys // E))].tolist()  # by layer, count (most first), key
+        kl, cl = keys.tolist(), n.tolist()
+        wl = None
+        if weights:
+            top = np.full(L * E, -1.0)
+            np.maximum.at(top, flat, self._w[rows].ravel()[ran])
+            wl = top[keys].tolist()
+        out = []
+        for layer in range(L):
+            a, b = bounds[layer], bounds[layer + 1]
+            keys_l = kl[a:b]
+            out.append((dict(zip(keys_l, cl[a:b], strict=True)),
+                        dict(zip(keys_l, wl[a:b], strict=True)) if wl is not None else None, ranked[a:b]))
+        return out
+
     # ------------------------------------------------------------------ the run
     def warm_start(self) -> None:
         """The cache policy's initial residents, in place before the clock starts."""
@@ -148,7 +180,7 @@ class Engine:
         self.warm_start()
         opt = self.opt
         steps = replay_steps(self.ctx.trace, opt.prefill, opt.max_tokens, opt.timeline_tokens)
-        with _gc_paused():
+        with gc_paused():
             if isinstance(self.machine, FastMachine):
                 for step in steps:
                     if step[0] == "prefill":

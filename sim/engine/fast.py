@@ -135,6 +135,11 @@ class FastMachine(SimulatedMachine):
         return stall
 
     def first_to_arrive(self, waiting: list[Transfer]) -> Transfer:
+        if len(waiting) == 1:  # (a batched step waits for its loads in issue order)
+            tr = waiting[0]
+            if tr.start_s < 0.0:
+                self.link.wait_started(tr)
+            return tr
         for tr in waiting:
             if tr.start_s < 0.0:  # queued: look ahead until it is on a channel
                 self.link.wait_started(tr)

@@ -7,6 +7,7 @@ frames (one row per token / layer / event, raw SI numbers) at the end.
 
 from __future__ import annotations
 
+import struct
 from array import array
 from dataclasses import dataclass, field
 
@@ -25,57 +26,66 @@ LAYER_FIELDS = (
 )
 
 
+_ROW = struct.Struct("9d").pack  # a LoadLog row: `LoadLog.FIELDS`
+_END = struct.Struct("3d").pack_into  # its last three fields, in place
+
+
 class LoadLog:
-    """Every load of a run, one row each in issue order (its `seqno`), in two typed arrays.
+    """Every load of a run, one row each in issue order (its `seqno`), in one typed array.
 
     A row is written when the load is issued (`add`) and completed when it ends (`finish`):
-    start and end time, and the bytes it really moved (less than its size if it was cut). Rows
-    are interleaved (`INTS` and `FLOATS` per row: one `fromlist` of each per load on the hot path);
-    the columns are numpy views (`col`, or an attribute of that name)."""
+    start and end time, and the bytes it really moved (less than its size if it was cut). A row is
+    `FIELDS` as float64 (the integer fields are exact there: keys, tokens, kinds and flags are far
+    below 2**53), one `fromlist` per load on the hot path; the columns are numpy views (`col`, or
+    an attribute of that name), the integer ones as int32."""
 
-    INTS = ("key", "token", "kind", "staging")  # int32
-    FLOATS = ("nbytes", "moved", "issued_s", "start_s", "end_s")  # float64
+    INTS = ("key", "token", "kind", "staging")  # read back as int32
+    FLOATS = ("nbytes", "issued_s", "moved", "start_s", "end_s")  # float64; the last three: `finish`
+    FIELDS = INTS + FLOATS
+    WIDTH = len(FIELDS)
 
     def __init__(self) -> None:
-        self._ints, self._floats = array("i"), array("d")
+        self._rows = array("d")
 
     def __len__(self) -> int:
-        return len(self._ints) // 4
+        return len(self._rows) // self.WIDTH
 
     def add(self, tr: Transfer) -> None:
         """Log a load as it is issued (loads are issued in `seqno` order, so row = seqno - 1)."""
-        self._ints.fromlist([tr.key, tr.token, tr.priority, tr.staging])
-        self._floats.fromlist([tr.nbytes, 0.0, tr.issued_s, -1.0, -1.0])
+        self._rows.frombytes(_ROW(tr.key, tr.token, tr.priority, tr.staging, tr.nbytes, tr.issued_s, 0.0, -1.0, -1.0))
 
     def finish(self, tr: Transfer, moved_bytes: float) -> None:
-        i, f = 5 * tr.seqno - 5, self._floats
-        f[i + 1], f[i + 3], f[i + 4] = moved_bytes, tr.start_s, tr.done_s
+        """Complete a load's row when it ends: (moved, start_s, end_s), the row's last 8-byte fields."""
+        _END(self._rows, 72 * tr.seqno - 24, moved_bytes, tr.start_s, tr.done_s)  # (row - 1) * 9 * 8 + 6 * 8
 
     def nbytes_since(self, row: int) -> float:
         """Bytes of the loads logged from row `row` on (their sizes, as issued)."""
-        return float(sum(self._floats[5 * row::5]))
+        return float(sum(self._rows[self.WIDTH * row + 4::self.WIDTH]))
 
     def col(self, name: str) -> np.ndarray:
         """One column as a numpy array (a copy: the log can still grow)."""
-        if name in self.INTS:
-            a, width, j, dt = self._ints, 4, self.INTS.index(name), np.int32
-        else:
-            a, width, j, dt = self._floats, 5, self.FLOATS.index(name), np.float64
-        if not len(a):
+        j = self.FIELDS.index(name)
+        dt = np.int32 if name in self.INTS else np.float64
+        if not len(self._rows):
             return np.zeros(0, dt)
-        return np.frombuffer(a, dtype=dt).reshape(-1, width)[:, j].copy()
+        return np.frombuffer(self._rows, dtype=np.float64).reshape(-1, self.WIDTH)[:, j].astype(dt)
 
     def __getattr__(self, name: str) -> np.ndarray:
-        if name in LoadLog.INTS or name in LoadLog.FLOATS:
+        if name in LoadLog.FIELDS:
             return self.col(name)
         raise AttributeError(name)
 
     def moved_by_token(self) -> dict[int, float]:
         """Bytes moved by the loads each token issued."""
-        out: dict[int, float] = {}
-        for t, b in zip(self.col("token").tolist(), self.col("moved").tolist(), strict=True):
-            out[t] = out.get(t, 0.0) + b
-        return out
+        tokens = self.col("token")
+        if not tokens.size:
+            return {}
+        seen, row = np.unique(tokens, return_inverse=True)
+        moved = np.bincount(row, weights=self.col("moved"))  # summed in log order, as a loop would
+        return dict(zip(seen.tolist(), moved.tolist(), strict=True))
+
+
+assert LoadLog.WIDTH == 9 and LoadLog.FLOATS[-3:] == ("moved", "start_s", "end_s"), "LoadLog's row layout is `_ROW`'s"
 
 
 @dataclass

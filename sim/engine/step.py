@@ -294,7 +294,8 @@ def prefill_layer(e, prompt: list[int], layer: int, tally: BatchTally | None = N
     yield from batch_layer(e, layer, prompt, [(0, len(prompt))], (), tally)
 
 
-def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], decode_rows, tally: BatchTally | None):
+def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], decode_rows, tally: BatchTally | None,
+                union: tuple[dict[int, int], dict[int, float] | None, list[int]] | None = None):
     """Layer `layer` of a batched step: the tokens of trace `rows` (prompt chunks, decode and
     verify positions of several requests), attention over each request's (context, new tokens)
     in `pairs`, then the union of the rows' experts, each computed once on the tokens it serves:
@@ -305,7 +306,9 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
     the placement policy puts on the CPU is computed there on its tokens (asked with its largest
     gate weight in the batch), beside the device's work; every other absent expert is loaded (a
     low-precision copy is a batch-1 decode step's). A prompt's prefill (no decode rows) loads
-    every expert, as the replay's prefill always has: it is this step with one request."""
+    every expert, as the replay's prefill always has: it is this step with one request.
+    `union`: this layer's entry of `Engine.batch_union(rows, weights=<placement asked>)` when the
+    caller computed it for the whole step (a stateless gating), else the rows are gated here."""
     m, ledger = e.machine, e.ledger
     cache = ledger.cache
     t0 = rows[0]  # the step is booked at its first token
@@ -315,18 +318,23 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
     r = m.settle()  # the loads that ended by now are applied first: a stateful gating reads the cache
     if r.__class__ is Pending:
         yield r.event
-    counts: dict[int, int] = {}
     placement = e.placement
     place = decode_rows and not placement.always_load  # a prompt's prefill loads every expert
-    weight: dict[int, float] = {}  # (with a placement to ask) the largest gate weight of each expert
-    for t in rows:
-        keys, ws, _ = e.decide(t, layer)
-        for j, k in enumerate(keys):
-            counts[k] = counts.get(k, 0) + 1
-            if place and ws[j] > weight.get(k, -1.0):
-                weight[k] = ws[j]
+    if union is not None:
+        counts, weight, ranked = union
+    else:
+        counts: dict[int, int] = {}  # expert -> the rows that run it
+        weight: dict[int, float] = {}  # (with a placement to ask) the largest gate weight of each expert
+        for t in rows:
+            keys, ws, _ = e.decide(t, layer)
+            for j, k in enumerate(keys):
+                counts[k] = counts.get(k, 0) + 1
+                if place and ws[j] > weight.get(k, -1.0):
+                    weight[k] = ws[j]
+        ranked = sorted(counts, key=lambda k: (-counts[k], k))
     gate_s = m.now
-    order = sorted(counts, key=lambda k: (cache.state[k] != RESIDENT, -counts[k], k))
+    state = cache.state  # resident experts first, each group by count (most first), then by key
+    order = [k for k in ranked if state[k] == RESIDENT] + [k for k in ranked if state[k] != RESIDENT]
     on_access = e.cache_policy.on_access
     cpu_keys: list[int] = []
     if place:  # missed experts the placement runs where they live (the CPU worker, on their tokens)
@@ -356,6 +364,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         tally.union += len(counts)
     # loads: at most `staging_buffers` outstanding; each computed once its load is in, in issue order
     outstanding: list = []
+    keep = set(todo)  # the experts still to compute: kept (neither evicted nor cut) for a load
     asked = not decode_rows
     while todo or outstanding:
         while todo and len(outstanding) < ledger.staging_buffers:
@@ -384,13 +393,12 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                 if r.__class__ is Pending:
                     yield r.event
                 on_access(key, t0)
+                keep.discard(key)
                 if decode_rows and key in ledger.unused:  # a prefetch, used
                     ledger.unused.discard(key)
                     e.rec.per_layer["prefetch_used"][layer] += 1
                 continue
-            # the experts still to compute are kept (neither evicted nor cut for this load)
-            cache.pinned.update(tr.key for tr in outstanding)
-            cache.pinned.update(todo)
+            cache.pinned.update(keep)  # (`key` among them: absent, it is no victim and no cut)
             outstanding.append(load(e, key, DEMAND, t0, layer))
             cache.pinned.clear()
             if tally is not None:
@@ -407,12 +415,12 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
             r = yield r.event
         if tally is not None:
             tally.stall_s += r[1]
+        keep.discard(tr.key)
         if tr.staging and tr.priority == PREFETCH:  # its release may adopt it into the cache (AdapMoE's
             r = m.settle()  # admit-on-use): into the cache as of now, never in place of an expert still
             if r.__class__ is Pending:  # to compute
                 yield r.event
-            cache.pinned.update(x.key for x in outstanding)
-            cache.pinned.update(todo)
+            cache.pinned.update(keep)
             ledger.released(tr, t0, layer)
             cache.pinned.clear()
         else:

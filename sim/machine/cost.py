@@ -71,6 +71,7 @@ class CostModel:
         self.expert_s = self.expert_compute_s(1)
         self._attn: dict[int, float] = {}
         self._attn_work: dict[tuple[int, int], OpWork] = {}
+        self._batch_attn: tuple[list, OpWork | None] = ([], None)  # the last batch's (pairs, work)
 
     def attention_decode_s(self, context_tokens: int) -> float:
         """Memoised `attention_s` for one new token without contention (the decode hot path)."""
@@ -103,13 +104,19 @@ class CostModel:
 
     def batch_attention_work(self, pairs: list[tuple[int, int]]) -> OpWork:
         """One layer's non-expert work for a batch: each request's (context tokens, new tokens).
-        The weights are read once for the batch; each request reads its own KV cache."""
+        The weights are read once for the batch; each request reads its own KV cache. The last
+        batch's is kept: every MoE layer of a step asks for the same."""
+        last, work = self._batch_attn
+        if pairs == last:
+            return work
         p = self.preset
         new = sum(n for _, n in pairs)
         nbytes = p.non_expert_bytes_per_layer + self.kv_bytes_per_token * sum(c + n for c, n in pairs)
         flops = p.non_expert_flops_per_token_per_layer * new + sum(
             4.0 * p.heads * p.head_dim * n * (c + n) for c, n in pairs)
-        return self.device.work(nbytes, flops, N_ATTN_KERNELS)
+        work = self.device.work(nbytes, flops, N_ATTN_KERNELS)
+        self._batch_attn = (list(pairs), work)
+        return work
 
     def expert_work(self, tokens: int = 1, fraction: float = 1.0) -> OpWork:
         """One expert (or `fraction` of it: 1/3 is one of its GEMMs) on `tokens` tokens, on the device."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 
+from sim.engine.engine import gc_paused
 from sim.engine.fast import FastMachine
 from sim.engine.fast import decode_token as fast_decode_token
 from sim.engine.step import BatchTally, Pending, batch_layer
@@ -72,11 +73,12 @@ class Serving:
     def run(self) -> None:
         e = self.e
         e.warm_start()
-        if isinstance(e.machine, FastMachine):
-            for _ in self.process():
-                raise AssertionError("a step yielded an event on a machine that computes every time at once")
-        else:
-            e.machine.run(self.process())
+        with gc_paused():
+            if isinstance(e.machine, FastMachine):
+                for _ in self.process():
+                    raise AssertionError("a step yielded an event on a machine that computes every time at once")
+            else:
+                e.machine.run(self.process())
         e.machine.finish()
         e.finish()
 
@@ -143,8 +145,9 @@ class Serving:
         pairs = [(w.context, len(w.rows)) for w in work]
         decode_rows = [t for w in work if w.kind != "prefill" for t in w.rows]
         tally = BatchTally()
+        unions = e.batch_union(rows, bool(decode_rows) and not e.placement.always_load)
         for layer in range(e.L):
-            yield from batch_layer(e, layer, rows, pairs, decode_rows, tally)
+            yield from batch_layer(e, layer, rows, pairs, decode_rows, tally, unions[layer] if unions else None)
         return tally.union
 
 
