@@ -51,6 +51,34 @@ def test_confirm_two_arms_with_a_given_profile(trace_dir, tmp_path, capsys):
     assert v["median_abs_error_tpot_mean_run_link"] is None and "diagnostic" not in stdout
 
 
+def test_confirm_batched_arms(trace_dir, tmp_path, capsys):
+    """A batched arm (closed loop of N users) runs the serving workload for real and simulated; its
+    errors are the verdict's `_batched` keys, apart from the replay arms' ranking."""
+    out = tmp_path / "confirm"
+    rc = main(["confirm", "profile=rtx4090", "store=host", "arms=baseline,half,batch2", f"trace={trace_dir}", *TINY,
+               "repeats=2", f"out={out}"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    frame = pl.read_parquet(out / "confirm.parquet")
+    assert frame["arm"].to_list() == ["baseline", "baseline_half_cache", "baseline_batch2"]
+    assert frame["users"].to_list() == [0, 0, 2]
+    b = frame.filter(pl.col("users") == 2).row(0, named=True)
+    for m in ("tpot_mean_s", "tpot_p90_s", "throughput_tokens_per_s"):
+        assert b[f"measured_{m}"] > 0 and b[f"simulated_{m}"] > 0
+        assert b[f"error_{m}"] == pytest.approx((b[f"simulated_{m}"] - b[f"measured_{m}"]) / b[f"measured_{m}"])
+    assert b["measured_stall_share"] is None and b["measured_hit_rate"] is None
+    sim_req = pl.read_parquet(out / "baseline_batch2" / "sim" / "requests.parquet")
+    real_req = pl.read_parquet(out / "baseline_batch2" / "realrun" / "requests.parquet")
+    assert sim_req.height == real_req.height == 4
+    assert sim_req["output_tokens"].to_list() == real_req["output_tokens"].to_list()
+    assert b["simulated_tpot_mean_s"] == pytest.approx(float(sim_req["tpot_mean_s"].mean()))
+    v = json.loads((out / "confirm.json").read_text())["verdict"]
+    assert v["batched_arms"] == ["baseline_batch2"]
+    assert v["median_abs_error_throughput_batched"] == pytest.approx(abs(b["error_throughput_tokens_per_s"]))
+    assert set(v["ranking_measured"]) == {"baseline", "baseline_half_cache"}  # the replay arms only
+    assert "batched arms" in stdout and "over 2 replay arms" in stdout
+
+
 def test_confirm_calibrates_first(trace_dir, tmp_path, capsys):
     out = tmp_path / "confirm"
     rc = main(["confirm", "calibrate", "quick=true", "cal_repeats=3", "arms=baseline,mixtral_offloading",
@@ -157,7 +185,7 @@ def test_an_arms_measured_figures_are_means_over_its_runs():
     from sim.realrun.confirm import measured_over_runs
 
     def run(lat, stall):
-        return SimpleNamespace(tokens=pl.DataFrame({"latency_s": lat}),
+        return SimpleNamespace(tokens=pl.DataFrame({"latency_s": lat}), requests=None,
                                summary={"tpot_mean_s": float(np.mean(lat)), "stall_share": stall})
 
     runs = [run([1.0, 1.0, 1.0, 1.0], 0.5), run([1.0, 1.0, 1.0, 1.0], 0.5), run([4.0, 4.0, 4.0, 4.0], 0.8)]

@@ -89,6 +89,56 @@ def test_counters_equal_the_simulators(trace_dir, store_dir, policy, store):
         assert real.summary["dL_est"] == pytest.approx(sim.summary["dL_est"]) and sim.summary["dL_est"] > 0
 
 
+SERVE = ["workload.kind=closed", "workload.users=3", "workload.requests=6", "workload.max_output=6"]
+
+
+@pytest.mark.parametrize("policy,store,extra", [("baseline", "disk", []), ("fiddler", "host", []),
+                                                ("baseline", "host", ["memory.kv=shared", "batch.prefill_chunk=2"])])
+def test_batched_serving_steps_run_for_real_with_the_simulators_schedule(trace_dir, store_dir, policy, store, extra):
+    """A serving workload on the real machine: the simulator's scheduler, batched steps (each expert
+    once over its tokens; Fiddler's CPU experts on theirs). Without prefetch and with a closed loop
+    every decision is independent of timing: the same steps, batches, unions and bytes as `run`."""
+    from sim.realrun.build import parse_realrun, preset_of, with_layers
+    from sim.realrun.run import real_run
+    from sim.runner import load_trace, simulate
+
+    small = [a for a in SMALL if not a.startswith("tokens=")]
+    cfg, opts = parse_realrun([f"trace={trace_dir}", *small, f"policy={policy}", f"store={store}",
+                               f"store_dir={store_dir}", *SERVE, *extra])
+    real = real_run(cfg, opts)
+    cfg2, tr = with_layers(cfg, load_trace(cfg.trace), preset_of(cfg), opts.layers)
+    sim = simulate(cfg2, trace=tr)
+    for k in ("requests", "steps", "batch_size_mean", "union_experts_per_layer_mean",
+              "bytes_loaded_per_output_token", "preemptions"):
+        assert real.summary[k] == sim.summary[k], k
+    assert real.summary["batch_size_mean"] > 1.5
+    cols = ["rid", "seq", "prompt_tokens", "output_tokens"]
+    assert real.requests.select(cols).equals(sim.requests.select(cols))
+    assert (real.requests["ttft_s"] > 0).all() and (real.requests["tpot_mean_s"] > 0).all()
+    assert real.steps.select("requests", "decode_tokens", "prefill_tokens").equals(
+        sim.steps.select("requests", "decode_tokens", "prefill_tokens"))
+    if policy == "fiddler":
+        assert real.layers["cpu_experts"].sum() == sim.layers["cpu_experts"].sum() > 0
+
+
+def test_open_loop_and_speculative_serving_for_real(trace_dir, store_dir, tmp_path, capsys):
+    """Open-loop arrivals on the wall clock, speculative verify steps with a draft model's time
+    waited out; the results folder has the serving tables and the realrun facts."""
+    out = tmp_path / "serve"
+    small = [a for a in SMALL if not a.startswith("tokens=")]
+    rc, stdout, err = cli(["realrun", f"trace={trace_dir}", *small, "policy=mixtral_offloading", "store=host",
+                           f"store_dir={store_dir}", "workload.kind=open", "workload.rate=50", "workload.requests=5",
+                           "workload.max_output=6", "spec.k=2", "spec.acceptance=0.6", "spec.draft_s=0.002",
+                           f"out={out}"], capsys)
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["requests"] == 5 and s["realrun_store"] == "host" and s["workload_kind"] == "open"
+    req = pl.read_parquet(out / "requests.parquet")
+    assert req.height == 5 and (req["output_tokens"] == 7).all()  # the prompt's token and 6 decoded
+    assert (req["admitted_s"] >= req["arrival_s"] - 1e-9).all()  # no request starts before it arrives
+    assert (out / "steps.parquet").is_file() and "throughput_tokens_per_s" in stdout
+
+
 def test_adapmoe_staged_prefetches_run(trace_dir, store_dir):
     """AdapMoE's staged, waited-for prefetches and DP cache; pipelining and yielding prefetches."""
     from sim.realrun.build import parse_realrun

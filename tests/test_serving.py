@@ -85,6 +85,28 @@ def test_union_of_experts_equals_numpy_humaneval(he_trace, B):
     assert got == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("gating", [["gating.name=topk"], ["gating.name=adapmoe", "gating.sensitivity=trace"]])
+def test_a_steps_union_from_the_plan_is_its_rows_gated_one_by_one(gating):
+    # `Engine.batch_union` (one numpy pass per step) against `decide` row by row, duplicates included
+    trace = load_trace("traces/toy")
+    engine, _ = build_engine(parse_run_config(["hw=rtx4090.yaml", "cache.slots=64", *gating]), trace)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        rows = rng.integers(0, trace.num_tokens, size=int(rng.integers(1, 24))).tolist()
+        got = engine.batch_union(rows, weights=True)
+        for layer, (counts, weight, ranked) in enumerate(got):
+            want_n: dict[int, int] = {}
+            want_w: dict[int, float] = {}
+            for t in rows:
+                keys, ws, _ = engine.decide(t, layer)
+                for k, w in zip(keys, ws, strict=True):
+                    want_n[k] = want_n.get(k, 0) + 1
+                    want_w[k] = max(want_w.get(k, -1.0), w)
+            assert counts == want_n and weight == want_w
+            assert ranked == sorted(want_n, key=lambda k: (-want_n[k], k))
+        assert engine.batch_union(rows, weights=False)[0][1] is None
+
+
 def test_batching_shares_experts_and_every_request_finishes():
     res = simulate(parse_run_config(["hw=rtx4090.yaml", "cache.slots=64", "report=false", "workload.kind=open",
                                      "workload.rate=2", "workload.requests=24", "batch.max_requests=8"]))
@@ -217,12 +239,14 @@ def test_pregate_union_ranks_the_batch_votes():
     assert pol.on_batch([0, 1, 2], 1) == []  # no layer after the last
 
 
-def test_the_real_run_refuses_a_serving_workload():
+def test_the_real_run_refuses_a_replay_cap_on_a_serving_workload():
     from sim.errors import UserError
     from sim.realrun.build import parse_realrun
 
-    with pytest.raises(UserError, match="batch-1 replay only"):
-        parse_realrun(["workload.kind=open"])
+    with pytest.raises(UserError, match="workload.max_output"):
+        parse_realrun(["workload.kind=open", "tokens=8"])
+    with pytest.raises(UserError, match="rate"):
+        parse_realrun(["workload.kind=open", "workload.rate=0"])
 
 
 def test_a_batched_step_runs_cpu_placed_experts_on_the_cpu():

@@ -6,8 +6,10 @@ simulator on the same trace and prints, per arm, measured and simulated mean and
 share, hit rate and the errors; then the median and max absolute error over arms, the
 measurement's own noise (standard error of each arm's mean over its runs), whether the ranking
 agrees (Kendall tau; and over the pairs of arms the measurement separates), and a diagnostic:
-each real run simulated with the link at the speed its own copies had. Writes `confirm.parquet`, `confirm.json`, `confirm.html` (simulated vs
-measured, with the y = x line), the profile used and each arm's results folders.
+each real run simulated with the link at the speed its own copies had; the batched arms (serving
+runs, `batchN`) with their throughput and their own errors. Writes `confirm.parquet`,
+`confirm.json`, `confirm.html` (simulated vs measured, with the y = x line), the profile used and
+each arm's results folders.
 
 Every key, with its type, default and meaning: `python -m sim confirm --help`. `calibrate` alone
 means `calibrate=true`; an existing non-empty `out=` folder is replaced only with `overwrite=true`.
@@ -28,6 +30,12 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:+.1f}%"
 
 
+def _pair(a: float | None, b: float | None, width: int, digits: int) -> str:
+    if a is None or b is None:
+        return f"{'-':>{2 * width + 3}}"
+    return f"{a:{width}.{digits}f} / {b:{width}.{digits}f}"
+
+
 def print_table(rows: list[dict], v: dict) -> None:
     head = (f"{'arm':28} {'TPOT mean meas/sim (ms)':>24} {'err':>7} {'TPOT p90 meas/sim (ms)':>24} {'err':>7} "
             f"{'stall share meas/sim':>21} {'hit rate meas/sim':>18}")
@@ -36,10 +44,23 @@ def print_table(rows: list[dict], v: dict) -> None:
         print(f"{r['arm']:28} {r['measured_tpot_mean_s'] * 1e3:11.2f} / {r['simulated_tpot_mean_s'] * 1e3:9.2f} "
               f"{_pct(r['error_tpot_mean_s']):>7} {r['measured_tpot_p90_s'] * 1e3:11.2f} / "
               f"{r['simulated_tpot_p90_s'] * 1e3:9.2f} {_pct(r['error_tpot_p90_s']):>7} "
-              f"{r['measured_stall_share']:9.3f} / {r['simulated_stall_share']:9.3f} "
-              f"{r['measured_hit_rate']:8.3f} / {r['simulated_hit_rate']:7.3f}")
+              f"{_pair(r['measured_stall_share'], r['simulated_stall_share'], 9, 3)} "
+              f"{_pair(r['measured_hit_rate'], r['simulated_hit_rate'], 7, 3)}")
+    batched = [r for r in rows if r.get("users")]
+    rows = [r for r in rows if not r.get("users")]
+    if batched:
+        print("batched arms (closed loop, TPOT over requests): throughput meas/sim (tokens/s), error")
+        for r in batched:
+            print(f"  {r['arm']:26} {r['measured_throughput_tokens_per_s']:9.2f} / "
+                  f"{r['simulated_throughput_tokens_per_s']:9.2f} {_pct(r['error_throughput_tokens_per_s']):>7}")
+        print(f"  over {len(batched)} batched arms: mean TPOT error median "
+              f"{v['median_abs_error_tpot_mean_batched'] * 100:.1f}%, max {v['max_abs_error_tpot_mean_batched'] * 100:.1f}%; "
+              f"throughput median {v['median_abs_error_throughput_batched'] * 100:.1f}%, "
+              f"max {v['max_abs_error_throughput_batched'] * 100:.1f}%")
+    if not rows:
+        return
     tau = "-" if v["kendall_tau"] is None else f"{v['kendall_tau']:.3f}"
-    print(f"mean TPOT error over {len(rows)} arms: median {v['median_abs_error_tpot_mean'] * 100:.1f}%, "
+    print(f"mean TPOT error over {len(rows)} replay arms: median {v['median_abs_error_tpot_mean'] * 100:.1f}%, "
           f"max {v['max_abs_error_tpot_mean'] * 100:.1f}%; p90 median {v['median_abs_error_tpot_p90'] * 100:.1f}%")
     if v.get("median_rel_sem_tpot_mean") is not None:
         print(f"  measurement noise: the standard error of an arm's measured mean TPOT over its runs is "

@@ -14,6 +14,12 @@ store=disk keeps one store per model shape in the user's cache folder (platformd
 ~/.cache/moe-offload-sim/realrun-store on Linux) unless `store_dir=DIR`; it is written once,
 announced on stderr (where, how many GB) before it is written, and reused by later runs.
 
+A serving workload (`workload.kind=open|closed` and the `batch.*`, `memory.*`, `spec.*` keys of
+`run`, docs/serving.md) runs the simulator's scheduler on the real machine: batched steps, each
+expert of a step's union computed once over its tokens; open-loop requests arrive on the wall
+clock; it writes `requests.parquet` and `steps.parquet` as `run` does. Cap request lengths with
+`workload.max_prompt` / `workload.max_output` (`tokens=` caps the replay only).
+
 With `model=DIR` (a Mixtral-architecture checkpoint folder) it runs the live model instead: the
 real forward pass over held-out text with experts served from the offloaded store, and reports
 perplexity under the gating policy (`sim/realrun/live.py`).
@@ -69,8 +75,17 @@ def main(argv: list[str]) -> int:
             res = real_run(cfg, opts)
             fill_real_results(res, opts, tmp, report=cfg.report, title=f"realrun {out.name}")
         s = res.summary
-        print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
-              f"{s['expert_bytes'] / 1e6:.1f} MB, measured in {time.perf_counter() - t0:.1f} s")
-        print(summary_table(s, list(SUMMARY_KEYS) + [k for k in REAL_KEYS if k in s]))
+        wall = time.perf_counter() - t0
+        if res.requests is not None:  # a serving workload
+            from sim.serving.metrics import SERVING_SUMMARY_KEYS
+
+            print(f"{name}: {s['requests']} requests ({cfg.workload.kind} loop), {s['steps']} steps, cache "
+                  f"{s['cache_slots']} experts of {s['expert_bytes'] / 1e6:.1f} MB, measured in {wall:.1f} s")
+            keys = list(SERVING_SUMMARY_KEYS) + ["link_utilization", "compute_utilization"]
+        else:
+            print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
+                  f"{s['expert_bytes'] / 1e6:.1f} MB, measured in {wall:.1f} s")
+            keys = list(SUMMARY_KEYS)
+        print(summary_table(s, keys + [k for k in REAL_KEYS if k in s]))
     print(f"results: {out}", file=sys.stderr)
     return 0

@@ -111,10 +111,15 @@ def parse_realrun(argv: list[str]) -> tuple[RunConfig, RealOptions]:
         rest = [f"model={DEFAULT_MODEL}", *rest]  # run's mixtral-8x7b for it is 2-bit: not runnable here
     cfg = parse_run_config(rest)
     check_options(opts)
-    if cfg.workload.kind != "replay":
-        raise UserError(f"workload.kind={cfg.workload.kind}: the real run executes the batch-1 replay only "
-                        f"(serving workloads are simulated: python -m sim run, docs/serving.md)")
     tokens_given = any(p.split("=", 1)[0] == "tokens" for p in own)
+    if cfg.workload.kind != "replay":  # a serving workload: its requests' lengths are the workload's
+        if tokens_given:
+            raise UserError(f"tokens= caps the replay's decode tokens; with workload.kind={cfg.workload.kind} "
+                            "cap each request with workload.max_output=N (and workload.max_prompt=N)")
+        from sim.serving.run import check_serving
+
+        check_serving(cfg)
+        return cfg, opts
     if opts.tokens and (tokens_given or not cfg.engine.max_tokens):
         cfg.engine.max_tokens = opts.tokens
     return cfg, opts

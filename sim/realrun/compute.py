@@ -5,12 +5,15 @@ pipelined expert starts each GEMM as soon as its matrix has arrived):
 
     expert(mats, weight, tokens, wait)   one routed expert on `tokens` rows; returns its output
     attention(layer, context, new)       the non-expert work of one layer (synthetic runs only)
+    attention_batch(layer, pairs)        the same for a batch: each request's (context, new tokens)
     combine(outputs)                     the MoE block output from {key: expert output}
 
 `RandomKernels` (synthetic runs): matrices gate [W, H], up [W, H], down [H, W]; the stand-in for
 a layer's attention, router and norms is one GEMV over a weight of the preset's
 `non_expert_bytes_per_layer` plus the KV cache bytes of the context (`sim/machine/cost.py` counts the
-same bytes), one weight per layer so that it is read from memory, not from a CPU cache.
+same bytes), one weight per layer so that it is read from memory, not from a CPU cache. A batch's
+stand-in (a serving step) reads the weight part once for all the batch's new tokens and then each
+request's KV part for its own new tokens, as `CostModel.batch_attention_work` counts.
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def _no_wait(i: int) -> None:
 class RandomKernels:
     """Synthetic runs: random weights of the preset's shapes; the outputs are thrown away."""
 
-    def __init__(self, backend: Backend, preset: ModelPreset, dtype: torch.dtype, max_context: int):
+    def __init__(self, backend: Backend, preset: ModelPreset, dtype: torch.dtype, max_context: int,
+                 max_batch_tokens: int = 1):
+        """`max_context`: the longest context a layer attends over; `max_batch_tokens`: the most
+        tokens one step computes (a serving run's `batch.max_tokens`; 1 for a decode-only replay)."""
         self.backend = backend
         H = preset.hidden
         item = torch.empty((), dtype=dtype).element_size()
@@ -66,7 +72,7 @@ class RandomKernels:
         g = torch.Generator().manual_seed(1)
         self.attn = [(torch.randn((rows, H), generator=g) * 0.02).to(dtype).to(backend.device)
                      for _ in range(preset.layers)]
-        x = torch.randn((max(1, max_context), H), generator=g).to(dtype)
+        x = torch.randn((max(1, max_context, max_batch_tokens), H), generator=g).to(dtype)  # [tokens, H]
         self.x, self.x_host = x.to(backend.device), x
         self.act = F.silu
 
@@ -75,6 +81,17 @@ class RandomKernels:
 
     def attention(self, layer: int, context: int, new: int = 1) -> None:
         F.linear(self.x[:new], self.attn[layer][: self.rows(context + new)])
+
+    def attention_batch(self, layer: int, pairs: list[tuple[int, int]]) -> None:
+        """A batch's stand-in: the weight rows once over all its new tokens, then each request's
+        KV rows (its context and new tokens) over its own new tokens."""
+        w = self.attn[layer]  # [rows, H]
+        base = self.rows(0)
+        F.linear(self.x[: sum(n for _, n in pairs)], w[:base])
+        for context, new in pairs:
+            kv = self.rows(context + new) - base
+            if kv > 0:
+                F.linear(self.x[:new], w[base: base + kv])
 
     def expert(self, mats: list[torch.Tensor], weight: float, tokens: int = 1,
                wait: Callable[[int], None] = _no_wait) -> torch.Tensor:
@@ -86,9 +103,9 @@ class RandomKernels:
         wait(3)
         return F.linear(h, mats[2]) * weight
 
-    def cpu_expert(self, mats: list[torch.Tensor], weight: float) -> torch.Tensor:
-        """One expert computed by the CPU from its host-tier matrices (placement=cpu)."""
-        x = self.x_host[:1]
+    def cpu_expert(self, mats: list[torch.Tensor], weight: float, tokens: int = 1) -> torch.Tensor:
+        """One expert computed by the CPU from its host-tier matrices (placement=cpu), on `tokens` rows."""
+        x = self.x_host[:tokens]
         return F.linear(self.act(F.linear(x, mats[0])) * F.linear(x, mats[1]), mats[2]) * weight
 
     def combine(self, outputs: dict[int, torch.Tensor]) -> None:

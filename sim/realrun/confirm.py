@@ -7,8 +7,16 @@ Arms (`arms=a,b,...`): a policy preset name (`policy=<name>`), or one of
     cpu_on_miss   baseline (top-k, global LRU, no prefetch) with missed experts computed by the
                   CPU from host memory (Fiddler); it runs with `store=host`, where such a
                   system keeps its experts (the profile's host_to_device link describes it)
-Decode only (`engine.prefill=false`): each arm starts with an empty cache and decodes `tokens`
-tokens. The real runs go round-robin over the arms, `repeats` rounds of short runs, and each
+    batchN        a serving arm (docs/serving.md): the first arm's policy under a closed loop of
+                  N users with no think time, 2N requests of at most `tokens` prompt and `tokens`
+                  output tokens each, continuously batched (prefill included); the real run
+                  executes the batched steps (each expert once over its tokens)
+A replay arm is decode only (`engine.prefill=false`): it starts with an empty cache and decodes
+`tokens` tokens. A batched arm's figures are its requests': `tpot_mean_s` the mean over its
+requests of their mean TPOT, `tpot_p90_s` the p90 over them (pooled over its runs), and
+`throughput_tokens_per_s`; stall share and hit rate are per decode token, so not compared for it.
+The verdict's errors and ranking are over the replay arms; the batched arms have their own
+(`median_abs_error_tpot_mean_batched`, ...). The real runs go round-robin over the arms, `repeats` rounds of short runs, and each
 arm's measured figures are means over its runs (p90 over their tokens pooled).
 
 Why many short rounds: a shared virtual machine drifts. Here a disk's speed moved by 10-20% and a
@@ -36,8 +44,10 @@ from sim.config import parse_run_config
 from sim.errors import UserError
 from sim.machine.hardware import HardwareProfile
 
-DEFAULT_ARMS = "baseline,mixtral_offloading,adapmoe,half,cpu_on_miss"
+DEFAULT_ARMS = "baseline,mixtral_offloading,adapmoe,half,cpu_on_miss,batch4,batch8"
 METRICS = ("tpot_mean_s", "tpot_p90_s", "stall_share", "hit_rate")
+#: what a batched arm (a serving run) is compared on, beside `tpot_mean_s` and `tpot_p90_s`
+BATCH_METRICS = ("throughput_tokens_per_s",)
 
 
 @dataclass
@@ -70,6 +80,7 @@ class Arm:
     name: str
     overrides: list[str]
     store: str
+    users: int = 0  # a batched arm's closed-loop users (0: a batch-1 replay arm)
 
 
 def parse_arms(spec: str, opts: ConfirmOptions) -> list[Arm]:
@@ -86,12 +97,17 @@ def parse_arms(spec: str, opts: ConfirmOptions) -> list[Arm]:
                            opts.store))
         elif name == "cpu_on_miss":
             out.append(Arm("cpu_on_miss", ["policy=baseline", "placement.name=cpu_on_miss"], "host"))
+        elif name.startswith("batch") and name[5:].isdigit() and int(name[5:]) >= 1:
+            users, base = int(name[5:]), first or "baseline"
+            out.append(Arm(f"{base}_batch{users}", [
+                f"policy={base}", "workload.kind=closed", f"workload.users={users}", f"workload.requests={2 * users}",
+                f"workload.max_prompt={opts.tokens}", f"workload.max_output={opts.tokens}"], opts.store, users))
         elif name in PRESETS:
             out.append(Arm(name, [f"policy={name}"], opts.store))
             first = first or name
         else:
             raise UserError(f"unknown arm {name!r}; arms are policy presets ({', '.join(sorted(PRESETS))}), "
-                            "half or cpu_on_miss")
+                            "half, cpu_on_miss or batchN (N >= 1 users)")
     if len({a.name for a in out}) != len(out):
         raise UserError("the same arm is listed twice")
     return out
@@ -125,11 +141,11 @@ def plan_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace)
     """(arm, config, trace, profile) per arm: the same configuration for `run` and `realrun`."""
     from sim.realrun.build import preset_of, with_layers
 
-    base = [f"model={opts.model}", "engine.prefill=false", f"engine.max_tokens={opts.tokens}",
-            f"cache.slots={opts.slots}", f"seed={opts.seed}", "report=false"]
+    common = [f"model={opts.model}", f"cache.slots={opts.slots}", f"seed={opts.seed}", "report=false"]
+    replay = ["engine.prefill=false", f"engine.max_tokens={opts.tokens}"]  # a serving arm's lengths: its workload's
     plans = []
     for arm in arms:
-        cfg = parse_run_config(base + arm.overrides)
+        cfg = parse_run_config(common + ([] if arm.users else replay) + arm.overrides)
         cfg2, tr = with_layers(cfg, trace, preset_of(cfg, trace), opts.layers)
         plans.append((arm, cfg2, tr, profile_for(hw, arm.store)))
     return plans
@@ -176,7 +192,23 @@ def run_link_tpot_s(cfg, tr, hw_arm: HardwareProfile, run, cal_copy_s: float | N
     if real_copy_s is None or not cal_copy_s:
         return headline_s, None
     factor = real_copy_s / cal_copy_s
-    return float(simulate(cfg, trace=tr, hw=with_link_speed(hw_arm, factor)).summary["tpot_mean_s"]), factor
+    return figure(simulate(cfg, trace=tr, hw=with_link_speed(hw_arm, factor)), "tpot_mean_s"), factor
+
+
+def figure(res, metric: str) -> float | None:
+    """One run's figure `metric` (a `METRICS` or `BATCH_METRICS` name): its summary's for a
+    replay; for a serving run (a batched arm) `tpot_mean_s` is the mean over its requests of their
+    mean TPOT, `tpot_p90_s` their p90, `throughput_tokens_per_s` the summary's; None where a
+    figure is not defined for the run (stall share and hit rate of a serving run, throughput of a replay)."""
+    if res.requests is None:
+        return None if metric in BATCH_METRICS else float(res.summary[metric])
+    tpot = res.requests["tpot_mean_s"].drop_nulls().to_numpy()
+    if metric == "tpot_mean_s":
+        return float(tpot.mean())
+    if metric == "tpot_p90_s":
+        return float(np.percentile(tpot, 90))
+    v = res.summary.get(metric) if metric in BATCH_METRICS else None
+    return None if v is None else float(v)
 
 
 def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, cal=None) -> list[tuple]:
@@ -195,23 +227,31 @@ def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, 
         sim = simulate(cfg, trace=tr, hw=hw_arm)
         runs = measured[arm.name]
         row: dict[str, Any] = {"arm": arm.name, "store": arm.store, "config": " ".join(arm.overrides),
-                               "cache_slots": sim.summary["cache_slots"], "tokens": sim.summary["tokens_decode"]}
-        for m in METRICS:
+                               "cache_slots": sim.summary["cache_slots"],
+                               "tokens": (sim.summary["tokens_decode"] if sim.requests is None  # a batched arm's:
+                                          else int(sim.requests["output_tokens"].sum()))}  # its output tokens
+        row["users"] = arm.users
+        for m in METRICS + BATCH_METRICS:
             real_v = measured_over_runs(runs, m)
-            sim_v = float(sim.summary[m])
+            sim_v = figure(sim, m)
             row[f"measured_{m}"] = real_v
             row[f"simulated_{m}"] = sim_v
-            row[f"error_{m}"] = (sim_v - real_v) / real_v if m.startswith("tpot") else sim_v - real_v
-        means = [r.summary["tpot_mean_s"] for r in runs]
+            relative = m.startswith("tpot") or m in BATCH_METRICS
+            row[f"error_{m}"] = (None if real_v is None or sim_v is None
+                                 else (sim_v - real_v) / real_v if relative else sim_v - real_v)
+        means = [figure(r, "tpot_mean_s") for r in runs]
         row["measured_tpot_mean_s_spread"] = float(np.ptp(means) / row["measured_tpot_mean_s"]) if len(runs) > 1 else None
         # the measurement's own uncertainty: the standard error of the mean over the arm's runs, relative
         row["measured_tpot_mean_s_rel_sem"] = (float(np.std(means, ddof=1) / math.sqrt(len(runs)) / row["measured_tpot_mean_s"])
                                                if len(runs) > 1 else None)
-        row["measured_demand_loads_per_token"] = measured_over_runs(runs, "demand_loads_per_token")
-        row["simulated_demand_loads_per_token"] = float(sim.summary["demand_loads_per_token"])
+        if arm.users:  # a batched step's loads are no one token's: the bytes per output token instead
+            row["measured_demand_loads_per_token"] = row["simulated_demand_loads_per_token"] = None
+        else:
+            row["measured_demand_loads_per_token"] = measured_over_runs(runs, "demand_loads_per_token")
+            row["simulated_demand_loads_per_token"] = float(sim.summary["demand_loads_per_token"])
         kind = "disk" if arm.store == "disk" else "host"
         cal_copy_s = cal.copy_mean_s(kind, sim.summary["expert_bytes"]) if cal is not None else None
-        diag = [run_link_tpot_s(cfg, tr, hw_arm, r, cal_copy_s, float(sim.summary["tpot_mean_s"])) for r in runs]
+        diag = [run_link_tpot_s(cfg, tr, hw_arm, r, cal_copy_s, row["simulated_tpot_mean_s"]) for r in runs]
         factors = [f for _, f in diag if f is not None]
         row["link_speed_factor"] = float(np.mean(factors)) if factors else None
         row["simulated_run_link_tpot_mean_s"] = float(np.mean([t for t, _ in diag]))
@@ -220,18 +260,42 @@ def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, 
     return rows
 
 
-def measured_over_runs(runs: list, metric: str) -> float:
+def measured_over_runs(runs: list, metric: str) -> float | None:
     """An arm's measured figure over its real runs: the mean over runs (each the same tokens, so the
-    mean TPOT is the mean over every token measured), the p90 over the tokens of all runs pooled.
+    mean TPOT is the mean over every token measured), the p90 over the tokens of all runs pooled
+    (a batched arm's: over the requests of all runs pooled; `figure` says what each is).
 
     Means, not medians: the runs are spread over the whole confirm so that, like the pooled
     calibration, they average over the machine's drift; a median would keep one moment of it."""
     if metric == "tpot_p90_s":
-        return float(np.percentile(np.concatenate([r.tokens["latency_s"].to_numpy() for r in runs]), 90))
-    return float(np.mean([r.summary[metric] for r in runs]))
+        if runs[0].requests is not None:
+            pooled = np.concatenate([r.requests["tpot_mean_s"].drop_nulls().to_numpy() for r in runs])
+        else:
+            pooled = np.concatenate([r.tokens["latency_s"].to_numpy() for r in runs])
+        return float(np.percentile(pooled, 90))
+    values = [figure(r, metric) if metric in METRICS + BATCH_METRICS else r.summary[metric] for r in runs]
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def verdict(frame: pl.DataFrame) -> dict[str, Any]:
+    """The errors and the ranking over the replay arms, and the batched arms' errors (`_batched`)."""
+    if "users" in frame.columns and (frame["users"] > 0).any():
+        batched = frame.filter(pl.col("users") > 0)
+        replay = frame.filter(pl.col("users") == 0)
+        return {**(_verdict(replay) if replay.height else {}), **_batched_verdict(batched)}
+    return _verdict(frame)
+
+
+def _batched_verdict(frame: pl.DataFrame) -> dict[str, Any]:
+    out: dict[str, Any] = {"batched_arms": frame["arm"].to_list()}
+    for m, tag in (("tpot_mean_s", "tpot_mean"), ("tpot_p90_s", "tpot_p90"), ("throughput_tokens_per_s", "throughput")):
+        err = np.abs(frame[f"error_{m}"].to_numpy())
+        out[f"median_abs_error_{tag}_batched"] = float(np.median(err))
+        out[f"max_abs_error_{tag}_batched"] = float(err.max())
+    return out
+
+
+def _verdict(frame: pl.DataFrame) -> dict[str, Any]:
     from scipy.stats import kendalltau
 
     err = np.abs(frame["error_tpot_mean_s"].to_numpy())

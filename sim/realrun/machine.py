@@ -6,6 +6,9 @@ the processes of an `Environment`:
 
     operation            here
     attention            the kernels' non-expert stand-in (a live model runs its own: no-op)
+    attention_batch      the same for a serving step's batch (each request's context)
+    run_op               a modelled op with no kernel here (a draft model's `spec.draft_s`): waited out
+    idle_until           nothing to run until a request arrives (serving): the wall clock is waited out
     compute              an expert from its pool buffer (returns its output)
     issue                a copy by the copy worker (`sim/realrun/link.py`) into a pool buffer
     settle, link_full    apply the copies that ended (`CopyWorker.advance`), in completion order
@@ -134,6 +137,25 @@ class RealMachine:  # the contract: sim/engine/machine.py
         self.k.attention(layer, context, new_tokens)
         self._busy_end(begun)
 
+    def attention_batch(self, layer: int, pairs: list[tuple[int, int]]) -> None:
+        begun = self._busy_begin()
+        self.k.attention_batch(layer, pairs)
+        self._busy_end(begun)
+
+    def run_op(self, work) -> None:
+        """An op the real run has no kernel for, given as a time only (a `sim.machine.cost.OpWork`
+        with no bytes and no FLOPs: the draft model's `spec.k * spec.draft_s`): the compute stream
+        is busy that long. An op with bytes or FLOPs has a kernel of its own (`attention_batch`)."""
+        assert not work.nbytes and not work.matmul_s, "the real run times only modelled ops given as a duration"
+        self.backend.sync()
+        begun = time.perf_counter()
+        _wait_until(begun + work.overhead_s)
+        self.compute_busy_s += time.perf_counter() - begun
+
+    def idle_until(self, t_s: float) -> None:
+        """Nothing to run until `t_s` (a request's arrival, on this run's clock)."""
+        _wait_until(self.t0 + t_s)
+
     def compute(self, key: int, tokens: int, weight: float):
         begun = self._busy_begin()
         out = self.k.expert(self.pool.matrices(self.buf_of[key]), weight, tokens)
@@ -241,10 +263,12 @@ class RealMachine:  # the contract: sim/engine/machine.py
         return self.low is not None and tr.staging and tr.nbytes == self.low.nbytes
 
     # ------------------------------------------------------------------ the CPU worker
-    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float) -> None:
+    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None) -> None:
+        """The CPU worker computes `keys` (each on one token, or on `tokens[i]` of a batch)."""
         k, store = self.k, self.store
-        self.cpu.submit([(key, lambda key=key, w=w: k.cpu_expert(store.host_matrices(key), w))
-                         for key, w in zip(keys, weights, strict=True)])
+        counts = tokens if tokens is not None else [1] * len(keys)
+        self.cpu.submit([(key, lambda key=key, w=w, n=n: k.cpu_expert(store.host_matrices(key), w, n))
+                         for key, w, n in zip(keys, weights, counts, strict=True)])
         self._cpu_ready_s = ready_s
 
     def cpu_wait(self):
@@ -268,3 +292,14 @@ class RealMachine:  # the contract: sim/engine/machine.py
 
     def on_adopted(self, tr: Transfer) -> None:
         self.buf_of[tr.key] = tr.buf
+
+
+def _wait_until(t: float) -> None:
+    """Block until `time.perf_counter()` reaches `t`: sleep to within a millisecond, then spin
+    (a sleep alone may overshoot by the scheduler's tick)."""
+    while True:
+        left = t - time.perf_counter()
+        if left <= 0.0:
+            return
+        if left > 2e-3:
+            time.sleep(left - 1e-3)

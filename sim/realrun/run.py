@@ -2,7 +2,11 @@
 
 `real_run(cfg, opts)` returns a `sim.runner.RunResult` with the simulator's frames and summary
 keys (plus `realrun_*` facts: device, store, the page-cache check), so `run` and `realrun` results
-folders read the same way.
+folders read the same way. A serving workload (`workload.kind=open|closed`, docs/serving.md) runs
+the simulator's own scheduler and `sim.serving.serve.Serving` loop on the real machine: each
+batched step computes each expert of the batch's union once over its tokens (a real batched
+SwiGLU), attention's stand-in over each request's context; open-loop arrivals come on the wall
+clock (the machine idles until the next one), a draft model's `spec.draft_s` is waited out.
 """
 
 from __future__ import annotations
@@ -122,24 +126,35 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
                        f"random seed {opts.weights_seed}", tag, keep)
     owned = keep is None or not keep.holds(store)  # a kept store outlives the run
     pool = SlotPool(backend, layout, n_buf)
-    max_ctx = int(trace.pos.max()) + 2 if trace.num_tokens else 2
-    kernels = RandomKernels(backend, preset, layout.torch_dtype, max_ctx)
+    serving_run = cfg.workload.kind != "replay"
+    max_ctx = (int(trace.pos.max()) + 2 if trace.num_tokens else 2) + cfg.spec.k
+    kernels = RandomKernels(backend, preset, layout.torch_dtype, max_ctx,
+                            cfg.batch.max_tokens if serving_run else 1)
     facts: dict[str, Any] = {"realrun_device": backend.describe(), "realrun_store": store.kind,
                              "realrun_threads": opts.threads}
     if isinstance(store, DiskStore):
         check = store.page_cache_check(0, pool.matrices(0))
         facts.update({f"page_cache_{k}": v for k, v in check.items()})
-    _warm_up(kernels, pool, trace)
+    _warm_up(kernels, pool, cfg.batch.max_requests if serving_run else 1)
     cpu = CpuWorker(backend) if placement.may_use_cpu else None
     low = low_copies(sim_engine, layout, backend, opts, tag)
     machine = RealMachine(backend, store, pool, kernels, sim_engine.link, channels=opts.channels,
                           chunk_bytes=sim_engine.yield_chunk_bytes, cpu_worker=cpu,
                           pipelining=sim_engine.opt.pipelining, low=low)
     sim_engine.set_machine(machine)  # the simulator's engine, policies and steps; the real machine's time
+    serving = None
+    if serving_run:
+        from sim.serving.run import build_serving
+
+        serving = build_serving(cfg, sim_engine, info)  # the simulator's requests, scheduler and KV budget
     wall0 = time.perf_counter()
     try:
         with backend.pinned():
-            rec = sim_engine.run()
+            if serving is not None:
+                serving.run()
+                rec = sim_engine.rec
+            else:
+                rec = sim_engine.run()
     finally:
         machine.close()
         if owned:
@@ -148,6 +163,10 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
             low.close()
     facts["realrun_wall_s"] = time.perf_counter() - wall0
     facts["realrun_copy_mean_s"] = copy_mean_s(rec.loads, layout.expert_bytes)
+    if serving is not None:
+        from sim.serving.run import serving_result
+
+        return serving_result(cfg, sim_engine, info, serving, machine.link, machine.compute_busy_s, facts)
     return result_of(cfg, sim_engine, rec, info, hw, preset, facts)
 
 
@@ -174,12 +193,17 @@ def copy_mean_s(loads, expert_bytes: float) -> float | None:
     return float(np.mean(end[whole] - start[whole])) if whole.any() else None
 
 
-def _warm_up(kernels: RandomKernels, pool: SlotPool, trace: Trace) -> None:
-    """First calls of each op allocate and pick kernels: done before the clock starts."""
+def _warm_up(kernels: RandomKernels, pool: SlotPool, max_requests: int) -> None:
+    """First calls of each op allocate and pick kernels: done before the clock starts (for
+    batches of up to `max_requests` decode tokens too, in a serving run)."""
+    host = [m.cpu() for m in pool.matrices(0)]
     for _ in range(3):
         kernels.attention(0, 0)
-        kernels.expert(pool.matrices(0), 1.0, 1)
-        kernels.cpu_expert([m.cpu() for m in pool.matrices(0)], 1.0)
+        for n in sorted({1, max(1, max_requests // 2), max(1, max_requests)}):
+            kernels.expert(pool.matrices(0), 1.0, n)
+            kernels.cpu_expert(host, 1.0, n)
+        if max_requests > 1:
+            kernels.attention_batch(0, [(0, 1)] * max_requests)
     kernels.backend.sync_all()
 
 
@@ -219,8 +243,16 @@ def fill_real_results(res: RunResult, opts: RealOptions, tmp: Path, report: bool
     res.tokens.write_parquet(tmp / "tokens.parquet")
     res.layers.write_parquet(tmp / "layers.parquet")
     res.events.write_parquet(tmp / "events.parquet")
+    if res.requests is not None:  # a serving run
+        res.requests.write_parquet(tmp / "requests.parquet")
+        res.steps.write_parquet(tmp / "steps.parquet")
     if report:
         from sim.results.report import run_report, write_html
 
-        write_html(run_report(res.summary, res.tokens, res.layers, res.events, title or f"realrun {tmp.name}"),
-                   tmp / "report.html")
+        title = title or f"realrun {tmp.name}"
+        if res.requests is not None:
+            from sim.serving.report import serving_report
+
+            write_html(serving_report(res.summary, res.requests, res.steps, title), tmp / "report.html")
+        else:
+            write_html(run_report(res.summary, res.tokens, res.layers, res.events, title), tmp / "report.html")

@@ -57,24 +57,32 @@ def build_serving(cfg, engine, info: dict) -> Serving:
 def simulate_serving(cfg, engine, info: dict):
     """Run a serving workload on a built engine; returns a `sim.runner.RunResult` with its
     requests and steps tables."""
+    serving = build_serving(cfg, engine, info)
+    serving.run()
+    return serving_result(cfg, engine, info, serving, engine.link, engine.compute_busy_s)
+
+
+def serving_result(cfg, engine, info: dict, serving: Serving, link, compute_busy_s: float, extra: dict | None = None):
+    """The `RunResult` of a serving run that has run on `engine` (simulated, or on the real
+    machine: `link` and `compute_busy_s` are the machine's), with `extra` facts in its summary."""
     import dataclasses
 
     from sim.results.metrics import summarize
     from sim.runner import RunResult
 
-    serving = build_serving(cfg, engine, info)
-    serving.run()
     rec = engine.rec
     tokens, layers, events = rec.tokens_frame(), rec.layers_frame(), rec.events_frame(engine.E)
-    base = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=engine.link.busy_s,
-                     link_channels=engine.link.channels, compute_busy_s=engine.compute_busy_s, end_s=engine.t)
+    end_s = engine.t_end
+    base = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=link.busy_s,
+                     link_channels=link.channels, compute_busy_s=compute_busy_s, end_s=end_s)
     summary = serving_summary(serving.records, serving.steps, cfg.slo.ttft_s, cfg.slo.tpot_s)
     summary["workload_kind"] = cfg.workload.kind
     summary.update({k: base[k] for k in RUN_KEYS})
     summary.update(info)
-    summary.update({"makespan_s": engine.t, "cache_peak_bytes": engine.cache.peak_bytes,
+    summary.update({"makespan_s": end_s, "cache_peak_bytes": engine.cache.peak_bytes,
                     "steps": len(serving.steps), "kv_bytes_per_token": serving.kv.bytes_per_token,
                     "kv_budget_bytes": serving.kv.capacity_bytes, "memory_kv": cfg.memory.kv})
+    summary.update(extra or {})
     if engine.opt != cfg.engine:
         cfg = dataclasses.replace(cfg, engine=engine.opt)
     return RunResult(cfg, summary, tokens, layers, events, engine.ctx.hw, engine.ctx.preset,
