@@ -93,8 +93,9 @@ def test_a_steps_union_from_the_plan_is_its_rows_gated_one_by_one(gating):
     rng = np.random.default_rng(3)
     for _ in range(20):
         rows = rng.integers(0, trace.num_tokens, size=int(rng.integers(1, 24))).tolist()
-        got = engine.batch_union(rows, weights=True)
-        for layer, (counts, weight, ranked) in enumerate(got):
+        counts, weight, by_layer = engine.batch_union(rows, weights=True)
+        assert set(counts) == set(weight) == {k for keys in by_layer for k in keys}
+        for layer, ranked in enumerate(by_layer):
             want_n: dict[int, int] = {}
             want_w: dict[int, float] = {}
             for t in rows:
@@ -102,9 +103,9 @@ def test_a_steps_union_from_the_plan_is_its_rows_gated_one_by_one(gating):
                 for k, w in zip(keys, ws, strict=True):
                     want_n[k] = want_n.get(k, 0) + 1
                     want_w[k] = max(want_w.get(k, -1.0), w)
-            assert counts == want_n and weight == want_w
+            assert {k: counts[k] for k in ranked} == want_n and {k: weight[k] for k in ranked} == want_w
             assert ranked == sorted(want_n, key=lambda k: (-want_n[k], k))
-        assert engine.batch_union(rows, weights=False)[0][1] is None
+        assert engine.batch_union(rows, weights=False)[1] is None
 
 
 def test_batching_shares_experts_and_every_request_finishes():

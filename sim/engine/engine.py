@@ -134,13 +134,13 @@ class Engine:
         k = n[layer]
         return keys[layer][:k], w[layer][:k], dL[layer]
 
-    def batch_union(self, rows: list[int], weights: bool) -> list[tuple[dict, dict | None, list[int]]] | None:
-        """Per MoE layer, the union of the experts that the tokens `rows` run (a batched step):
-        ({key: how many of the rows run it}, with `weights` {key: its largest gate weight among
-        them}, the keys by count, most first, then by key), from the plan in one pass over the
-        step; a row twice in `rows` counts twice. None for a stateful gating: `batch_layer` then
-        asks `decide` layer by layer, after the loads that ended by then (the same counts when the
-        plan exists)."""
+    def batch_union(self, rows: list[int], weights: bool) -> tuple[dict, dict | None, list[list[int]]] | None:
+        """The union of the experts that the tokens `rows` run in a batched step, from the plan in
+        one pass over the step: ({key: how many of the rows run it}, with `weights` {key: its
+        largest gate weight among them}, per MoE layer its keys by count, most first, then by key).
+        Keys are global (`layer * E + expert`), so the two dicts serve every layer; a row twice in
+        `rows` counts twice. None for a stateful gating: `batch_layer` then asks `decide` layer by
+        layer, after the loads that ended by then (the same counts when the plan exists)."""
         if self.plan is None:
             return None
         L, E = self.L, self.E
@@ -149,22 +149,17 @@ class Engine:
         flat = flat[ran]
         count = np.bincount(flat, minlength=L * E)  # [L * E]
         keys = np.flatnonzero(count)  # ascending: layer by layer
-        bounds = np.searchsorted(keys, np.arange(L + 1) * E).tolist()  # [L + 1]
         n = count[keys]
+        bounds = np.searchsorted(keys, np.arange(L + 1) * E).tolist()  # [L + 1]
         ranked = keys[np.lexsort((keys, -n, keys // E))].tolist()  # by layer, count (most first), key
-        kl, cl = keys.tolist(), n.tolist()
-        wl = None
+        kl = keys.tolist()
+        counts = dict(zip(kl, n.tolist(), strict=True))
+        top = None
         if weights:
-            top = np.full(L * E, -1.0)
-            np.maximum.at(top, flat, self._w[rows].ravel()[ran])
-            wl = top[keys].tolist()
-        out = []
-        for layer in range(L):
-            a, b = bounds[layer], bounds[layer + 1]
-            keys_l = kl[a:b]
-            out.append((dict(zip(keys_l, cl[a:b], strict=True)),
-                        dict(zip(keys_l, wl[a:b], strict=True)) if wl is not None else None, ranked[a:b]))
-        return out
+            w = np.full(L * E, -1.0)
+            np.maximum.at(w, flat, self._w[rows].ravel()[ran])
+            top = dict(zip(kl, w[keys].tolist(), strict=True))
+        return counts, top, [ranked[bounds[layer]:bounds[layer + 1]] for layer in range(L)]
 
     # ------------------------------------------------------------------ the run
     def warm_start(self) -> None:

@@ -307,8 +307,9 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
     gate weight in the batch), beside the device's work; every other absent expert is loaded (a
     low-precision copy is a batch-1 decode step's). A prompt's prefill (no decode rows) loads
     every expert, as the replay's prefill always has: it is this step with one request.
-    `union`: this layer's entry of `Engine.batch_union(rows, weights=<placement asked>)` when the
-    caller computed it for the whole step (a stateless gating), else the rows are gated here."""
+    `union`: (counts, weights, this layer's ranked keys) from `Engine.batch_union(rows,
+    weights=<placement asked>)` when the caller computed it for the whole step (a stateless
+    gating; its dicts hold every layer's keys), else the rows are gated here."""
     m, ledger = e.machine, e.ledger
     cache = ledger.cache
     t0 = rows[0]  # the step is booked at its first token
@@ -361,7 +362,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         else:
             todo.append(key)
     if tally is not None:
-        tally.union += len(counts)
+        tally.union += len(ranked)
     # loads: at most `staging_buffers` outstanding; each computed once its load is in, in issue order
     outstanding: list = []
     keep = set(todo)  # the experts still to compute: kept (neither evicted nor cut) for a load
@@ -405,7 +406,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                 tally.demand += 1
         if not asked:  # the prefetch policy, told of the step's decode rows, after the first loads
             asked = True
-            _prefetch_batch(e, layer, decode_rows, counts)
+            _prefetch_batch(e, layer, decode_rows, ranked)
         tr = outstanding.pop(0)
         r = m.first_to_arrive([tr])  # in issue order, whatever arrives first
         if r.__class__ is Pending:
@@ -426,7 +427,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         else:
             ledger.released(tr, t0, layer)
     if not asked:
-        _prefetch_batch(e, layer, decode_rows, counts)
+        _prefetch_batch(e, layer, decode_rows, ranked)
     if cpu_keys:
         r = m.cpu_wait()
         if r.__class__ is Pending:

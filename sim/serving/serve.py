@@ -145,9 +145,10 @@ class Serving:
         pairs = [(w.context, len(w.rows)) for w in work]
         decode_rows = [t for w in work if w.kind != "prefill" for t in w.rows]
         tally = BatchTally()
-        unions = e.batch_union(rows, bool(decode_rows) and not e.placement.always_load)
+        union = e.batch_union(rows, bool(decode_rows) and not e.placement.always_load)
         for layer in range(e.L):
-            yield from batch_layer(e, layer, rows, pairs, decode_rows, tally, unions[layer] if unions else None)
+            yield from batch_layer(e, layer, rows, pairs, decode_rows, tally,
+                                   None if union is None else (union[0], union[1], union[2][layer]))
         return tally.union
 
 
