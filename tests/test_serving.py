@@ -141,6 +141,24 @@ def test_shared_kv_shrinks_the_expert_cache():
     assert shared.summary["bytes_loaded_per_output_token"] > static.summary["bytes_loaded_per_output_token"]
 
 
+def test_shrinking_the_cache_evicts_from_the_next_fullest_layer_when_the_fullest_is_loading():
+    from sim.engine.cache import ABSENT, LOADING
+
+    engine, _ = build_engine(parse_run_config(["hw=rtx4090.yaml", "cache.slots=64", "cache.name=lru",
+                                               "cache.scope=layer"]), load_trace("traces/toy"))
+    cache, pol, eb, E = engine.cache, engine.cache_policy, engine.expert_bytes, engine.E
+    for key in (0, 1):  # layer 0: two experts still loading (not evictable)
+        cache.begin_load(key, eb)
+        pol.on_insert(key, -1)
+    cache.insert_resident(E + 3, eb)  # layer 1: one resident expert
+    pol.on_insert(E + 3, -1)
+    engine.ledger.resize_cache(2 * eb, 0)
+    assert cache.state[E + 3] == ABSENT and cache.state[0] == cache.state[1] == LOADING
+    assert cache.used_bytes == 2 * eb
+    engine.ledger.resize_cache(eb, 0)  # only loading experts left: the cache stays over until they land
+    assert cache.used_bytes == 2 * eb
+
+
 @pytest.mark.parametrize("acceptance,per_step", [(1.0, 4), (0.0, 1)])
 def test_speculative_verify_advances_by_the_accepted(acceptance, per_step):
     res = simulate(parse_run_config(ONE_USER + ["hw=rtx4090.yaml", "cache.slots=64", "report=false",

@@ -167,15 +167,18 @@ class Ledger:
     def resize_cache(self, capacity_bytes: float, t: int) -> None:
         """The expert cache may now use `capacity_bytes` (serving with a shared KV cache: it shrinks
         as KV grows, grows back as requests finish). Shrinking evicts through the cache policy, as
-        if it made room in the layer that holds the most experts, until the residents fit; experts
-        still loading cannot be evicted, so the cache may stay over until they land (the next
-        call tries again; a load never starts without room)."""
+        if it made room in the layer that holds the most experts (the next fullest when that one
+        has nothing to evict), until the residents fit; experts still loading cannot be evicted, so
+        the cache may stay over until they land (the next call tries again; a load never starts
+        without room)."""
         cache = self.cache
         cache.capacity_bytes = float(capacity_bytes)
         while cache.used_bytes > cache.capacity_bytes * (1 + 1e-12):
-            layer = max(range(cache.layers), key=cache.per_layer.__getitem__)
-            victims = self.cache_policy.victims(layer * self.E, 0.0, t, layer)
-            if not victims:
+            for layer in sorted(range(cache.layers), key=lambda x: -cache.per_layer[x]):  # fullest first
+                victims = self.cache_policy.victims(layer * self.E, 0.0, t, layer)
+                if victims:
+                    break
+            else:  # nothing resident to evict anywhere: loads in flight hold the rest
                 return
             for v in victims:
                 self.evict(v)
