@@ -21,7 +21,7 @@ from sim.trace.synthetic import random_trace, routing_trace
 
 #: the bundled profile each preset is run on: the Jetson where the model's resident weights leave
 #: room for a layer's experts, else the smallest that does
-FITS_ON = {"mixtral-8x22b": "rtx4090.yaml", "deepseek-v3": "h200.yaml"}
+FITS_ON = {"mixtral-8x22b": "rtx4090.yaml", "deepseek-v3": "h200.yaml", "qwen3-235b-a22b": "rtx4090.yaml"}
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

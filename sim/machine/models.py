@@ -113,6 +113,11 @@ PRESETS: dict[str, ModelPreset] = {
             source="Qwen1.5-MoE-A2.7B config.json"),
         _mk(name="qwen3-30b-a3b", layers=48, experts=128, top_k=8, hidden=2048, expert_width=768, heads=32,
             kv_heads=4, head_dim=128, vocab=151936, source="Qwen3-30B-A3B config.json"),
+        _mk(name="qwen3-235b-a22b", layers=94, experts=128, top_k=8, hidden=4096, expert_width=1536, heads=64,
+            kv_heads=4, head_dim=128, vocab=151936, bits=16, attn_bits=16,
+            source="Qwen3-235B-A22B config.json (num_hidden_layers 94, num_experts 128, num_experts_per_tok 8, "
+                   "hidden_size 4096, moe_intermediate_size 1536, 64 / 4 attention / KV heads, head_dim 128, "
+                   "vocab_size 151936, bfloat16); model card: 235B total, 22B activated"),
         _mk(name="olmoe-1b-7b", layers=16, experts=64, top_k=8, hidden=2048, expert_width=1024, heads=16,
             kv_heads=16, head_dim=128, vocab=50304, source="OLMoE-1B-7B-0924 config.json"),
         _mk(name="deepseek-v2-lite", layers=26, experts=64, top_k=6, hidden=2048, expert_width=1408, heads=16,
