@@ -188,6 +188,20 @@ def test_bad_inputs(trace_dir, store_dir, tmp_path, capsys, extra, needle):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra,needle", [
+    (["workload.kind=closed", "spec.k=50"], "spec.k=50"),
+    (["workload.kind=open", "tokens=4"], "workload.max_output"),
+    (["workload.kind=closed", "workload.users=0"], "workload.users"),
+])
+def test_bad_serving_inputs_write_no_store(trace_dir, tmp_path, capsys, extra, needle):
+    """A serving workload that cannot run is refused before any store is written."""
+    out, store = tmp_path / "res", tmp_path / "store"
+    small = [a for a in SMALL if not a.startswith("tokens=")]
+    rc, _, err = cli(["realrun", f"trace={trace_dir}", *small, f"store_dir={store}", f"out={out}", *extra], capsys)
+    assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and not store.exists()
+
+
 def test_store_folder_not_writable(trace_dir, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

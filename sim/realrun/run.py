@@ -111,6 +111,11 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     trace = trace if trace is not None else load_trace(cfg.trace)
     cfg, trace = with_layers(cfg, trace, preset_of(cfg, trace), opts.layers)
     sim_engine, info = build_engine(cfg, trace, hw)  # the simulator's policies, plan and checks
+    serving = None
+    if cfg.workload.kind != "replay":  # checked before any store is opened or written
+        from sim.serving.run import build_serving
+
+        serving = build_serving(cfg, sim_engine, info)  # the simulator's requests, scheduler and KV budget
     preset = sim_engine.ctx.preset
     layout = synthetic_layout(preset)
     placement = sim_engine.placement
@@ -126,7 +131,7 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
                        f"random seed {opts.weights_seed}", tag, keep)
     owned = keep is None or not keep.holds(store)  # a kept store outlives the run
     pool = SlotPool(backend, layout, n_buf)
-    serving_run = cfg.workload.kind != "replay"
+    serving_run = serving is not None
     max_ctx = (int(trace.pos.max()) + 2 if trace.num_tokens else 2) + cfg.spec.k
     kernels = RandomKernels(backend, preset, layout.torch_dtype, max_ctx,
                             cfg.batch.max_tokens if serving_run else 1)
@@ -142,11 +147,6 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
                           chunk_bytes=sim_engine.yield_chunk_bytes, cpu_worker=cpu,
                           pipelining=sim_engine.opt.pipelining, low=low)
     sim_engine.set_machine(machine)  # the simulator's engine, policies and steps; the real machine's time
-    serving = None
-    if serving_run:
-        from sim.serving.run import build_serving
-
-        serving = build_serving(cfg, sim_engine, info)  # the simulator's requests, scheduler and KV budget
     wall0 = time.perf_counter()
     try:
         with backend.pinned():
