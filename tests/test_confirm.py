@@ -79,6 +79,15 @@ def test_confirm_batched_arms(trace_dir, tmp_path, capsys):
     assert "batched arms" in stdout and "over 2 replay arms" in stdout
 
 
+def test_a_batched_arm_needs_two_decode_tokens():
+    from sim.errors import UserError
+    from sim.realrun.confirm import ConfirmOptions, parse_arms
+
+    with pytest.raises(UserError, match="tokens >= 2"):
+        parse_arms("baseline,batch2", ConfirmOptions(tokens=1))
+    assert parse_arms("baseline,batch2", ConfirmOptions(tokens=2))[1].users == 2
+
+
 def test_confirm_calibrates_first(trace_dir, tmp_path, capsys):
     out = tmp_path / "confirm"
     rc = main(["confirm", "calibrate", "quick=true", "cal_repeats=3", "arms=baseline,mixtral_offloading",

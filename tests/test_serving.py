@@ -266,6 +266,8 @@ def test_the_real_run_refuses_a_replay_cap_on_a_serving_workload():
         parse_realrun(["workload.kind=open", "tokens=8"])
     with pytest.raises(UserError, match="rate"):
         parse_realrun(["workload.kind=open", "workload.rate=0"])
+    with pytest.raises(UserError, match="live model"):  # the live model replays text, batch 1
+        parse_realrun(["live=true", "workload.kind=closed", "workload.users=2"])
 
 
 def test_a_batched_step_runs_cpu_placed_experts_on_the_cpu():

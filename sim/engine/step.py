@@ -399,7 +399,8 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                     ledger.unused.discard(key)
                     e.rec.per_layer["prefetch_used"][layer] += 1
                 continue
-            cache.pinned.update(keep)  # (`key` among them: absent, it is no victim and no cut)
+            cache.pinned.update(keep)
+            cache.pinned.discard(key)  # (a dropped staged prefetch of it may still run: that one may be cut)
             outstanding.append(load(e, key, DEMAND, t0, layer))
             cache.pinned.clear()
             if tally is not None:

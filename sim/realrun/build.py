@@ -113,6 +113,9 @@ def parse_realrun(argv: list[str]) -> tuple[RunConfig, RealOptions]:
     check_options(opts)
     tokens_given = any(p.split("=", 1)[0] == "tokens" for p in own)
     if cfg.workload.kind != "replay":  # a serving workload: its requests' lengths are the workload's
+        if opts.live or (cfg.model and Path(cfg.model).is_dir()):
+            raise UserError(f"workload.kind={cfg.workload.kind}: the live model runs the batch-1 replay of "
+                            "held-out text; a serving workload runs on the synthetic model (no live=, no model=DIR)")
         if tokens_given:
             raise UserError(f"tokens= caps the replay's decode tokens; with workload.kind={cfg.workload.kind} "
                             "cap each request with workload.max_output=N (and workload.max_prompt=N)")

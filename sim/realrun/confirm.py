@@ -98,6 +98,9 @@ def parse_arms(spec: str, opts: ConfirmOptions) -> list[Arm]:
         elif name == "cpu_on_miss":
             out.append(Arm("cpu_on_miss", ["policy=baseline", "placement.name=cpu_on_miss"], "host"))
         elif name.startswith("batch") and name[5:].isdigit() and int(name[5:]) >= 1:
+            if opts.tokens < 2:
+                raise UserError(f"arm {name}: a batched arm's requests need tokens >= 2 decode positions "
+                                f"for a TPOT (tokens={opts.tokens})")
             users, base = int(name[5:]), first or "baseline"
             out.append(Arm(f"{base}_batch{users}", [
                 f"policy={base}", "workload.kind=closed", f"workload.users={users}", f"workload.requests={2 * users}",
@@ -202,11 +205,11 @@ def figure(res, metric: str) -> float | None:
     figure is not defined for the run (stall share and hit rate of a serving run, throughput of a replay)."""
     if res.requests is None:
         return None if metric in BATCH_METRICS else float(res.summary[metric])
-    tpot = res.requests["tpot_mean_s"].drop_nulls().to_numpy()
-    if metric == "tpot_mean_s":
-        return float(tpot.mean())
-    if metric == "tpot_p90_s":
-        return float(np.percentile(tpot, 90))
+    tpot = res.requests["tpot_mean_s"].drop_nulls().to_numpy()  # requests with >= 2 output tokens
+    if metric in ("tpot_mean_s", "tpot_p90_s"):
+        if not tpot.size:
+            return None
+        return float(tpot.mean() if metric == "tpot_mean_s" else np.percentile(tpot, 90))
     v = res.summary.get(metric) if metric in BATCH_METRICS else None
     return None if v is None else float(v)
 
