@@ -24,13 +24,18 @@ def trace_dir(tmp_path_factory):
     return d
 
 
-def test_confirm_two_arms_with_a_given_profile(trace_dir, tmp_path, capsys):
-    out = tmp_path / "confirm"
-    rc = main(["confirm", "profile=rtx4090", "store=host", "arms=baseline,half", f"trace={trace_dir}", *TINY,
+def _confirm_given_profile(trace_dir, out, arms: str, capsys) -> tuple[str, pl.DataFrame]:
+    """`confirm` of `arms` on the rtx4090 profile (no calibration), two rounds: (stdout, confirm.parquet)."""
+    rc = main(["confirm", "profile=rtx4090", "store=host", f"arms={arms}", f"trace={trace_dir}", *TINY,
                "repeats=2", f"out={out}"])
     stdout, err = capsys.readouterr()
     assert rc == 0, err
-    frame = pl.read_parquet(out / "confirm.parquet")
+    return stdout, pl.read_parquet(out / "confirm.parquet")
+
+
+def test_confirm_two_arms_with_a_given_profile(trace_dir, tmp_path, capsys):
+    out = tmp_path / "confirm"
+    stdout, frame = _confirm_given_profile(trace_dir, out, "baseline,half", capsys)
     assert frame["arm"].to_list() == ["baseline", "baseline_half_cache"]
     assert frame["cache_slots"].to_list() == [12, 6]
     for m in ("tpot_mean_s", "tpot_p90_s", "stall_share", "hit_rate"):
@@ -55,11 +60,7 @@ def test_confirm_batched_arms(trace_dir, tmp_path, capsys):
     """A batched arm (closed loop of N users) runs the serving workload for real and simulated; its
     errors are the verdict's `_batched` keys, apart from the replay arms' ranking."""
     out = tmp_path / "confirm"
-    rc = main(["confirm", "profile=rtx4090", "store=host", "arms=baseline,half,batch2", f"trace={trace_dir}", *TINY,
-               "repeats=2", f"out={out}"])
-    stdout, err = capsys.readouterr()
-    assert rc == 0, err
-    frame = pl.read_parquet(out / "confirm.parquet")
+    stdout, frame = _confirm_given_profile(trace_dir, out, "baseline,half,batch2", capsys)
     assert frame["arm"].to_list() == ["baseline", "baseline_half_cache", "baseline_batch2"]
     assert frame["users"].to_list() == [0, 0, 2]
     b = frame.filter(pl.col("users") == 2).row(0, named=True)
