@@ -301,3 +301,21 @@ def test_prefill_first_never_decodes_a_request_twice_in_a_step(tmp_path):
     assert res.requests["output_tokens"].to_list() == [5, 5]
     assert (res.steps["decode_tokens"] <= res.steps["requests"]).all()
     assert res.steps.height == 5
+
+
+def test_pregates_batch_loop_equals_each_rows_on_layer_deduplicated():
+    """`Pregate.on_batch` writes `on_layer`'s loop out; it names what the base class's default
+    (each row's `on_layer`, each key once, first named first) names, on random cache states."""
+    from policies.base import PrefetchPolicy
+    from sim.engine.cache import ABSENT, RESIDENT
+
+    trace = load_trace("traces/toy")
+    engine, _ = build_engine(parse_run_config(["hw=rtx4090.yaml", "cache.slots=64", "prefetch.name=pregate",
+                                               "prefetch.depth=2", "prefetch.count=2"]), trace)
+    pol, state = engine.prefetch, engine.cache.state
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        state[:] = [RESIDENT if r < 0.4 else ABSENT for r in rng.random(len(state))]
+        rows = rng.integers(0, trace.num_tokens, size=int(rng.integers(2, 12))).tolist()
+        layer = int(rng.integers(0, engine.L))
+        assert pol.on_batch(rows, layer) == PrefetchPolicy.on_batch(pol, rows, layer)

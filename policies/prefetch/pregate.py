@@ -175,7 +175,8 @@ class Pregate(PrefetchPolicy):
 
     def on_batch(self, rows: list[int], layer: int) -> list[int]:
         """`PrefetchPolicy.on_batch` (each row's `on_layer`, each key once, in the order first
-        named), in one loop: a serving step asks this at every layer."""
+        named), in one loop: a serving step asks this at every layer, so `on_layer`'s loop is
+        written out here rather than called per row (`tests/test_serving.py` checks they agree)."""
         if len(rows) == 1:
             return self.on_layer(rows[0], layer)
         out: list[int] = []

@@ -36,7 +36,7 @@ class LoadLog:
     A row is written when the load is issued (`add`) and completed when it ends (`finish`):
     start and end time, and the bytes it really moved (less than its size if it was cut). A row is
     `FIELDS` as float64 (the integer fields are exact there: keys, tokens, kinds and flags are far
-    below 2**53), one `fromlist` per load on the hot path; the columns are numpy views (`col`, or
+    below 2**53), packed with `struct` once per load on the hot path; the columns are numpy views (`col`, or
     an attribute of that name), the integer ones as int32."""
 
     INTS = ("key", "token", "kind", "staging")  # read back as int32
