@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("sim.commands.import_cmd", "convert an external routing log (jsonl/csv/npz/vllm) to a trace"),
     "fisher-check": ("sim.commands.fisher_check", "validate Fisher sensitivities by really dropping experts"),
     "train-toy": ("sim.commands.train_toy", "train the bundled toy Mixtral-shaped MoE on CPU"),
+    "split": ("sim.commands.split", "split a trace into a fit part and a test part (for learned policies)"),
     "stats": ("sim.commands.stats", "routing statistics of a trace (entropy, reuse, pre-gating accuracy)"),
     "realrun": ("sim.commands.realrun", "replay a trace with real tensors and real copies (or a live checkpoint)"),
     "calibrate": ("sim.commands.calibrate", "measure this machine and write a hardware profile"),

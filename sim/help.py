@@ -285,6 +285,7 @@ def command_spec(command: str) -> CommandSpec | None:
         "fisher-check": ("sim.commands.fisher_check", "FisherCheckArgs", True),
         "train-toy": ("sim.commands.train_toy", "TrainToyArgs", False),
         "stats": ("sim.commands.stats", "StatsArgs", True),
+        "split": ("sim.commands.split", "SplitArgs", False),
         "calibrate": ("sim.realrun.calibrate", "CalibrateOptions", False),
         "confirm": ("sim.commands.confirm", "ConfirmCommandOptions", False),
     }
