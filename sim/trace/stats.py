@@ -219,8 +219,16 @@ def summarize(
     T: Sequence[float] = (0.005,),
     s_l: np.ndarray | None = None,
     phase: str = "decode",
+    segments: Sequence[int] | None = (),
+    cache_experts: int | None = None,
+    slots: Sequence[int] | None = (),
 ) -> dict[str, Any]:
-    """Every statistic above as plain Python numbers and lists (JSON-ready; NaN -> None)."""
+    """Every statistic above as plain Python numbers and lists (JSON-ready; NaN -> None).
+
+    With `segments` (segment lengths m; None: `sim.trace.locality.DEFAULT_SEGMENTS`) also
+    `locality` (SRP and SCH, `sim.trace.locality`; SCH with `cache_experts` per layer); with `slots`
+    (cache sizes; None: the default list) also `belady_ceiling`. Empty (the default here): the key
+    is None. The `stats` command passes None for both, so it reports them by default."""
     m = token_mask(trace, phase)
     L, E, k = trace.model.layers, trace.model.experts, trace.model.top_k
     s_l = trace.sensitivity if s_l is None else np.asarray(s_l, dtype=np.float64)
@@ -249,7 +257,61 @@ def summarize(
             r["single_share_by_layer"] = _list(r["single_share_by_layer"])
             out["adapmoe"]["thresholds"].append({key: _num(v) if key != "single_share_by_layer" else v
                                                  for key, v in r.items()})
+    out["locality"] = _locality_json(trace, m, segments, cache_experts)
+    out["belady_ceiling"] = _ceiling_json(trace, slots)
     return out
+
+
+def _locality_json(trace: Trace, m: np.ndarray, segments: Sequence[int] | None,
+                   cache_experts: int | None) -> dict[str, Any] | None:
+    """`locality`: {"segments": [m...], "cache_experts": c, "tail", "baseline", "segment_counts":
+    {m: G}, "srp": {m: {"by_layer", "mean", "shuffled_by_layer", "shuffled_mean"}} (None without
+    weights), "sch": the same}; None when `segments` is empty."""
+    from sim.trace import locality as lc
+
+    segments = lc.DEFAULT_SEGMENTS if segments is None else tuple(segments)
+    if not segments:
+        return None
+    res = lc.locality(trace, m, segments, cache_experts)
+    out: dict[str, Any] = {
+        "segments": [int(x) for x in segments], "cache_experts": res["cache_experts"],
+        "tail": "dropped", "baseline": f"routing shuffled within each layer (seed {lc.SHUFFLE_SEED})",
+        "segment_counts": {}, "srp": {}, "sch": {},
+    }
+    for seg, r in res["by_m"].items():
+        key = str(seg)
+        out["segment_counts"][key] = r["segments"]
+        for name in ("srp", "sch"):
+            real, shuf = r[name], r[f"{name}_shuffled"]
+            out[name][key] = None if real is None else {
+                "by_layer": _list(real), "mean": _num(_nanmean(real)),
+                "shuffled_by_layer": _list(shuf), "shuffled_mean": _num(_nanmean(shuf))}
+    if all(v is None for v in out["srp"].values()):
+        out["srp"] = None  # the trace records no usable weights
+    return out
+
+
+def _ceiling_json(trace: Trace, slots: Sequence[int] | None) -> dict[str, Any] | None:
+    """`belady_ceiling`: {"slots": [C...], "scope", "prefill", "by_slots": {C: {"by_layer",
+    "mean", "hits", "needed"}}}; `mean` is the decode hit rate over all layers (the run summary's
+    `hit_rate`); None when `slots` is empty."""
+    from sim.trace import locality as lc
+
+    L, E, k = trace.model.layers, trace.model.experts, trace.model.top_k
+    if slots is not None and len(slots) == 0:
+        return None
+    sizes = lc.ceiling_slots(None if slots is None else list(slots), L, E, k)
+    if not sizes:
+        return None
+    res = lc.belady_ceiling(trace, sizes, prefill=True)
+    by = {}
+    for c, r in res.items():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            layer_rate = np.where(r["needed"] > 0, r["hits"] / np.where(r["needed"] > 0, r["needed"], 1), np.nan)
+        by[str(c)] = {"by_layer": _list(layer_rate), "mean": _num(r["hit_rate"]),
+                      "hits": int(r["hits"].sum()), "needed": int(r["needed"].sum())}
+    return {"slots": sizes, "scope": "global", "prefill": True, "policy": "baseline (top-k, no prefetch), MIN",
+            "by_slots": by}
 
 
 def _nanmean(v: np.ndarray) -> float:
