@@ -154,8 +154,9 @@ def test_imported_trace_runs_and_weight_policies_are_refused(tmp_path, capsys):
     from policies.registry import GATING, PLACEMENT
 
     assert {n for n in GATING.names() if GATING.get(n).reads_weights} == {
-        "adapmoe", "adapmoe_cache_aware", "drop_on_miss", "substitute", "top_p"}
-    assert {n for n in PLACEMENT.names() if PLACEMENT.get(n).reads_weights} == {"low_precision_on_miss"}
+        "adapmoe", "adapmoe_cache_aware", "buddy", "drop_on_miss", "substitute", "top_p"}
+    assert {n for n in PLACEMENT.names() if PLACEMENT.get(n).reads_weights} == {
+        "low_precision_on_miss", "popularity_precision"}
     # a plug-in's policy is refused by the same declaration
     from policies.base import GatingPolicy
 
