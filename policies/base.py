@@ -163,6 +163,9 @@ class CachePolicy:
     name = "?"
     #: it reads the replay's future (`Context.steps`): `workload.kind=replay` only (as `PrefetchPolicy`'s)
     reads_replay_future: bool = False
+    #: non-empty: what it measured on the replayed trace itself (e.g. "cache.profile: the replayed
+    #: trace"), an in-sample choice that has seen the future; said in the summary's `in_sample_fit`
+    in_sample_fit: str = ""
 
     def __init__(self, knobs: object, ctx: Context):
         self.knobs = knobs
@@ -210,7 +213,15 @@ class PlacementPolicy:
         self.ctx = ctx
 
     low_bytes: float = 0.0  # bytes of a low-precision copy (policies that may return LOW)
+    #: device bytes the placement keeps for itself, taken from the expert cache before any cache or
+    #: prefetch policy is built (e.g. `partial_experts`' resident top slices); the run's
+    #: `cache_slots` / `cache_bytes` are what is left
+    reserved_bytes: float = 0.0
     may_use_cpu = False  # True if `place` may return CPU (the lower bound then lets misses run there)
+    #: it reads the trace's rows in the replay's order (e.g. usage counts of the rows before t), which
+    #: are the run's past only in the replay: a serving workload refuses it (as `CachePolicy`'s)
+    reads_replay_future: bool = False
+    in_sample_fit: str = ""  # as `CachePolicy.in_sample_fit`
 
     def place(self, key: int, t: int, weight: float) -> str:
         """LOAD (bring to the device), CPU (compute in host memory) or LOW (load a low-precision copy)."""

@@ -112,7 +112,7 @@ def resolve_model(cfg: RunConfig) -> RunConfig:
 
     Without `model=`, the trace's own model (`sim.machine.model_source.trace_model`): `model`
     becomes the preset that names it (`mixtral-8x7b` for the bundled `traces/toy`), or stays ""
-    when the model is the trace's own record. `engine.staging_buffers` unset: `max(6, top_k)`.
+    when the model is the trace's own record. `engine.staging_buffers` unset: `max(6, 2 * top_k)`.
     Without `model=` the trace folder is read now (a folder that does not read is an error of this
     configuration); a `trace` that names no folder is left to the run (it reports it, or is given
     the trace itself: `sim.api`). A `model=` that does not load is left as given, for the command
@@ -146,8 +146,9 @@ def resolve_model(cfg: RunConfig) -> RunConfig:
 
 
 def default_staging(top_k: int) -> int:
-    """`engine.staging_buffers` when not given: 6, or top-k where a layer routes more experts."""
-    return max(6, int(top_k))
+    """`engine.staging_buffers` when not given: 6, or twice top-k where a layer routes more than 3
+    experts (top-k of them are kept for a layer's demand loads, the rest may hold staged prefetches)."""
+    return max(6, 2 * int(top_k))
 
 
 def split_knobs(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:

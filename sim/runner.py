@@ -104,6 +104,20 @@ def cache_capacity(cfg: RunConfig, preset: ModelPreset, hw: HardwareProfile, tra
     return slots, slots * preset.expert_bytes
 
 
+def reserve(placement, name: str, cache: ExpertCache, ctx: Context, preset: ModelPreset) -> tuple[int, float]:
+    """Take the placement's `reserved_bytes` out of the expert cache (before the cache and prefetch
+    policies are built); the slots and bytes left. UserError if fewer than top-k slots remain."""
+    left_bytes = cache.capacity_bytes - float(placement.reserved_bytes)
+    slots = int(left_bytes // preset.expert_bytes) if left_bytes > 0 else 0
+    if slots < preset.top_k:
+        raise UserError(f"placement {name!r} keeps {placement.reserved_bytes / 1e9:.3g} GB of the "
+                        f"{cache.capacity_bytes / 1e9:.3g} GB expert cache; {slots} whole expert slot(s) are left and "
+                        f"one layer needs {preset.top_k}: give a larger cache or reserve less")
+    cache.capacity_bytes = slots * preset.expert_bytes
+    ctx.capacity_slots = slots
+    return slots, cache.capacity_bytes
+
+
 def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | None = None,
                  preset: ModelPreset | None = None, machine: str = "fast") -> tuple[Engine, dict[str, Any]]:
     """Everything a run needs, validated; `trace`, `hw` and `preset` (a model preset, used as is)
@@ -124,7 +138,7 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
         options = dataclasses.replace(options, staging_buffers=default_staging(preset.top_k))
     elif options.staging_buffers < preset.top_k:
         raise UserError(f"engine.staging_buffers={options.staging_buffers} must be >= top_k ({preset.top_k}) "
-                        f"of model {preset.name!r}; leave it unset for max(6, top_k)")
+                        f"of model {preset.name!r}; leave it unset for max(6, 2 x top_k)")
     slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
     link_spec = hw.expert_link
     link = CopyLink(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
@@ -135,7 +149,9 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
                   rng=np.random.default_rng(cfg.seed), hw=hw, cost=cost, prefill=cfg.engine.prefill,
                   max_tokens=cfg.engine.max_tokens, staging_buffers=options.staging_buffers)
     made = {}
-    for fam, reg in (("gating", GATING), ("prefetch", PREFETCH), ("cache", CACHE), ("placement", PLACEMENT)):
+    # placement before prefetch and cache: the bytes it reserves (`PlacementPolicy.reserved_bytes`)
+    # leave the cache, whose size the cache and prefetch policies (partitions, offline schedules) read
+    for fam, reg in (("gating", GATING), ("placement", PLACEMENT), ("prefetch", PREFETCH), ("cache", CACHE)):
         name, knobs = split_knobs(getattr(cfg, fam))
         cls = reg.get(name)
         made[fam] = cls(reg.knobs(name, knobs), ctx)
@@ -145,11 +161,27 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
                 from sim.offline.oracle import check_oracle
 
                 check_oracle(cfg, made[fam])
+        if fam == "placement" and made[fam].reserved_bytes > 0:
+            slots_total = slots
+            slots, cap_bytes = reserve(made[fam], name, cache, ctx, preset)
+    staged = made["prefetch"].admit_on_use or made["prefetch"].stage_without_slot
+    if staged and options.staging_buffers <= preset.top_k:
+        raise UserError(f"engine.staging_buffers={options.staging_buffers}: top_k ({preset.top_k}) are kept for a layer's "
+                        f"demand loads, so none is left for the staged prefetches of prefetch.name="
+                        f"{split_knobs(cfg.prefetch)[0]}; give more, or leave it unset for max(6, 2 x top_k)")
+    if made["prefetch"].schedule is not None and not made["placement"].always_load:
+        raise UserError(f"prefetch.name={split_knobs(cfg.prefetch)[0]} plans every load of the run offline, for "
+                        f"placement.name=load only (placement {made['placement'].name!r} changes which experts load)")
     if made["prefetch"].schedule is not None:  # an offline schedule plans the evictions too
         made["cache"].follow(made["prefetch"].schedule)
     engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, options,
                     machine=machine)
+    in_sample = "; ".join(f"{fam}.name={split_knobs(getattr(cfg, fam))[0]}: {made[fam].in_sample_fit}"
+                          for fam in ("cache", "placement") if made[fam].in_sample_fit)
     info = {"cache_slots": slots, "cache_bytes": cap_bytes, "expert_bytes": preset.expert_bytes,
+            **({"in_sample_fit": in_sample} if in_sample else {}),
+            **({"placement_reserved_bytes": float(made["placement"].reserved_bytes), "cache_slots_total": slots_total}
+               if made["placement"].reserved_bytes > 0 else {}),
             "prefetch_modelled": bool(made["prefetch"].modelled)}
     assumption = getattr(made["prefetch"], "modelled_assumption", None)
     if made["prefetch"].modelled and assumption:  # what a modelled predictor assumes (policies/prefetch/pregate.py)

@@ -121,6 +121,21 @@ def test_belady_ceiling_equals_a_belady_run(seed, experts, top_k, prefill):
         np.testing.assert_array_equal(ceiling[c]["needed"], run.layers["needed"].to_numpy())
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_no_online_eviction_policy_beats_the_ceiling(seed):
+    """Not circular: the ceiling (MIN) against the hit rates of every online cache policy, without prefetch."""
+    tr = random_trace(np.random.default_rng(seed), tokens=40, layers=4, experts=8, top_k=2, prefill=4,
+                      sequences=2, locality=0.6)
+    sizes = [4, 8, 16]
+    ceiling = lc.belady_ceiling(tr, sizes)
+    for c in sizes:
+        for name, scope in (("lru", "global"), ("lru", "layer"), ("lfu", "global"), ("arc", "layer"),
+                            ("arc", "global"), ("mrs", "global")):
+            run = sim.run(trace=tr, hw="rtx4090.yaml", policy="baseline",
+                          **{"cache.name": name, "cache.scope": scope, "cache.slots": c}, **MODEL)
+            assert run.summary["hit_rate"] <= ceiling[c]["hit_rate"] + 1e-12, (c, name, scope)
+
+
 def test_stats_command_on_the_toy_trace(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert cli(["stats", "trace=toy", "slots=64", "segment=4,16", f"json={out}"]) == 0

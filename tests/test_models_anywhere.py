@@ -74,7 +74,7 @@ def test_dotted_overrides_on_a_preset(ds25, tmp_path, capsys):
     assert cfg["model"] == "deepseek-v2-lite" and cfg["model_overrides"] == {"layers": 25, "experts": 64}
     model = cfg["resolved"]["model_preset"]  # the whole model, as run
     assert model["layers"] == 25 and model["hidden"] == 2048 and "model.layers=25" in model["source"]
-    assert cfg["engine"]["staging_buffers"] == 6  # max(6, top-6)
+    assert cfg["engine"]["staging_buffers"] == 12  # max(6, 2 x top-6)
     # the run's config.yaml runs again, and names its model as a model= file too
     summary = json.loads((out / "summary.json").read_text())
     for args in ([f"config={out / 'config.yaml'}"], [f"trace={ds25}", f"model={out / 'config.yaml'}"]):
@@ -321,7 +321,7 @@ def _trace_of(name: str, **kw):
 def test_a_trace_named_by_a_preset_of_its_shape_is_that_preset(tmp_path):
     write_trace(_trace_of("olmoe-1b-7b"), tmp_path / "t")
     cfg = parse_run_config([f"trace={tmp_path / 't'}"])
-    assert cfg.model == "olmoe-1b-7b" and cfg.engine.staging_buffers == 8
+    assert cfg.model == "olmoe-1b-7b" and cfg.engine.staging_buffers == 16  # max(6, 2 x top-8)
 
 
 def test_a_trace_of_no_preset_needs_model(tmp_path, capsys):

@@ -51,7 +51,7 @@ def test_the_default_policy_runs_every_presets_shape(logs, tmp_path, capsys, nam
     assert rc == 0, err
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     summary = json.loads((out / "summary.json").read_text())
-    assert cfg["engine"]["staging_buffers"] == max(6, PRESETS[name].top_k)  # recorded as resolved
+    assert cfg["engine"]["staging_buffers"] == max(6, 2 * PRESETS[name].top_k)  # recorded as resolved
     assert summary["prefetch_modelled"] is True  # a routing-only log: no pregate_1
     said = summary["prefetch_modelled_assumption"]
     if name == "mixtral-8x7b":

@@ -62,10 +62,28 @@ def test_fit_refuses_the_replayed_trace_and_its_whole(tmp_path):
     fit_dir = write_trace(fit, tmp_path / "fit")
     assert fit_trace(str(fit_dir), ctx_for(test), "cache.fit").num_tokens == 18
     for refused, replayed in ((str(whole), test), (str(fit_dir), fit), (str(fit_dir), tr)):
-        with pytest.raises(UserError, match="never evaluated on the trace it was fitted on"):
+        with pytest.raises(UserError, match="never evaluated on what it was fitted on"):
             fit_trace(refused, ctx_for(replayed), "cache.fit")
     other = write_trace(random_trace(np.random.default_rng(1), tokens=4, layers=3, experts=4), tmp_path / "other")
     with pytest.raises(UserError, match="cache.fit=.*3 layers"):
         fit_trace(str(other), ctx_for(test), "cache.fit")
     with pytest.raises(UserError, match="cache.fit needs a profile trace"):
         fit_trace("", ctx_for(test), "cache.fit")
+
+
+def test_fit_refuses_overlapping_parts_of_nested_and_different_splits(tmp_path):
+    tr = _trace()  # 3 sequences x 12 rows
+    whole = write_trace(tr, tmp_path / "whole")
+    fit7, _ = split_trace(tr, 0.7, "position")  # rows 0-7 of each sequence (round(0.7 * 12) = 8)
+    _, test5 = split_trace(tr, 0.5, "position")  # rows 6-11: rows 6 and 7 are in both
+    inner_fit, inner_test = split_trace(test5, 0.5, "position")  # a split of a split: root is still `tr`
+    assert inner_test.source["split"]["root"] == tr.checksum() and inner_test.source["split"]["of"] == test5.checksum()
+    fit7_dir = write_trace(fit7, tmp_path / "fit7")
+    for fit_dir, replayed in ((fit7_dir, test5), (whole, inner_test), (write_trace(test5, tmp_path / "t5"), inner_test)):
+        with pytest.raises(UserError, match="shares rows with the replayed trace"):
+            fit_trace(str(fit_dir), ctx_for(replayed), "cache.fit")
+    # disjoint parts of one root are fine, however they were split
+    first3, _ = split_trace(tr, 0.25, "position")  # rows 0-2 of each sequence
+    assert fit_trace(str(write_trace(first3, tmp_path / "f3")), ctx_for(inner_test), "cache.fit").num_tokens == 9
+    with pytest.raises(UserError, match=r"cache.fit=/nonexistent/x: .*not found"):
+        fit_trace("/nonexistent/x", ctx_for(test5), "cache.fit")

@@ -122,6 +122,7 @@ class AdapMoEDP(LRU):
             r = np.asarray(pub["single_expert_share"], float)
         else:
             a = prefetch_accuracy(ctx)
+            self.in_sample_fit = "a_l and r_l measured on the replayed trace (cache.fit=trace)"
             r = ((ids[decode] >= 0).sum(-1) == 1).mean(0) if decode.any() else np.zeros(L)
         if knobs.miss_model == "uniform":
             cost = uniform_cost(a, r, N, k)

@@ -175,6 +175,7 @@ class FixedPointSizes(CachePolicy):
             ids = ids[ctx.trace.is_decode]
             if ctx.max_tokens:  # the replay stops there (`engine.max_tokens`): the rows it replays
                 ids = ids[: ctx.max_tokens]
+            self.in_sample_fit = "sizes searched on the replayed trace's miss curves (give cache.fit=FIT_DIR)"
         else:
             fit = fit_trace(knobs.fit, ctx, "cache.fit")
             ids = fit.experts[fit.is_decode].astype(np.int64)

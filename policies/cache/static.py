@@ -33,6 +33,7 @@ class Static(CachePolicy):
             check_trace(ctx.preset, prof.model.layers, prof.model.experts, prof.model.top_k)
         else:
             prof = ctx.trace
+            self.in_sample_fit = "its hot set counted on the replayed trace (give cache.profile=FIT_DIR)"
         L, E = ctx.layers, ctx.experts
         ids = prof.experts[prof.is_decode] if prof.is_decode.any() else prof.experts  # [T, L, k]
         keys = (ids + (np.arange(L) * E)[None, :, None]).reshape(-1)

@@ -9,9 +9,9 @@ Rule: the experts of each layer are ranked by usage (how many rows had them in t
 the lower expert id ranks higher). A missed expert among the first `ceil(hot_share * E)` of its
 layer is loaded at the preset's precision (LOAD); any other is loaded as a `low_bits` copy (LOW:
 into a staging buffer, run once, not cached). Usage counts come from
-- `fit=online` (default): the trace's rows before the current token t (the replay's past; in a
-  serving run, whose order differs from the trace's, rows of other requests before t in trace
-  order count too: give `fit=FIT_DIR` there);
+- `fit=online` (default): the trace's rows before the current token t (the replay's past; a
+  serving run, whose order differs from the trace's, refuses it: `reads_replay_future`; give
+  `fit=FIT_DIR` there);
 - `fit=FIT_DIR`: a profile trace (`policies/fit.py` `fit_trace`, never the replayed one).
 Either counts decode rows only when the trace has any (as `cache.name=static`), else every row.
 
@@ -84,6 +84,7 @@ class PopularityPrecision(PlacementPolicy):
         E = self.E = ctx.experts
         self.n_hot = min(E, math.ceil(knobs.hot_share * E - 1e-9))
         self.online = knobs.fit == "online"
+        self.reads_replay_future = self.online  # rows before t are the run's past only in the replay
         if self.online:
             tr = ctx.trace
             self.rows = np.flatnonzero(tr.is_decode) if tr.is_decode.any() else np.arange(len(tr.is_decode))

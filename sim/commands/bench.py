@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.args import parse_args
-from sim.config import DEFAULT_TRACE
+from sim.config import DEFAULT_TRACE, default_staging
 
 
 @dataclass
@@ -150,7 +150,7 @@ def bench_shape(args: BenchArgs) -> int:
         return parse_run_config([f"hw={args.hw}", f"model={args.shape}", "gating.name=topk", "prefetch.name=none",
                                  *POLICY_ARGS[name], f"cache.slots={slots}", "engine.prefill=false",
                                  f"engine.max_tokens={max_tokens}",
-                                 "engine.timeline_tokens=0", f"engine.staging_buffers={max(6, preset.top_k)}"])
+                                 "engine.timeline_tokens=0", f"engine.staging_buffers={default_staging(preset.top_k)}"])
 
     times: dict[str, float] = {}  # best set-up + run (a user waits for both)
     for name in names:

@@ -44,7 +44,8 @@ def main(argv: list[str]) -> int:
     print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
           f"{s['expert_bytes'] / 1e6:.1f} MB, simulated in {wall:.2f} s")
     keys = list(SUMMARY_KEYS) + [k for k in BOUND_KEYS + ("prefetch_modelled", "prefetch_modelled_assumption",
-                                                         "gating_T_solved") if k in s]
+                                                         "gating_T_solved", "in_sample_fit",
+                                                         "placement_reserved_bytes") if k in s]
     print(summary_table(s, keys))
     print(f"results: {out}", file=sys.stderr)
     return 0

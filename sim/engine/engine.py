@@ -50,7 +50,7 @@ def gc_paused():
 class EngineOptions:
     pipelining: bool = False  # per-matrix pipelining: each of an expert's 3 GEMMs starts when its matrix is in
     prefill: bool = True  # simulate each prompt's prefill (gives TTFT)
-    staging_buffers: int | None = None  # transient buffers for demand loads that take no cache slot (default: max(6, top-k))
+    staging_buffers: int | None = None  # transient buffers for demand loads that take no cache slot (default: max(6, 2 x top-k); top-k are kept for demand loads)
     timeline_tokens: int = 16  # compute ops are recorded for the first N decode tokens (report timeline)
     max_tokens: int = 0  # simulate at most this many decode tokens (0: all)
 
@@ -79,7 +79,7 @@ class Engine:
         self.expert_bytes = cost.expert_bytes
         self.yield_chunk_bytes = float(prefetch.yield_chunk_bytes or 0.0)
         self.ledger = Ledger(self.cache, cache_policy, prefetch, self.E, cost.expert_bytes,
-                             options.staging_buffers, self.rec)
+                             options.staging_buffers, self.rec, demand_reserve=ctx.top_k)
         if machine == "fast":
             self.set_machine(FastMachine(cost, link, options.pipelining))
         else:

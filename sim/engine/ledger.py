@@ -29,7 +29,7 @@ from sim.engine.transfer import DEMAND, PREFETCH, Transfer
 
 class Ledger:
     def __init__(self, cache: ExpertCache, cache_policy: CachePolicy, prefetch: PrefetchPolicy, experts: int,
-                 expert_bytes: float, staging_buffers: int, rec: Recorder):
+                 expert_bytes: float, staging_buffers: int, rec: Recorder, demand_reserve: int = 0):
         self.cache, self.cache_policy, self.prefetch = cache, cache_policy, prefetch
         self.E = experts
         self.expert_bytes = expert_bytes
@@ -45,6 +45,10 @@ class Ledger:
         self.track_targets = bool(prefetch.wait_for_prefetch or prefetch.admit_on_use)
         self.prefetch_staging = bool(prefetch.admit_on_use)  # every prefetch to a staging buffer (AdapMoE)
         self.staging_in_use = 0
+        #: staging buffers a prefetch may never take: a decode layer's demand loads (at most top-k)
+        #: always find one, however many staged prefetches are in flight
+        self.demand_reserve = demand_reserve
+        self.prefetch_staging_held = 0  # of `staging_in_use`, the buffers prefetches hold
         self.prefetch_skipped = 0
         self.prefetch_cancelled = 0
 
@@ -60,10 +64,13 @@ class Ledger:
             return None
         victims = None if staging else self.cache_policy.victims(key, nbytes, t, layer, priority == DEMAND)
         if victims is None:
-            if priority == PREFETCH and (not (self.prefetch_staging or prefetch.stage_without_slot)
-                                         or self.staging_in_use >= self.staging_buffers):
-                self.prefetch_skipped += 1
-                return None
+            if priority == PREFETCH:
+                if (not (self.prefetch_staging or prefetch.stage_without_slot)
+                        or self.staging_in_use >= self.staging_buffers
+                        or self.prefetch_staging_held >= self.staging_buffers - self.demand_reserve):
+                    self.prefetch_skipped += 1
+                    return None
+                self.prefetch_staging_held += 1
             self.staging_in_use += 1
             assert self.staging_in_use <= self.staging_buffers, (
                 f"{self.staging_in_use} staging buffers in use, only {self.staging_buffers} exist")
@@ -137,6 +144,8 @@ class Ledger:
         if tr.holds_staging:
             tr.holds_staging = False
             self.staging_in_use -= 1
+            if tr.priority == PREFETCH:
+                self.prefetch_staging_held -= 1
             assert self.staging_in_use >= 0, f"staging buffers freed more often than taken (expert {tr.key})"
         if self.inflight.get(tr.key) is tr:
             del self.inflight[tr.key]

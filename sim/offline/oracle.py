@@ -78,7 +78,7 @@ def add_bounds(res: RunResult, engine) -> None:
         runs = {}
         for name, prefetch in SCHEDULES.items():
             ocfg = oracle_config(cfg, prefetch)
-            ocfg.cache.setdefault("slots", s["cache_slots"])
+            ocfg.cache.setdefault("slots", s.get("cache_slots_total", s["cache_slots"]))  # before a placement's reserve
             runs[name] = simulate(ocfg, trace=engine.ctx.trace, hw=res.hw, preset=engine.ctx.preset).summary["tpot_mean_s"]
         times = [v for v in runs.values() if v is not None]  # None: no decode token
         # the first listed within rounding of the best (the two can tie to the last few bits)

@@ -111,6 +111,7 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     trace = trace if trace is not None else load_trace(cfg.trace)
     cfg, trace = with_layers(cfg, trace, preset_of(cfg, trace), opts.layers)
     sim_engine, info = build_engine(cfg, trace, hw)  # the simulator's policies, plan and checks
+    refuse_reserved(sim_engine.placement)
     serving = None
     if cfg.workload.kind != "replay":  # checked before any store is opened or written
         from sim.serving.run import build_serving
@@ -168,6 +169,14 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
 
         return serving_result(cfg, sim_engine, info, serving, machine.link, machine.compute_busy_s, facts)
     return result_of(cfg, sim_engine, rec, info, hw, preset, facts)
+
+
+def refuse_reserved(placement) -> None:
+    """A placement that keeps device bytes of its own (`reserved_bytes`, e.g. `partial_experts`' resident
+    slices) is simulated only: the real run does not split experts. UserError."""
+    if placement.reserved_bytes > 0:
+        raise UserError(f"placement {placement.name!r} keeps slices of experts on the device; the real run does not "
+                        f"split experts (simulated only): use another placement for realrun")
 
 
 def low_copies(sim_engine, layout: Layout, backend: Backend, opts: RealOptions, tag: str):

@@ -35,7 +35,8 @@ def check_serving(cfg) -> None:
 
 def build_serving(cfg, engine, info: dict) -> Serving:
     check_serving(cfg)
-    for section, policy in (("cache", engine.cache_policy), ("prefetch", engine.prefetch)):
+    for section, policy in (("cache", engine.cache_policy), ("prefetch", engine.prefetch),
+                            ("placement", engine.placement)):
         if policy.reads_replay_future:
             raise UserError(f"{section}.name={policy.name}: it plans on the replay's order of steps, which a "
                             f"serving workload's scheduler decides as it runs; use it with workload.kind=replay")

@@ -6,7 +6,9 @@ natural split for a trace of few, long sequences, such as the HumanEval routing 
 `by=sequence`: whole sequences, the first `fraction` of them (in their order in the trace) to the
 first part. Positions are kept as recorded (a test part may start at position 126). Both parts keep
 the model, sensitivities and source of the trace, with `source.split` saying which part of which
-trace (by checksum) each is, so `policies.fit` can refuse a policy fitted on the part it is run on.
+trace (`of`, by checksum) each is and the unsplit trace it comes from (`root`, through nested
+splits); a row is (sequence, position) of that root, so `policies.fit` can refuse a policy fitted
+on any row it is run on.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def split_mask(trace: Trace, fraction: float, by: str) -> np.ndarray:
 def take(trace: Trace, mask: np.ndarray, label: str) -> Trace:
     """The tokens of `trace` where `mask`, as a new trace whose `source.split` names `label`."""
     pick = lambda a: None if a is None else a[mask]  # noqa: E731
-    source = {**trace.source, "split": {"part": label, "of": trace.checksum(), "tokens": int(mask.sum())}}
+    parent = trace.checksum()
+    root = (trace.source.get("split") or {}).get("root", parent)  # the unsplit trace, through nested splits
+    source = {**trace.source, "split": {"part": label, "of": parent, "root": root, "tokens": int(mask.sum())}}
     return dataclasses.replace(
         trace, seq=trace.seq[mask], pos=trace.pos[mask], is_decode=trace.is_decode[mask],
         experts=trace.experts[mask], weights=trace.weights[mask], logits=pick(trace.logits),
