@@ -8,6 +8,8 @@ Call order per decoded token t and MoE layer l (the engine's, `sim/engine/step.p
    low-precision copy, or compute it on the CPU.
 3. `PrefetchPolicy.on_layer(t, l)` names experts (keys `layer * E + expert`) to load for later
    layers, using only what is known at this point (this row's pre-gating logits, the past).
+   During a prompt's prefill (one batch per layer over its tokens) it is `on_prefill(rows, l)`
+   instead, asked once per layer once the layer's loads are all issued.
 4. `CachePolicy.victims()` picks residents to evict when a load needs room; it is told of every
    access, insertion and eviction.
 
@@ -136,6 +138,9 @@ class PrefetchPolicy:
     schedule: object | None = None
     #: predictions are modelled, not read from the trace (flagged in the summary)
     modelled: bool = False
+    #: the engine asks `on_prefill` in a prefill batch (a policy that leaves it False is simulated
+    #: as if prefill had no prefetch hook: its prefetch counters untouched by prefill steps)
+    prefetches_in_prefill: bool = False
     #: it plans on the replay's order of steps (`Context.steps`, an offline schedule): valid for
     #: `workload.kind=replay` only (a serving run, whose order the scheduler decides, refuses it)
     reads_replay_future: bool = False
@@ -146,6 +151,15 @@ class PrefetchPolicy:
 
     def on_layer(self, t: int, layer: int) -> list[int]:
         """Keys to prefetch after layer `layer` of token t has gated. Present ones are skipped."""
+        return []
+
+    def on_prefill(self, rows: list[int], layer: int) -> list[int]:
+        """Keys to prefetch after layer `layer` of a prefill batch (the prompt tokens `rows`, trace
+        indices) has gated: asked once per layer of a prompt's prefill, and of a serving step that
+        holds only prompt chunks, once the layer's demand loads are all issued; issued as decode
+        prefetches are (present ones skipped, in order), using only what is known then (the prompt's
+        routing up to this layer, its pre-gating logits, the past). Default: none. The engine asks
+        only a policy that sets `prefetches_in_prefill`."""
         return []
 
     def on_batch(self, rows: list[int], layer: int) -> list[int]:

@@ -32,10 +32,15 @@ A demand load that finds every channel busy cuts the running prefetch that frees
 soonest at its next chunk boundary, if the prefetch policy issues chunks (never one this layer
 needs). Prefill runs one batch per layer over the prompt: the union of its experts, each computed
 once on its tokens, resident ones first, then loads with at most `staging_buffers` outstanding,
-computed in issue order; no prefetch. A serving run's batched step (`batch_layer`, docs/serving.md)
-is the same over several requests' tokens, with each request's attention context and the
-prefetch policy told of the step's decode tokens; a prompt's prefill is `batch_layer` with one
-request.
+computed in issue order; the prefetch policy is asked `on_prefill` once per layer, once the
+layer's loads are all issued, only if it sets `prefetches_in_prefill` (a policy that does not is
+simulated as if prefill had no prefetch hook). In such a
+prefill the loads already in flight (its prefetches) come first, and staged prefetches the layer
+does not run are dropped before its loads, so that every staging buffer held is one of the
+`staging_buffers` outstanding. A serving run's batched
+step (`batch_layer`, docs/serving.md) is the same over several requests' tokens, with each
+request's attention context and the prefetch policy told of the step's decode tokens; a prompt's
+prefill is `batch_layer` with one request.
 """
 
 from __future__ import annotations
@@ -182,22 +187,34 @@ def _classify(e, t: int, layer: int, keys: list[int], ws: list[float], dL: float
     return ready, waiting, cpu_keys, hits, dL
 
 
-def _prefetch(e, t: int, layer: int, rows: list[int] | None = None) -> None:
+def _prefetch(e, t: int, layer: int, rows: list[int] | None = None, prefill: bool = False) -> None:
     """Step 4: the prefetch policy's loads for later layers, after this layer's demand loads (for
-    token t, or for the decode tokens `rows` of a batched step)."""
+    token t, for the decode tokens `rows` of a batched step, or, `prefill`, for the prompt tokens
+    `rows` of a prefill batch, booked at token t)."""
     ledger, prefetch = e.ledger, e.prefetch
     state, inflight = ledger.cache.state, ledger.inflight
-    for pk in (prefetch.on_layer(t, layer) if rows is None else prefetch.on_batch(rows, layer)):
+    if rows is None:
+        keys = prefetch.on_layer(t, layer)
+    elif prefill:
+        keys = prefetch.on_prefill(rows, layer)
+    else:
+        keys = prefetch.on_batch(rows, layer)
+    for pk in keys:
         if state[pk] == ABSENT and pk not in inflight:
             if load(e, pk, PREFETCH, t, layer, None, ledger.prefetch_staging) is None and prefetch.stop_at_first_skip:
                 break
 
 
-def _prefetch_batch(e, layer: int, decode_rows: list[int], keys) -> None:
-    """A batched step's prefetches (step 4), with the layer's experts `keys` kept meanwhile."""
+def _prefetch_batch(e, layer: int, decode_rows: list[int], keys, prefill_rows: list[int] | None = None,
+                    t: int = -1) -> None:
+    """A batched step's prefetches (step 4), with the layer's experts `keys` kept meanwhile: for its
+    decode tokens, or (`prefill_rows` given) a prefill batch's `on_prefill`, booked at token `t`."""
     pinned = e.ledger.cache.pinned
     pinned.update(keys)
-    _prefetch(e, -1, layer, decode_rows)
+    if prefill_rows is None:
+        _prefetch(e, -1, layer, decode_rows)
+    else:
+        _prefetch(e, t, layer, prefill_rows, True)
     pinned.clear()
 
 
@@ -301,8 +318,9 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
     in `pairs`, then the union of the rows' experts, each computed once on the tokens it serves:
     resident ones first (most tokens first), then loads with at most `staging_buffers`
     outstanding, each computed once its load is in, in issue order. The prefetch policy is asked
-    for each of `decode_rows` (none for a prefill) after the first loads are issued, and a layer
-    waits for the prefetches aimed at it as in `decode_layer`. With decode rows, an absent expert
+    for each of `decode_rows` after the first loads are issued (with no decode rows: its
+    `on_prefill` for `rows`, if it sets `prefetches_in_prefill`, once every load is issued; else nothing), and
+    a layer waits for the prefetches aimed at it as in `decode_layer`. With decode rows, an absent expert
     the placement policy puts on the CPU is computed there on its tokens (asked with its largest
     gate weight in the batch), beside the device's work; every other absent expert is loaded (a
     low-precision copy is a batch-1 decode step's). A prompt's prefill (no decode rows) loads
@@ -313,6 +331,8 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
     m, ledger = e.machine, e.ledger
     cache = ledger.cache
     t0 = rows[0]  # the step is booked at its first token
+    prefill_hook = not decode_rows and e.prefetch.prefetches_in_prefill  # a prefill batch's prefetches
+    count_use = bool(decode_rows) or prefill_hook  # the step keeps the prefetch counters
     a = m.attention(layer, pairs[0][0], pairs[0][1]) if len(pairs) == 1 else m.attention_batch(layer, pairs)
     if a.__class__ is Pending:
         yield a.event
@@ -356,19 +376,25 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
             on_access(key, t0)
             if tally is not None:
                 tally.hits += 1
-            if decode_rows and key in ledger.unused:  # a prefetch that arrived in time
+            if count_use and key in ledger.unused:  # a prefetch that arrived in time
                 ledger.unused.discard(key)
                 e.rec.per_layer["prefetch_used"][layer] += 1
         else:
             todo.append(key)
     if tally is not None:
         tally.union += len(ranked)
+    if prefill_hook:  # (a prefill that prefetches) the prefetches of this layer's experts go first, and the
+        # staged ones it does not run give their buffers back now: every buffer held is then outstanding
+        todo.sort(key=lambda k: k not in ledger.inflight)  # stable
+        if ledger.prefetch_staging and ledger.by_target.get(layer):
+            ledger.drop_unused_staged([tr for tr in ledger.by_target[layer] if tr.key not in counts], layer)
     # loads: at most `staging_buffers` outstanding; each computed once its load is in, in issue order
     outstanding: list = []
     keep = set(todo)  # the experts still to compute: kept (neither evicted nor cut) for a load
-    asked = not decode_rows
+    asked = not decode_rows and not prefill_hook
     while todo or outstanding:
-        while todo and len(outstanding) < ledger.staging_buffers:
+        # (the buffers staged prefetches hold are not the step's: at most staging_buffers - top_k)
+        while todo and len(outstanding) < ledger.staging_buffers - ledger.prefetch_staging_held:
             key = todo.pop(0)
             r = m.settle()
             if r.__class__ is Pending:
@@ -384,7 +410,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                 continue
             if tr is not None:  # already on its way (a prefetch from the last token)
                 outstanding.append(tr)
-                if decode_rows and key in ledger.unused:
+                if count_use and key in ledger.unused:
                     ledger.unused.discard(key)
                     e.rec.per_layer["prefetch_used"][layer] += 1
                     e.rec.per_layer["prefetch_late"][layer] += 1
@@ -395,7 +421,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                     yield r.event
                 on_access(key, t0)
                 keep.discard(key)
-                if decode_rows and key in ledger.unused:  # a prefetch, used
+                if count_use and key in ledger.unused:  # a prefetch, used
                     ledger.unused.discard(key)
                     e.rec.per_layer["prefetch_used"][layer] += 1
                 continue
@@ -405,9 +431,11 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
             cache.pinned.clear()
             if tally is not None:
                 tally.demand += 1
-        if not asked:  # the prefetch policy, told of the step's decode rows, after the first loads
-            asked = True
-            _prefetch_batch(e, layer, decode_rows, ranked)
+        if not asked and not (prefill_hook and todo):  # the prefetch policy, told of the step's decode
+            asked = True  # rows, after the first loads (a prefill's `on_prefill`: once every load is issued)
+            _prefetch_batch(e, layer, decode_rows, ranked, rows if prefill_hook else None, t0)
+        if not outstanding:  # every key left arrived meanwhile (computed above): nothing to wait for
+            continue
         tr = outstanding.pop(0)
         r = m.first_to_arrive([tr])  # in issue order, whatever arrives first
         if r.__class__ is Pending:
@@ -428,14 +456,14 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         else:
             ledger.released(tr, t0, layer)
     if not asked:
-        _prefetch_batch(e, layer, decode_rows, ranked)
+        _prefetch_batch(e, layer, decode_rows, ranked, rows if prefill_hook else None, t0)
     if cpu_keys:
         r = m.cpu_wait()
         if r.__class__ is Pending:
             r = yield r.event
         if tally is not None:
             tally.stall_s += r[0]
-    if decode_rows:  # AdapMoE: the prefetches aimed at this layer, waited for and dropped as in `decode_layer`
+    if count_use:  # AdapMoE: the prefetches aimed at this layer, waited for and dropped as in `decode_layer`
         pending = ledger.by_target.pop(layer, None) if ledger.by_target else None
         if pending and e.prefetch.wait_for_prefetch:
             stall = Tally()
