@@ -180,6 +180,8 @@ class CachePolicy:
     #: non-empty: what it measured on the replayed trace itself (e.g. "cache.profile: the replayed
     #: trace"), an in-sample choice that has seen the future; said in the summary's `in_sample_fit`
     in_sample_fit: str = ""
+    #: the engine tells it of each step's rows at each layer (`on_step`); False: never called
+    observes_steps: bool = False
 
     def __init__(self, knobs: object, ctx: Context):
         self.knobs = knobs
@@ -188,6 +190,13 @@ class CachePolicy:
     def warm_start(self) -> list[int]:
         """Experts resident before the first token (default: none)."""
         return []
+
+    def on_step(self, rows: list[int], layer: int) -> None:
+        """The trace rows a step runs at `layer` -- one decode token, a prompt's prefill batch or
+        chunk, or a serving step's prompt chunks and decode rows (in the step's order; read-only)
+        -- told once per (step, layer) after the layer has gated and before any of its loads or
+        accesses (so before any `victims` asked at that step and layer). Only called when
+        `observes_steps` is True. Default: nothing."""
 
     def on_access(self, key: int, t: int) -> None:
         """An active expert was used (hit or after its load)."""

@@ -11,11 +11,11 @@ import pytest
 import sim
 from policies.base import Context
 from policies.cache import arc as arc_mod
-from policies.cache.mrs import prompt_run_ends
 from policies.registry import CACHE
 from sim.engine.cache import ExpertCache
 from sim.errors import UserError
 from sim.trace.synthetic import random_trace
+from tests.cache_protocol import check_victims_against_ranking
 from tests.engine_helpers import hw, preset, trace
 
 #: a tiny model's shape for `sim.run` on a synthetic trace (as tests/test_locality.py)
@@ -252,20 +252,25 @@ def test_mrs_evicts_lowest_score_not_lru():
     assert tr.logits is None
     ctx = ctx_for(tr, 3)
     mrs = make("mrs", ctx)
+    assert mrs.observes_steps
+    mrs.on_step([0], 0)  # the engine, once layer 0 of t0 has gated
     miss(ctx, mrs, 0, 0)
     miss(ctx, mrs, 1, 0)
     # after t0: 0.5 * 0 + 0.5 * [.9, .1, 0, 0] = [.45, .05, 0, 0]
     np.testing.assert_allclose(mrs.score[0], [0.45, 0.05, 0, 0], atol=1e-7)
+    mrs.on_step([1], 0)
     mrs.on_access(1, 1)  # t1: 1 is a hit (used after 0: LRU would now evict 0)
     miss(ctx, mrs, 2, 1)
     # after t1: 0.5 * [.45, .05, 0, 0] + 0.5 * [0, .1, .9, 0] = [.225, .075, .45, 0]
     np.testing.assert_allclose(mrs.score[0], [0.225, 0.075, 0.45, 0], atol=1e-7)
     ctx.cache.pinned.add(2)  # t2 needs 2 (resident) and 3 (a miss)
-    # victims at step (t2, layer 0) fold t2 in first: 0.5 * [.225, .075, .45, 0] + 0.5 * [0, 0, .4, .6]
-    # = [.1125, .0375, .425, .3]; residents 0 (.1125), 1 (.0375), 2 pinned -> 1
+    # step (t2, layer 0) is told at the gate, before its victims: 0.5 * [.225, .075, .45, 0] + 0.5 *
+    # [0, 0, .4, .6] = [.1125, .0375, .425, .3]; residents 0 (.1125), 1 (.0375), 2 pinned -> 1
+    mrs.on_step([2], 0)
     assert mrs.victims(3, ctx.preset.expert_bytes, 2, 0) == [1]
     np.testing.assert_allclose(mrs.score[0], [0.1125, 0.0375, 0.425, 0.3], atol=1e-7)
-    mrs.on_access(2, 2)  # the same step again: not folded twice
+    mrs.on_step([2], 0)  # the same (row, layer) again: not folded twice
+    mrs.on_access(2, 2)
     np.testing.assert_allclose(mrs.score[0], [0.1125, 0.0375, 0.425, 0.3], atol=1e-7)
     lru_ctx = ctx_for(tr, 3)
     lru = make("lru", lru_ctx, scope="layer")
@@ -279,8 +284,8 @@ def test_mrs_evicts_lowest_score_not_lru():
 
 def test_mrs_ties_least_recent_and_no_peeking_at_later_layers():
     """Two layers of 4 experts, 2 slots each. Experts inserted without a use (prefetches) score 0:
-    the older goes first. A prefetch's victims asked at step (t, layer 0) fold layer 0's routing
-    only, never layer 1's (not gated yet)."""
+    the older goes first. A prefetch's victims asked at step (t, layer 0) see layer 0's routing
+    only (told at its gate), never layer 1's (not gated yet)."""
     tr = trace([[[0, 1], [0, 1]], [[2, 3], [2, 3]]], 2, 4)
     ctx = ctx_for(tr, 4)
     mrs = make("mrs", ctx)
@@ -288,27 +293,36 @@ def test_mrs_ties_least_recent_and_no_peeking_at_later_layers():
     for k in (4 + 3, 4 + 2):  # layer 1: experts 3 then 2, prefetched at t0
         ctx.cache.insert_resident(k, eb)
         mrs.on_insert(k, 0)
+    mrs.on_step([0], 0)  # layer 0 of t0 gates
     assert mrs.victims(4 + 0, eb, 0, 0, demand=False) == [4 + 3]  # both 0; 3 is older
     np.testing.assert_allclose(mrs.score[0], [0.25, 0.25, 0, 0])  # layer 0 took t0: .5 * [.5, .5, 0, 0]
     np.testing.assert_allclose(mrs.score[1], 0.0)  # layer 1 did not
-    mrs.on_access(4 + 2, 1)  # layer 1 at t1 (t0 of layer 1 was never seen: not folded)
+    mrs.on_step([1], 1)  # layer 1 at t1 (t0 of layer 1 was never told: not folded)
+    mrs.on_access(4 + 2, 1)
     np.testing.assert_allclose(mrs.score[1], [0, 0, 0.25, 0.25])
 
 
 def test_mrs_prefill_batch_folds_its_prompt_rows_once():
-    """Rows 0, 1: a prompt (told at its first row); row 2: decode. One layer, alpha = 0.5."""
+    """Rows 0, 1: a prompt (one prefill batch: told both rows); row 2: decode. One layer, alpha = 0.5."""
     tr = trace([[[0, 1]], [[0, 2]], [[3, 2]]], 1, 4, weights=[[[0.5, 0.5]], [[0.75, 0.25]], [[0.5, 0.5]]])
     tr.is_decode = np.array([False, False, True])
     ctx = ctx_for(tr, 4)
     mrs = make("mrs", ctx)
+    mrs.on_step([0, 1], 0)  # the prefill batch's step, at its gate
     for k in (0, 1, 2):
         miss(ctx, mrs, k, 0)  # the prefill batch: every access is booked at row 0
     # rows 0 then 1: 0.5 * (0.5 * [.5, .5, 0, 0]) + 0.5 * [.75, 0, .25, 0] = [.5, .125, .125, 0]
     np.testing.assert_allclose(mrs.score[0], [0.5, 0.125, 0.125, 0])
-    mrs.on_access(2, 2)  # row 2: 0.5 * [.5, .125, .125, 0] + 0.5 * [0, 0, .5, .5]
+    mrs.on_step([0, 1], 0)  # told again (a recomputed prompt): each (row, layer) is folded once
+    np.testing.assert_allclose(mrs.score[0], [0.5, 0.125, 0.125, 0])
+    mrs.on_step([2], 0)  # row 2: 0.5 * [.5, .125, .125, 0] + 0.5 * [0, 0, .5, .5]
+    mrs.on_access(2, 2)
     np.testing.assert_allclose(mrs.score[0], [0.25, 0.0625, 0.3125, 0.25])
-    assert prompt_run_ends(np.array([0, 0, 0, 1, 1, 1]),
-                           np.array([False, False, True, False, True, True])).tolist() == [2, 2, 3, 4, 5, 6]
+    chunked = make("mrs", ctx_for(tr, 4))  # the prompt in two chunks (serving): the same scores
+    chunked.on_step([0], 0)
+    np.testing.assert_allclose(chunked.score[0], [0.25, 0.25, 0, 0])  # the first chunk alone: row 1 unread
+    chunked.on_step([1], 0)
+    np.testing.assert_allclose(chunked.score[0], [0.5, 0.125, 0.125, 0])
 
 
 def test_mrs_logits_softmax_and_top_p():
@@ -321,7 +335,7 @@ def test_mrs_logits_softmax_and_top_p():
                         (3, [0.25, 0.125, 0.0625, 0])):  # the tie at .125: the lower id stays
         ctx = ctx_for(tr, 4)
         mrs = make("mrs", ctx, top_p=top_p)
-        mrs.on_access(0, 0)
+        mrs.on_step([0], 0)
         np.testing.assert_allclose(mrs.score[0], want, atol=1e-7)
 
 
@@ -333,9 +347,9 @@ def test_mrs_one_row_at_a_time_equals_a_prompt_batch(logits, top_p):
         tr.logits = None
     ctx = ctx_for(tr, 4)
     batch, single = make("mrs", ctx, top_p=top_p), make("mrs", ctx, top_p=top_p)
-    batch.on_access(0, 0)  # the prompt, told at its first row: rows 0..8 of layer 0
+    batch.on_step(list(range(9)), 0)  # the prompt as one step: rows 0..8 of layer 0
     for r in range(9):
-        single._fold_row(r, 0)
+        single.on_step([r], 0)
     np.testing.assert_allclose(batch.score[0], single.score[0], rtol=1e-12, atol=1e-15)
     assert batch.score[0].sum() > 0 and not batch.score[1].any()
 
@@ -344,10 +358,47 @@ def test_mrs_global_scope_compares_layers():
     tr = trace([[[0, 1], [2, 3]]], 2, 4, weights=[[[0.9, 0.1], [0.6, 0.4]]])
     ctx = ctx_for(tr, 4)
     mrs = make("mrs", ctx, scope="global")
+    mrs.on_step([0], 0)
+    mrs.on_step([0], 1)
     for k in (0, 1, 4 + 2, 4 + 3):
         miss(ctx, mrs, k, 0)
     # scores: layer 0 [.45, .05, 0, 0], layer 1 [0, 0, .3, .2]: the lowest resident is key 1
     assert mrs.victims(4 + 0, ctx.preset.expert_bytes, 0, 1) == [1]
+
+
+def test_mrs_global_room_for_two_and_loading_members():
+    """scope=global: a load needing two slots' bytes takes the two lowest scores; a member still
+    loading (or pinned) is never named, whatever its score."""
+    tr = trace([[[0, 1], [2, 3]]], 2, 4, weights=[[[0.9, 0.1], [0.6, 0.4]]])
+    ctx = ctx_for(tr, 4)
+    mrs = make("mrs", ctx, scope="global")
+    eb = ctx.preset.expert_bytes
+    mrs.on_step([0], 0)
+    mrs.on_step([0], 1)
+    for k in (0, 1, 4 + 2, 4 + 3):  # scores: 0 .45, 1 .05, 6 .3, 7 .2
+        miss(ctx, mrs, k, 0)
+    assert mrs.victims(4 + 0, 2 * eb, 0, 1) == [1, 7]
+    assert mrs.victims(4 + 0, 5 * eb, 0, 1) is None  # all four free only 4 slots
+    ctx.cache.evict(1)
+    mrs.on_evict(1)
+    ctx.cache.begin_load(5, eb)  # key 5 (score 0) is loading: not evictable
+    mrs.on_insert(5, 0)
+    assert mrs.victims(4 + 0, eb, 0, 1) == [7]
+    ctx.cache.pinned.add(7)
+    assert mrs.victims(4 + 0, eb, 0, 1) == [6]
+    ctx.cache.finish_load(5)
+    assert mrs.victims(4 + 0, eb, 0, 1) == [5]
+
+
+def test_mrs_global_victims_are_a_sort_of_every_evictable_member():
+    """The numpy argmin of scope=global names what a sort of every evictable member by (score, last
+    use, key) names, on a random protocol (pins, loads in flight, loads needing 1-2 slots, ties)."""
+    tr = random_trace(np.random.default_rng(5), tokens=25, layers=3, experts=6, top_k=2, locality=0.5)
+    tr.logits = None
+    ctx = ctx_for(tr, 7)
+    mrs = make("mrs", ctx, scope="global", top_p=1)  # top_p=1: many exact ties at 0
+    rank = lambda k, t, layer: (mrs.score.ravel()[k], mrs.last[k], k)  # noqa: E731
+    assert check_victims_against_ranking(mrs, ctx, tr, rank) > 50
 
 
 def test_mrs_bad_knobs():

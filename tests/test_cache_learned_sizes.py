@@ -11,7 +11,7 @@ import pytest
 import sim
 from policies.base import Context
 from policies.cache.adapmoe_dp import dp_sizes
-from policies.cache.fixed_point_sizes import fixed_point, layer_misses, miss_curves
+from policies.cache.fixed_point_sizes import MissCurves, fixed_point, layer_misses, miss_curves
 from policies.cache.learned_score import fit_samples
 from policies.registry import CACHE
 from sim.engine.cache import ExpertCache
@@ -20,6 +20,7 @@ from sim.machine.cost import CostModel
 from sim.trace.format import write_trace
 from sim.trace.split import split_trace
 from sim.trace.synthetic import random_trace
+from tests.cache_protocol import check_victims_against_ranking
 from tests.engine_helpers import hw, preset, trace
 
 
@@ -60,6 +61,72 @@ def test_fit_samples_by_hand():
     ln2, ln15 = math.log(2), math.log(1.5)
     np.testing.assert_allclose(X, [[ln2, ln2, ln15, 1 / 2], [ln2, ln2, ln15, 1 / 3]])
     assert y.tolist() == [1.0, 0.0]
+
+
+def loop_fit_samples(ids, experts, horizon_steps, half_life_steps, features):
+    """The samples of the module docstring, step by step in Python (the reference for the numpy one)."""
+    from policies.cache.learned_score import _features
+
+    T, L, _ = ids.shape
+    g = 0.5 ** (1.0 / half_life_steps)
+    xs, ys = [], []
+    for layer in range(L):
+        rows = [r for r in ([int(e) for e in ids[t, layer] if e >= 0] for t in range(T)) if r]
+        n = len(rows)
+        last, freq, dec, dlast, uses = [0] * experts, [0] * experts, [0.0] * experts, [0] * experts, 0
+        for i, row in enumerate(rows):
+            s = i + 1
+            for e in row:
+                dec[e] = dec[e] * g ** (s - dlast[e]) + 1.0
+                dlast[e] = last[e] = s
+                freq[e] += 1
+                uses += 1
+            if i + horizon_steps >= n:
+                continue
+            for e in range(experts):
+                if freq[e] and e not in row:
+                    xs.append(_features(features, s - last[e], freq[e], dec[e] * g ** (s - dlast[e]), freq[e] / uses))
+                    ys.append(float(any(e in r for r in rows[i + 1:i + 1 + horizon_steps])))
+    return np.asarray(xs, float).reshape(len(xs), len(features)), np.asarray(ys, float)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_samples_equal_a_step_by_step_loop_and_the_cap_subsamples(seed):
+    rng = np.random.default_rng(seed)
+    T, L, E, k = 30, 3, 6, 3
+    ids = rng.integers(-1, E, size=(T, L, k))  # dropped experts (-1) and an expert twice in a step
+    ids[:, 0] = np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)])
+    names = ["recency", "frequency", "decayed", "share"]
+    h, half = int(rng.integers(1, 5)), float(rng.choice([1.0, 3.0, 8.0]))
+    X, y = fit_samples(ids, E, h, half, names)
+    want_X, want_y = loop_fit_samples(ids, E, h, half, names)
+    assert np.array_equal(X, want_X) and np.array_equal(y, want_y)  # exactly, not approximately
+    capped = fit_samples(ids, E, h, half, names, max_samples=25)
+    keep = np.sort(np.random.default_rng(0).choice(len(y), size=25, replace=False))
+    assert np.array_equal(capped[0], X[keep]) and np.array_equal(capped[1], y[keep])  # in order
+    assert all(np.array_equal(a, b) for a, b in zip(capped, fit_samples(ids, E, h, half, names, max_samples=25),
+                                                     strict=True))
+    assert fit_samples(ids, E, h, half, names, max_samples=len(y))[0].shape == X.shape  # no cap reached
+
+
+def test_learned_score_caps_its_fit(tmp_path):
+    fit = fit_rotation(tmp_path)
+    ctx = ctx_for(trace([[[0]], [[1]]], 1, 4), slots=2)
+    assert make("learned_score", ctx, fit=fit, horizon_steps=1).fit_samples_ > 10
+    assert make("learned_score", ctx, fit=fit, horizon_steps=1, max_samples=10).fit_samples_ == 10
+
+
+@pytest.mark.parametrize("features", ["recency,frequency,decayed", "recency,frequency,decayed,share", "frequency"])
+def test_learned_score_global_victims_are_a_sort_of_fresh_scores(tmp_path, features):
+    """scope=global keeps scores between misses: its victims are those of scoring every evictable
+    member anew and sorting, on a random protocol (pins, loads in flight, loads needing 1-2 slots)."""
+    fit = saved(random_trace(np.random.default_rng(1), tokens=60, layers=3, experts=6, top_k=2, locality=0.5),
+                tmp_path / "fit")
+    tr = random_trace(np.random.default_rng(2), tokens=25, layers=3, experts=6, top_k=2, locality=0.5)
+    ctx = ctx_for(tr, slots=7)
+    g = make("learned_score", ctx, fit=fit, scope="global", horizon_steps=2, features=features)
+    rank = lambda k, t, layer: (g.score(k, t, layer), g.clock[k], k)  # noqa: E731
+    assert check_victims_against_ranking(g, ctx, tr, rank) > 50
 
 
 def fit_rotation(tmp_path):
@@ -195,6 +262,48 @@ def test_layer_misses_by_hand():
     # 1, with fewer, is active) -> 5
     assert layer_misses(rows, 2, "lfu") == 5
     assert layer_misses(rows, 0, "lfu") == 8
+
+
+def scan_lfu_misses(rows, slots):
+    """LFU with the engine's pinning and bypass, the victim found by scanning every candidate."""
+    freq, last, clock, resident, misses = {}, {}, 0, set(), 0
+    for row in rows:
+        hits, loaded = [e for e in row if e in resident], []
+        for e in row:
+            if e in resident:
+                continue
+            misses += 1
+            if len(resident) >= slots:
+                cands = [k for k in resident if k not in row]
+                if not cands:
+                    continue
+                resident.discard(min(cands, key=lambda k: (freq.get(k, 0), last[k])))
+            if slots > 0:
+                resident.add(e)
+                clock += 1
+                last[e] = clock
+                loaded.append(e)
+        for e in hits + loaded:
+            freq[e] = freq.get(e, 0) + 1
+            clock += 1
+            last[e] = clock
+    return misses
+
+
+def test_lfu_heap_equals_a_scan_and_the_search_reads_few_sizes():
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        E = int(rng.integers(3, 9))
+        rows = [[int(e) for e in rng.choice(E, size=int(rng.integers(1, 4)), replace=False)] for _ in range(40)]
+        for slots in range(E + 1):
+            assert layer_misses(rows, slots, "lfu") == scan_lfu_misses(rows, slots)
+    ids = random_trace(np.random.default_rng(3), tokens=40, layers=6, experts=16, top_k=2, locality=0.6).experts
+    for inner in ("lru", "lfu"):
+        lazy = MissCurves(ids.astype(np.int64), 16, inner)
+        sizes, _ = fixed_point(lazy, 30, 1, 1000)
+        assert (sizes, _) == fixed_point(miss_curves(ids.astype(np.int64), 16, inner), 30, 1, 1000)
+        assert lazy.computed < 6 * 17 / 2  # only the sizes the search read
+        assert np.array_equal(np.asarray(lazy), miss_curves(ids.astype(np.int64), 16, inner))
 
 
 def test_miss_curves_match_the_engine():

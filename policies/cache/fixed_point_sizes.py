@@ -17,6 +17,12 @@ optimum of single-slot moves rather than a DP.
    takes a free slot, else evicts the inner policy's victim among the step's non-active
    residents, else bypasses the cache (a staging buffer, not cached and, as in the engine, not
    counted as an access). Prefetching is not modelled. `self.miss_curve` [L, E+1] (counts).
+   Computed lazily (`MissCurves`): the search replays only the (layer, size) pairs it reads, each
+   once (its sizes and their neighbours, a few per layer, not all E+1); `self.miss_curve` replays
+   the rest when asked. (One pass over LRU stack distances would give every size at once, but
+   these rules break LRU's inclusion property: a step's hits go to the MRU end before its loads,
+   and which experts hit depends on the size, so a smaller partition can hold an expert a larger
+   one evicted.) LFU's victim is taken from a heap of (uses, last use) with stale entries skipped.
 2. Search. Start from the uniform split (`partition.uniform_sizes` of min(C, L * E)). While a move
    lowers the total misses and fewer than `max_iters` moves were made: move one slot from donor d
    to receiver r (r != d, s_r < E, s_d > `min_slots`), the pair maximising
@@ -48,6 +54,7 @@ C / L per layer; a `fit` folder that is the replayed trace or has another model 
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -88,10 +95,14 @@ def layer_misses(rows: list[list[int]], slots: int, inner: str) -> int:
             for e in hits + loaded:  # computed: residents first, then the loads
                 order.move_to_end(e)
         return misses
+    # LFU: the victim is the non-active resident of fewest uses, then the least recent (each
+    # resident's `last` is a distinct clock value, so that is the whole order); a heap of
+    # (uses, last, expert) entries, the stale ones (an expert used or evicted since) skipped
     freq: dict[int, int] = {}
     last: dict[int, int] = {}
     clock = 0
     resident: set[int] = set()
+    heap: list[tuple[int, int, int]] = []
     for row in rows:
         hits = [e for e in row if e in resident]
         loaded = []
@@ -100,32 +111,94 @@ def layer_misses(rows: list[list[int]], slots: int, inner: str) -> int:
                 continue
             misses += 1
             if len(resident) >= slots:
-                cands = [k for k in resident if k not in row]
-                if not cands:
+                victim = None
+                held = []  # live entries of active experts, put back after
+                while heap:
+                    f, c, k = heap[0]
+                    if k not in resident or last[k] != c or freq.get(k, 0) != f:
+                        heapq.heappop(heap)  # stale
+                        continue
+                    if k in row:
+                        held.append(heapq.heappop(heap))
+                        continue
+                    victim = k
+                    heapq.heappop(heap)
+                    break
+                for entry in held:
+                    heapq.heappush(heap, entry)
+                if victim is None:
                     continue
-                resident.discard(min(cands, key=lambda k: (freq.get(k, 0), last[k])))
+                resident.discard(victim)
             if slots > 0:
                 resident.add(e)
                 clock += 1
                 last[e] = clock
+                heapq.heappush(heap, (freq.get(e, 0), clock, e))
                 loaded.append(e)
         for e in hits + loaded:
             freq[e] = freq.get(e, 0) + 1
             clock += 1
             last[e] = clock
+            heapq.heappush(heap, (freq[e], clock, e))
     return misses
+
+
+def layer_rows(ids: np.ndarray, layer: int) -> list[list[int]]:
+    """Layer `layer`'s steps of ids [T, L, k] (-1 = not run): the expert ids of each row that runs one."""
+    rows = [[int(e) for e in r if e >= 0] for r in ids[:, layer].tolist()]
+    return [r for r in rows if r]
+
+
+class MissCurves:
+    """[L, E+1] demand loads of each layer for s = 0..E slots (`layer_misses`), each computed on
+    first use and kept: `curve[layers, sizes]` (integer arrays, as `fixed_point` reads it) replays
+    only the (layer, size) pairs not yet known; `np.asarray(curve)` (or any other index) computes
+    them all."""
+
+    def __init__(self, ids: np.ndarray, experts: int, inner: str):
+        self.ids = np.asarray(ids)
+        self.inner = inner
+        L = self.ids.shape[1]
+        self.shape = (L, experts + 1)
+        self._rows: list[list[list[int]] | None] = [None] * L
+        self._known: dict[tuple[int, int], float] = {}
+
+    def value(self, layer: int, slots: int) -> float:
+        got = self._known.get((layer, slots))
+        if got is None:
+            rows = self._rows[layer]
+            if rows is None:
+                rows = self._rows[layer] = layer_rows(self.ids, layer)
+            got = self._known[(layer, slots)] = float(layer_misses(rows, slots, self.inner))
+        return got
+
+    @property
+    def computed(self) -> int:
+        """How many (layer, size) pairs were replayed."""
+        return len(self._known)
+
+    def full(self) -> np.ndarray:
+        L, n1 = self.shape
+        return np.array([[self.value(layer, s) for s in range(n1)] for layer in range(L)], dtype=float)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.full()
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple) and len(index) == 2:
+            rows, cols = (np.asarray(i) for i in index)
+            if rows.dtype.kind in "iu" and cols.dtype.kind in "iu":
+                rows, cols = np.broadcast_arrays(rows, cols)
+                out = np.array([self.value(int(r), int(c)) for r, c in zip(rows.ravel().tolist(),
+                                                                            cols.ravel().tolist(), strict=True)])
+                return out.reshape(rows.shape)
+        return self.full()[index]
 
 
 def miss_curves(ids: np.ndarray, experts: int, inner: str) -> np.ndarray:
     """[L, E+1] demand loads of each layer for s = 0..E slots; ids [T, L, k] (-1 = not run)."""
-    T, L, _ = ids.shape
-    out = np.zeros((L, experts + 1))
-    for layer in range(L):
-        rows = [[int(e) for e in ids[t, layer] if e >= 0] for t in range(T)]
-        rows = [r for r in rows if r]
-        for s in range(experts + 1):
-            out[layer, s] = layer_misses(rows, s, inner)
-    return out
+    return MissCurves(ids, experts, inner).full()
 
 
 def fixed_point(curve: np.ndarray, capacity: int, min_slots: int, max_iters: int) -> tuple[list[int], int]:
@@ -179,12 +252,12 @@ class FixedPointSizes(CachePolicy):
         else:
             fit = fit_trace(knobs.fit, ctx, "cache.fit")
             ids = fit.experts[fit.is_decode].astype(np.int64)
-        self.miss_curve = miss_curves(np.asarray(ids), E, knobs.inner)
+        self.curves = MissCurves(np.asarray(ids), E, knobs.inner)  # replayed for the sizes the search reads
         rows = np.arange(L)
         uniform = np.array(uniform_sizes(min(C, L * E), L))
-        self.uniform_misses = float(self.miss_curve[rows, uniform].sum())
-        self.sizes, self.iterations = fixed_point(self.miss_curve, C, int(knobs.min_slots), int(knobs.max_iters))
-        self.total_misses = float(self.miss_curve[rows, self.sizes].sum())
+        self.uniform_misses = float(self.curves[rows, uniform].sum())
+        self.sizes, self.iterations = fixed_point(self.curves, C, int(knobs.min_slots), int(knobs.max_iters))
+        self.total_misses = float(self.curves[rows, np.array(self.sizes)].sum())
         cls = INNER[knobs.inner]
         self.inner = cls(cls.Knobs(scope="layer", sizes=self.sizes), ctx)
         # the inner policy's methods, bound here: no extra call on the engine's hot path
@@ -192,3 +265,10 @@ class FixedPointSizes(CachePolicy):
         self.on_insert = self.inner.on_insert
         self.on_evict = self.inner.on_evict
         self.victims = self.inner.victims
+        self.observes_steps = self.inner.observes_steps
+        self.on_step = self.inner.on_step
+
+    @property
+    def miss_curve(self) -> np.ndarray:
+        """[L, E+1] the whole curves (every size replayed, once; the search itself reads only a few)."""
+        return self.curves.full()

@@ -19,24 +19,26 @@ says), else the trace's top-k weights renormalised to sum 1, the other experts 0
 ids and weights only, such as the Mixtral HumanEval one). A trace whose weights were not
 recorded (uniform placeholders) makes the score an EMA of routing frequency.
 
-When scores move (lazily, cheap): the engine tells the policy of each active expert's use
-(`on_access(key, t)`), so a layer's scores take step (t, layer) the first time that step is seen:
-at its first access, or at `victims` asked at step (t, layer) (the layer has gated then, so its
-routing is known: a demand victim is chosen on scores that include the token, as HybriMoE updates
-at the gate). A prefetch's victims in a later layer see that layer's scores up to the last token
-(nothing of a layer that has not gated is read). A prefill batch is told at its first row: its
-step applies every row of that prompt run (the same sequence's consecutive prompt rows, read from
-`ctx.trace.is_decode` and `seq`) not applied yet, in order; each (row, layer) is applied once.
+When scores move: the policy sets `observes_steps`, so the engine tells it of every step's rows
+at each layer (`on_step(rows, layer)`) once the layer has gated and before any of its loads or
+accesses: the layer's scores take exactly those rows, in order (several rows: the closed form of
+the EMA over them), each (row, layer) once (a row run again, e.g. a preempted request recomputed,
+is not folded twice). So a demand victim is chosen on scores that include the step, as HybriMoE
+updates at the gate, and nothing of a row is read before its step runs: a decode token is one
+row; the replay's prefill folds its prompt at once; a serving step folds the prompt chunks it
+runs (never a later chunk) and all of its decode rows. A prefetch's victims in a later layer see
+that layer's scores up to its last step (nothing of a layer that has not gated is read).
 
-Simplified: a serving batch of several decode rows is told at its first row only, so the other
-rows' routing is not seen (the contract names one token per access). The released code updates
-on a batch's first token only; we apply the whole prompt run instead. A step at which a layer
-runs no expert through the cache (all on the CPU, or dropped) does not move that layer's scores.
-No prefetching from the scores (HybriMoE's prefetcher is separate).
+Simplified: the released code updates on a batch's first token only; we fold every row of the
+step. A step folds its rows even when the layer runs no expert through the cache (all on the CPU,
+or dropped): the routing is known at the gate. No prefetching from the scores (HybriMoE's
+prefetcher is separate).
 
 Errors: `cache.alpha` outside [0, 1), `cache.top_p` above the layer's experts, `cache.scope`
 other than layer|global and bad `cache.sizes` are `UserError`s naming the knob.
-Cost: an access is O(1) (a step's first access O(E)); a miss scans the scope's residents.
+Cost: an access is O(1), a step O(E) per row; a miss at `scope=layer` scans the layer's residents,
+at `scope=global` is a few numpy passes over the residents (an argmin; a sort only when one victim
+is not enough room).
 """
 
 from __future__ import annotations
@@ -46,31 +48,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, uniform_sizes
+from policies.cache.partition import check_sizes, evictable_members, uniform_sizes
 from policies.registry import CACHE
 from sim.engine.cache import RESIDENT
 from sim.errors import UserError
 
 
-def prompt_run_ends(seq: np.ndarray, is_decode: np.ndarray) -> np.ndarray:
-    """[T] exclusive end of each row's run: for a prompt row, the end of the run of consecutive
-    prompt rows of its sequence; for a decode row, the next row."""
-    T = len(seq)
-    if T == 0:
-        return np.zeros(0, np.int64)
-    prompt = ~np.asarray(is_decode, bool)
-    seq = np.asarray(seq)
-    # a run starts where the sequence or the phase changes, and at every decode row
-    start = np.ones(T, bool)
-    start[1:] = (seq[1:] != seq[:-1]) | ~prompt[1:] | ~prompt[:-1]
-    run = np.cumsum(start) - 1
-    starts = np.flatnonzero(start)
-    ends = np.append(starts[1:], T)
-    return ends[run]
-
-
 @CACHE.register("mrs")
 class MRS(CachePolicy):
+    observes_steps = True  # the scores take each step's rows at the gate (`on_step`)
+
     @dataclass
     class Knobs:
         alpha: float = 0.5  # weight of the old score (HybriMoE's released code: 0.5)
@@ -102,13 +89,15 @@ class MRS(CachePolicy):
         self.logits = tr.logits  # [T, L, E] or None
         self.experts, self.weights = tr.experts, tr.weights
         T = tr.num_tokens
-        self.score = np.zeros((L, E))  # [L, E] the score of each expert
-        self.run_end = prompt_run_ends(tr.seq, tr.is_decode).tolist()
+        self.score = np.zeros((L, E))  # [L, E] the score of each expert (updated in place)
+        self.flat_score = self.score.reshape(-1)  # [L * E] a view of it, by key
         self.applied = [bytearray(T) for _ in range(L)]  # (row, layer) steps already in the scores
-        self.seen_t = [-1] * L  # the last row each layer took (the hot path's shortcut)
         self.last = [0] * (L * E)  # use clock, for the LRU tie-break
         self.clock = 0
         self.members: list[set[int]] = [set() for _ in range(L if self.per_layer else 1)]
+        if not self.per_layer:  # scope=global's victims are numpy passes over a mask of the members
+            self.member = np.zeros(L * E, bool)
+            self.maybe_loading: set[int] = set()  # members whose load may not have ended (pruned at a miss)
 
     # ------------------------------------------------------------------ scores
     def step_scores(self, rows: list[int], layer: int) -> np.ndarray:
@@ -151,49 +140,55 @@ class MRS(CachePolicy):
             ids, w = ids[keep], w[keep]
         sc[ids] += (1.0 - a) / total * w
 
-    def _see(self, t: int, layer: int) -> None:
-        """Fold step (t, layer) into the layer's scores, once (a prompt row: its whole run)."""
-        self.seen_t[layer] = t
-        if t < 0:
-            return
-        done = self.applied[layer]
-        if self.run_end[t] == t + 1:  # one row (a decode token): the hot path, no batch arrays
-            if not done[t]:
-                done[t] = 1
-                self._fold_row(t, layer)
-            return
-        rows = [r for r in range(t, self.run_end[t]) if not done[r]]
-        if not rows:
-            return
-        for r in rows:
-            done[r] = 1
+    def _fold_rows(self, rows: list[int], layer: int) -> None:
+        """The EMA over several rows in order, closed form:
+        `a^n * score + (1 - a) * sum_i a^(n-1-i) s_i` (as `step_scores`)."""
         a, n = self.alpha, len(rows)
-        # the EMA over n rows in order, closed form: a^n * score + (1 - a) * sum_i a^(n-1-i) s_i
         w = (1.0 - a) * a ** np.arange(n - 1, -1, -1, dtype=np.float64)
         self.score[layer] = a ** n * self.score[layer] + w @ self.step_scores(rows, layer)
 
     # ------------------------------------------------------------------ what the policy is told
+    def on_step(self, rows: list[int], layer: int) -> None:
+        """Fold the step's rows at `layer` into its scores, in order, each (row, layer) once."""
+        done = self.applied[layer]
+        if len(rows) == 1:  # a decode token: the hot path, no batch arrays
+            r = rows[0]
+            if not done[r]:
+                done[r] = 1
+                self._fold_row(r, layer)
+            return
+        todo = []
+        for r in rows:
+            if not done[r]:
+                done[r] = 1
+                todo.append(r)
+        if len(todo) == 1:
+            self._fold_row(todo[0], layer)
+        elif todo:
+            self._fold_rows(todo, layer)
+
     def on_access(self, key: int, t: int) -> None:
         self.clock += 1
         self.last[key] = self.clock
-        layer = key // self.E
-        if self.seen_t[layer] != t:
-            self._see(t, layer)
 
     def on_insert(self, key: int, t: int) -> None:
         self.members[key // self.E if self.per_layer else 0].add(key)
         self.clock += 1
         self.last[key] = self.clock
+        if not self.per_layer:
+            self.member[key] = True
+            self.maybe_loading.add(key)
 
     def on_evict(self, key: int) -> None:
         self.members[key // self.E if self.per_layer else 0].discard(key)
+        if not self.per_layer:
+            self.member[key] = False
+            self.maybe_loading.discard(key)
 
     def victims(self, key: int, nbytes: float, t: int, layer: int, demand: bool = True) -> list[int] | None:
-        if nbytes > 0 and self.seen_t[layer] != t:  # step (t, layer) has gated ("0 bytes": a resize)
-            self._see(t, layer)
         cache = self.ctx.cache
-        state, pinned, last, E = cache.state, cache.pinned, self.last, self.E
         if self.per_layer:
+            state, pinned, last, E = cache.state, cache.pinned, self.last, self.E
             kl = key // E
             if cache.per_layer[kl] < self.sizes[kl] and cache.capacity_bytes - cache.used_bytes >= nbytes:
                 return []
@@ -208,9 +203,25 @@ class MRS(CachePolicy):
         free = cache.free_bytes()
         if free >= nbytes:
             return []
-        flat = self.score.ravel().tolist()
-        ranked = sorted((flat[k], last[k], k) for k in self.members[0] if state[k] == RESIDENT and k not in pinned)
-        out, need = [], nbytes - free
+        return self._global_victims(nbytes - free)
+
+    def _global_victims(self, need: float) -> list[int] | None:
+        """The evictable members (resident, not pinned) by (score, last use, key), lowest first,
+        until `need` bytes are freed (None if they cannot free it): an argmin over a numpy mask of
+        the members; the whole order (a sort) only when the first victim is not enough."""
+        cache, last = self.ctx.cache, self.last
+        idx = evictable_members(cache, self.member, self.maybe_loading)  # ascending keys
+        if not len(idx):
+            return None
+        sc = self.flat_score[idx]
+        low = sc.min()
+        tied = idx[sc == low]
+        first = int(tied[0]) if len(tied) == 1 else min(tied.tolist(), key=lambda k: (last[k], k))
+        if need - cache.size_bytes[first] <= 0:
+            return [first]
+        flat = self.flat_score
+        ranked = sorted((float(flat[k]), last[k], k) for k in idx.tolist())  # (its first is `first`)
+        out = []
         for _, _, k in ranked:
             if need <= 0:
                 break

@@ -6,7 +6,29 @@ layers (early layers are never prefetched in AdapMoE, so they gain most from an 
 
 from __future__ import annotations
 
+import numpy as np
+
 from sim.errors import UserError
+
+
+def evictable_members(cache, member, maybe_loading: set[int]) -> np.ndarray:
+    """The keys (ascending) of `member` ([L * E] bool: the scope's cached experts) that may be
+    evicted now: neither pinned by the current step nor still loading. `maybe_loading` (members
+    inserted whose load may not have ended) loses the keys that have landed."""
+    from sim.engine.cache import RESIDENT
+
+    state, pinned = cache.state, cache.pinned
+    if maybe_loading:
+        for k in [k for k in maybe_loading if state[k] == RESIDENT]:
+            maybe_loading.discard(k)
+    cand = member
+    if pinned or maybe_loading:
+        cand = cand.copy()
+        if pinned:
+            cand[list(pinned)] = False
+        if maybe_loading:
+            cand[list(maybe_loading)] = False
+    return np.flatnonzero(cand)
 
 
 def uniform_sizes(capacity_slots: int, layers: int) -> list[int]:

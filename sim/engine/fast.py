@@ -223,6 +223,8 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
     placement, prefetch = e.placement, e.prefetch
     always_load, place = placement.always_load, placement.place
     on_layer, on_access = prefetch.on_layer, e.cache_policy.on_access
+    on_step = e.cache_policy.on_step if e.cache_policy.observes_steps else None  # (bound once: one check a layer)
+    step_rows = [t]  # the rows of each of its layers' steps (`CachePolicy.on_step`, read-only)
     wait_prefetch, stop_on_skip = prefetch.wait_for_prefetch, prefetch.stop_at_first_skip
     prefetch_staging, by_target, released = ledger.prefetch_staging, ledger.by_target, ledger.released
     expert_s, expert_work = m.expert_s, m.expert_work
@@ -259,6 +261,8 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
         else:
             keys, ws, dL = e.decide(t, layer)
         pinned.update(keys)
+        if on_step is not None:  # the cache policy is told the step's row, before its loads
+            on_step(step_rows, layer)
         # 3. where each active expert is
         ready: list[int] = []
         waiting: list[Transfer] = []

@@ -19,7 +19,8 @@ generator runs to its end in one call), and under SimPy it is an ordinary proces
 Per decode token t and MoE layer l (DESIGN 4):
   1. non-expert work (attention, norms, router) on the compute stream;
   2. the loads that ended by now are applied; gating picks the active experts (the plan when the
-     gating policy is stateless); they are pinned for the step;
+     gating policy is stateless); they are pinned for the step; a cache policy that sets
+     `observes_steps` is told the step's rows (`CachePolicy.on_step`);
   3. each active expert: resident -> ready; loading -> wait for that same transfer (a hit if it
      has arrived); absent -> the placement policy: a demand load (priority 0) into a cache slot or
      a staging buffer, a low-precision copy into a staging buffer, or the CPU worker;
@@ -100,6 +101,9 @@ def decode_layer(e, t: int, layer: int, pos: int, rec_ops: bool, tally: Tally, k
     m, ledger = e.machine, e.ledger
     gate_s = yield from _attend(e, t, layer, pos, rec_ops)  # 1.
     ledger.cache.pinned.update(keys)  # 2.
+    cache_policy = e.cache_policy
+    if cache_policy.observes_steps:  # the step's row, once the layer has gated, before its loads
+        cache_policy.on_step([t], layer)
     ready, waiting, cpu_keys, hits, dL = yield from _classify(e, t, layer, keys, ws, dL, tally, gate_s)  # 3.
     if cpu_keys:  # the CPU worker starts now, beside the device's work below
         m.cpu_start(cpu_keys, [ws[keys.index(k)] for k in cpu_keys], gate_s)
@@ -315,7 +319,8 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                 union: tuple[dict[int, int], dict[int, float] | None, list[int]] | None = None):
     """Layer `layer` of a batched step: the tokens of trace `rows` (prompt chunks, decode and
     verify positions of several requests), attention over each request's (context, new tokens)
-    in `pairs`, then the union of the rows' experts, each computed once on the tokens it serves:
+    in `pairs`, then (a cache policy that sets `observes_steps` told of all of `rows` once they have
+    gated) the union of the rows' experts, each computed once on the tokens it serves:
     resident ones first (most tokens first), then loads with at most `staging_buffers`
     outstanding, each computed once its load is in, in issue order. The prefetch policy is asked
     for each of `decode_rows` after the first loads are issued (with no decode rows: its
@@ -353,6 +358,8 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                 if place and ws[j] > weight.get(k, -1.0):
                     weight[k] = ws[j]
         ranked = sorted(counts, key=lambda k: (-counts[k], k))
+    if e.cache_policy.observes_steps:  # the step's rows, once the layer has gated, before its loads
+        e.cache_policy.on_step(rows, layer)
     gate_s = m.now
     state = cache.state  # resident experts first, each group by count (most first), then by key
     order = [k for k in ranked if state[k] == RESIDENT] + [k for k in ranked if state[k] != RESIDENT]
