@@ -46,6 +46,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "cache": {"name": "lfu", "scope": "layer"},
         "placement": LOAD,
     },
+    # ours, 2026: adapmoe_yield whose missed experts are split per step between loading and the CPU
+    # (HybriMoE's rule; on a desktop CPU every miss runs there), the gating's loss budget tuned for it
+    # (T_miss chosen on the fit half of the real Mixtral routing; docs/policies-2026.md). Needs experts
+    # in host memory (a profile whose experts stream from storage refuses it: use adapmoe_yield there)
+    "hybrid_yield": {
+        "gating": {"name": "adapmoe_cache_aware", "T_miss": 0.005, "T_hit": 0.0, "sensitivity": "trace"},
+        "prefetch": {"name": "pregate", "depth": 1, "count": 1, "wait": False, "admit": "on_use",
+                     "yield_to_demand": True, "chunks": 16, "idle_only": True},
+        "cache": {"name": "lfu", "scope": "layer"},
+        "placement": {"name": "hybrid_split"},
+    },
     # the best offline schedule we know for a cache size (reads the future; not a bound: the lower
     # bound is `bound=true`): exact MIN's loads, each prefetched as early as its victim allows
     "oracle": {"gating": TOPK, "prefetch": {"name": "oracle"}, "cache": {"name": "belady"},
