@@ -3,7 +3,9 @@
 It executes `sim/engine/step.py` for a single issuing compute stream (batch-1 replay): the compute
 stream's clock (`now`) advances by each op's modelled duration at once; the link (`CopyLink`)
 schedules its transfers itself and applies their completions lazily, in time order, whenever the
-stream looks at it; on a link that shares the device's memory bandwidth, each op's duration comes
+stream looks at it and whenever an op moves its clock past them (`_caught_up`: as the event
+machine applies each at its time, so a batched step that reads the cache between two computes
+sees what the event machine sees); on a link that shares the device's memory bandwidth, each op's duration comes
 from the copies in flight beside it (`sim.machine.contention.MemoryBus`); the CPU worker is a
 second clock. With one issuer, every time is known when it is needed, so no SimPy event is needed
 and no step ever yields. `sim/engine/events.py` executes the same steps with SimPy actors (a
@@ -51,6 +53,20 @@ class FastMachine(SimulatedMachine):
         if heap and heap[0][0] <= self.now:
             self.link.advance(self.now)
 
+    def _caught_up(self) -> None:
+        """The clock moved: apply the completions it passed, as the event machine applies each one at
+        its time, before the step that waited resumes (a completion at the very instant included).
+        So whatever the step or its driver reads next (the cache's state between two computes, the
+        in-flight loads, a resize's victims) is as of now, with or without a `settle` first."""
+        heap = self.link.running_heap
+        if heap and heap[0][0] <= self.now:
+            self.link.advance(self.now)
+
+    def token_done(self) -> float:
+        """When the token's (or step's) work ended: now, with what ended by then applied."""
+        self._caught_up()
+        return self.now
+
     def link_full(self) -> bool:
         """Every channel busy, as of now (`settle`, inline: this is on every load's path)."""
         link = self.link
@@ -83,6 +99,7 @@ class FastMachine(SimulatedMachine):
             d = cost.attention_s(context, new_tokens)
         self.now = a0 + d
         self.compute_busy_s += d
+        self._caught_up()
 
     def attention_batch(self, layer: int, pairs: list[tuple[int, int]]) -> None:
         """A batch's non-expert work: each request's (context, new tokens) (`CostModel.batch_attention_work`)."""
@@ -96,11 +113,13 @@ class FastMachine(SimulatedMachine):
             d = work.overhead_s + max(work.nbytes / self.cost.device.memory_bandwidth_Bps, work.matmul_s)
         self.now += d
         self.compute_busy_s += d
+        self._caught_up()
 
     def idle_until(self, t_s: float) -> None:
         """Nothing to run until `t_s` (the next request's arrival): the compute stream waits."""
         if t_s > self.now:
             self.now = t_s
+        self._caught_up()
 
     def _expert_s(self, start_s: float, tokens: int, fraction: float = 1.0) -> float:
         if self.bus is not None:
@@ -118,21 +137,21 @@ class FastMachine(SimulatedMachine):
         d = self.expert_s if tokens == 1 and self.bus is None else self._expert_s(self.now, tokens)
         self.now += d
         self.compute_busy_s += d
+        self._caught_up()
 
     def wait(self, tr: Transfer) -> float:
         """Wait for `tr` to end (AdapMoE's wait for a prefetch); returns the stall."""
         self.link.wait_started(tr)
+        stall = 0.0
         if tr.done_s > self.now:
             stall = tr.done_s - self.now
             self.now = tr.done_s
-            return stall
-        return 0.0
+        self._caught_up()
+        return stall
 
     def wait_ended(self, tr: Transfer) -> float:
         """Wait until a cut transfer has stopped (and been applied); returns the stall."""
-        stall = self.wait(tr)
-        self.settle()
-        return stall
+        return self.wait(tr)
 
     def first_to_arrive(self, waiting: list[Transfer]) -> Transfer:
         if len(waiting) == 1:  # (a batched step waits for its loads in issue order)
@@ -174,6 +193,7 @@ class FastMachine(SimulatedMachine):
             busy = self._expert_s(self.now, tokens)
             self.now += busy
         self.compute_busy_s += busy
+        self._caught_up()
         return None, stall
 
     # ------------------------------------------------------------------ the CPU worker
@@ -190,6 +210,7 @@ class FastMachine(SimulatedMachine):
         if end > self.now:
             wait = end - self.now
             self.now = end
+        self._caught_up()
         return wait, None, start, end
 
 
@@ -360,12 +381,16 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
                         rec.op("compute", t, layer, f"expert {tr.key % E}", c0 + s, now)
                 stall_tok += s
                 p_stall[layer] += s
-                if tr.staging:
+                if tr.staging:  # (what ended by now applied first, as `FastMachine._caught_up`)
                     m.now = now
+                    if heap and heap[0][0] <= now:
+                        advance(now)
                     released(tr, t, layer)
                 else:  # `Ledger.released` of a cache load, inline
                     on_access(tr.key, t)
         m.now = now
+        if heap and heap[0][0] <= now:  # what ended by now applied (`FastMachine._caught_up`)
+            advance(now)
         if cpu_keys:
             wait_s, _, c_start, c_end = m.cpu_wait()
             cpu_wait += wait_s

@@ -9,6 +9,9 @@ a `sim.engine.step.Pending` holding a SimPy event whose value is the result (the
     run_op(work)                 an op on the compute stream (a `sim.machine.cost.OpWork`: a draft model)
     idle_until(t_s)              nothing to run until t_s (serving: the next arrival)
     settle()                     apply the transfers that ended by now (in time order)
+                                 (a simulated machine also applies them as its clock passes them, so
+                                 what the step reads after any operation is as of now, as SimPy runs
+                                 each completion at its time: the event machine is the reference)
     link_full()                  every channel busy (settled first)
     issue(key, nbytes, prio, staging, t, layer) -> Transfer       a load, admitted by the ledger
     cut_a_prefetch(pinned, chunk_bytes)   the one preemption rule (`sim.engine.preempt`)
