@@ -333,9 +333,10 @@ def test_adapmoe_admit_on_use_right_enters_cache_wrong_is_dropped():
 
 def test_staged_prefetch_dropped_in_flight_then_cut_frees_its_buffer_once():
     """adapmoe_yield's combination: `admit=on_use`, `wait=false`, `yield_to_demand=true`, with
-    `engine.staging_buffers=1`. 5 layers, 2 experts, top-1, one token; every layer needs expert 0,
-    resident except in layer 2; at each layer pregate names the next layer's expert 1 (wrong).
-      L0 (gate a): staged prefetch P1 (layer 1) [a, ...]: the one buffer is in use.
+    `engine.staging_buffers=2`, of which top-k = 1 is kept for demand loads: the prefetches have one.
+    5 layers, 2 experts, top-1, one token; every layer needs expert 0, resident except in layer 2;
+    at each layer pregate names the next layer's expert 1 (wrong).
+      L0 (gate a): staged prefetch P1 (layer 1) [a, ...]: the prefetches' one buffer is in use.
       L1: P2 finds no free buffer: skipped. Expert 0 hits; at the layer's end P1 (unused, still in
           flight) is dropped: its buffer is free again.
       L2 (gate g2 = 3a + 2c): the demand load cuts P1 at its next chunk boundary
@@ -348,7 +349,7 @@ def test_staged_prefetch_dropped_in_flight_then_cut_frees_its_buffer_once():
     tr = trace([[[0]] * 5], 5, 2, pregate={1: _pregate(1, 5, 2, {(0, layer): 1 for layer in range(4)})})
     cfg = _cfg(policy="mixtral_offloading", cache={"slots": 10},
                prefetch={"wait": False, "admit": "on_use", "yield_to_demand": True, "chunks": 16})
-    cfg.engine.staging_buffers = 1
+    cfg.engine.staging_buffers = 2
     res, engine = _run_warm(cfg, tr, h, pre, warm=[0, 2, 6, 8])
     q, b0, g2 = pre.expert_bytes / 16 / 1e9, a + 1e-4, 3 * a + 2 * c
     cut = b0 + math.ceil((g2 - b0) / q) * q

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -152,7 +153,7 @@ def test_plugin_knobs_are_checked_and_listed(trace_dir, plugin_dir, tmp_path):
     assert "cache.shuffles" in line and "cache.slots" in line and "cache.bytes" in line
     listed = sim_cli(["list", "policies", f"plugins={plugin_dir / 'random_evict_plugin.py'}"])
     assert listed.returncode == 0, listed.stderr
-    assert "random_evict  Evict uniformly random evictable experts" in listed.stdout
+    assert re.search(r"random_evict +Evict uniformly random evictable experts", listed.stdout)
     assert "cache.shuffles  int" in listed.stdout
 
 
