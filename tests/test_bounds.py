@@ -147,6 +147,7 @@ def _check_real(base: list[str], sensitivity: str) -> None:
         return  # the presets' own gatings are checked below, on the top-k configurations
     for name in sorted(PRESETS):
         extra = {"adapmoe": [f"gating.sensitivity={sensitivity}"], "adapmoe_yield": [f"gating.sensitivity={sensitivity}"],
+                 "hybrid_yield": [f"gating.sensitivity={sensitivity}"],
                  "hobbit": [f"placement.sensitivity={sensitivity}"]}.get(name, [])
         try:
             s = simulate(parse_run_config([*base, f"policy={name}", "bound=true", *extra])).summary
