@@ -11,7 +11,8 @@ Call order per decoded token t and MoE layer l (the engine's, `sim/engine/step.p
    During a prompt's prefill (one batch per layer over its tokens) it is `on_prefill(rows, l)`
    instead, asked once per layer once the layer's loads are all issued.
 4. `CachePolicy.victims()` picks residents to evict when a load needs room; it is told of every
-   access, insertion and eviction.
+   access, insertion and eviction, and (if it sets `observes_steps`) of each step's rows at a
+   layer, `on_step(rows, l)`, once the layer has gated and before its loads.
 
 The contract: policies decide and the engine acts. Everything a policy asks of the engine beyond
 its return values is a field declared on its base class below, with a default that asks for
