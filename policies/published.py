@@ -35,6 +35,11 @@ def published(kind: str, model: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def sensitivities_or_none(spec: str, ctx) -> np.ndarray:
+    """`sensitivities(spec, ctx)`, or zeros for `spec="none"` (a policy asked to estimate no dL)."""
+    return np.zeros(ctx.layers) if spec == "none" else sensitivities(spec, ctx)
+
+
 def sensitivities(spec: str, ctx) -> np.ndarray:
     """Per-layer S_l [L] from `trace`, `published` or a file (see module docstring)."""
     L = ctx.layers

@@ -51,10 +51,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, uniform_sizes
+from policies.cache.partition import layer_partitions
 from policies.registry import CACHE
 from sim.engine.cache import RESIDENT
-from sim.errors import UserError
 
 #: which list a key is in
 NONE, T1, T2, B1, B2 = 0, 1, 2, 3, 4
@@ -90,20 +89,11 @@ class ARC(CachePolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
-        if knobs.scope not in ("layer", "global"):
-            raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
-        self.per_layer = knobs.scope == "layer"
+        self.sizes = layer_partitions(knobs, ctx)
+        self.per_layer = self.sizes is not None
         self.E = E = ctx.experts
         L = ctx.layers
-        if self.per_layer:
-            self.sizes = (check_sizes(knobs.sizes, ctx.capacity_slots, L, E) if knobs.sizes
-                          else uniform_sizes(ctx.capacity_slots, L))
-            self.scopes = [_Scope(c) for c in self.sizes]
-        else:
-            if knobs.sizes:
-                raise UserError("cache.sizes applies to cache.scope=layer only")
-            self.sizes = None
-            self.scopes = [_Scope(int(ctx.capacity_slots))]
+        self.scopes = [_Scope(c) for c in self.sizes] if self.per_layer else [_Scope(int(ctx.capacity_slots))]
         #: key -> its scope's state
         self.scope_of = [self.scopes[key // E if self.per_layer else 0] for key in range(L * E)]
         self.where = [NONE] * (L * E)  # key -> the list it is in

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, evictable_members, uniform_sizes
+from policies.cache.partition import evictable_members, layer_partitions
 from policies.fit import fit_trace
 from policies.registry import CACHE
 from sim.engine.cache import RESIDENT
@@ -256,17 +256,15 @@ class LearnedScore(CachePolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
-        if knobs.scope not in ("layer", "global"):
-            raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
+        sizes = layer_partitions(knobs, ctx)
         if not knobs.half_life_steps > 0:
             raise UserError(f"cache.half_life_steps must be > 0, got {knobs.half_life_steps}")
         names = parse_features(knobs.features)
         L, E = ctx.layers, ctx.experts
         self.E = E
-        self.per_layer = knobs.scope == "layer"
+        self.per_layer = sizes is not None
         if self.per_layer:
-            self.sizes = (check_sizes(knobs.sizes, ctx.capacity_slots, L, E) if knobs.sizes
-                          else uniform_sizes(ctx.capacity_slots, L))
+            self.sizes = sizes
         self.horizon_steps = int(knobs.horizon_steps) or max(1, ctx.capacity_slots // L)
         fit = fit_trace(knobs.fit, ctx, "cache.fit")
         X, y = fit_samples(fit.experts[fit.is_decode].astype(np.int64), E, self.horizon_steps,

@@ -13,9 +13,8 @@ import heapq
 from dataclasses import dataclass, field
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, room_in_partition, uniform_sizes
+from policies.cache.partition import layer_partitions, room_in_partition
 from policies.registry import CACHE
-from sim.errors import UserError
 
 
 @CACHE.register("lfu")
@@ -27,9 +26,8 @@ class LFU(CachePolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
-        if knobs.scope not in ("layer", "global"):
-            raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
-        self.per_layer = knobs.scope == "layer"
+        sizes = layer_partitions(knobs, ctx)
+        self.per_layer = sizes is not None
         n = ctx.layers * ctx.experts
         self.freq = [0] * n
         self.last = [-1] * n  # access clock for the LRU tie-break
@@ -38,8 +36,7 @@ class LFU(CachePolicy):
         #: per scope: (frequency, last access, key) of residents, a min-heap (lazy deletion)
         self.heaps: list[list[tuple[int, int, int]]] = [[] for _ in self.members]
         if self.per_layer:
-            self.sizes = (check_sizes(knobs.sizes, ctx.capacity_slots, ctx.layers, ctx.experts) if knobs.sizes
-                          else uniform_sizes(ctx.capacity_slots, ctx.layers))
+            self.sizes = sizes
 
     def _scope(self, key: int) -> int:
         return key // self.ctx.experts if self.per_layer else 0

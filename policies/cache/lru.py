@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, uniform_sizes
+from policies.cache.partition import layer_partitions
 from policies.registry import CACHE
 from sim.engine.cache import RESIDENT
 
@@ -28,16 +28,12 @@ class LRU(CachePolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
-        from sim.errors import UserError
-
-        if knobs.scope not in ("layer", "global"):
-            raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
-        self.per_layer = knobs.scope == "layer"
+        sizes = layer_partitions(knobs, ctx)
+        self.per_layer = sizes is not None
         self.E = ctx.experts
         L = ctx.layers
         if self.per_layer:
-            self.sizes = (check_sizes(knobs.sizes, ctx.capacity_slots, L, ctx.experts) if knobs.sizes
-                          else uniform_sizes(ctx.capacity_slots, L))
+            self.sizes = sizes
             self.order = [OrderedDict() for _ in range(L)]
         else:
             self.order = [OrderedDict()]

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.base import CachePolicy, Context
-from policies.cache.partition import check_sizes, evictable_members, uniform_sizes
+from policies.cache.partition import evictable_members, layer_partitions
 from policies.registry import CACHE
 from sim.engine.cache import RESIDENT
 from sim.errors import UserError
@@ -67,8 +67,7 @@ class MRS(CachePolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
-        if knobs.scope not in ("layer", "global"):
-            raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
+        sizes = layer_partitions(knobs, ctx)
         if not 0.0 <= knobs.alpha < 1.0:
             raise UserError(f"cache.alpha must be in [0, 1) (the weight of the old score), got {knobs.alpha}")
         L, E, k = ctx.layers, ctx.experts, ctx.top_k
@@ -76,15 +75,9 @@ class MRS(CachePolicy):
             raise UserError(f"cache.top_p must be at most the layer's {E} experts (0: 2 * top_k), got {knobs.top_p}")
         self.alpha = float(knobs.alpha)
         self.top_p = int(knobs.top_p) if knobs.top_p else min(E, 2 * k)
-        self.per_layer = knobs.scope == "layer"
+        self.sizes = sizes
+        self.per_layer = sizes is not None
         self.E = E
-        if self.per_layer:
-            self.sizes = (check_sizes(knobs.sizes, ctx.capacity_slots, L, E) if knobs.sizes
-                          else uniform_sizes(ctx.capacity_slots, L))
-        else:
-            if knobs.sizes:
-                raise UserError("cache.sizes applies to cache.scope=layer only")
-            self.sizes = None
         tr = ctx.trace
         self.logits = tr.logits  # [T, L, E] or None
         self.experts, self.weights = tr.experts, tr.weights

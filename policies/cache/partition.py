@@ -31,6 +31,20 @@ def evictable_members(cache, member, maybe_loading: set[int]) -> np.ndarray:
     return np.flatnonzero(cand)
 
 
+def layer_partitions(knobs, ctx) -> list[int] | None:
+    """The per-layer partition sizes of a cache policy with knobs `scope` (layer | global) and
+    `sizes`: `sizes` checked, or the uniform split, for `scope=layer`; None for `scope=global`.
+    UserError for another scope, or sizes given with a global scope."""
+    if knobs.scope not in ("layer", "global"):
+        raise UserError(f"cache.scope must be 'layer' or 'global', got {knobs.scope!r}")
+    if knobs.scope == "global":
+        if knobs.sizes:
+            raise UserError("cache.sizes applies to cache.scope=layer only")
+        return None
+    C, L = ctx.capacity_slots, ctx.layers
+    return check_sizes(knobs.sizes, C, L, ctx.experts) if knobs.sizes else uniform_sizes(C, L)
+
+
 def uniform_sizes(capacity_slots: int, layers: int) -> list[int]:
     base, extra = divmod(capacity_slots, layers)
     return [base + (1 if i < extra else 0) for i in range(layers)]

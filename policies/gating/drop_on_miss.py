@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import Context, GatingPlan, GatingPolicy
-from policies.published import sensitivities
+from policies.published import sensitivities_or_none
 from policies.registry import GATING
 
 
@@ -38,7 +38,7 @@ class DropOnMiss(GatingPolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
-        self.S = np.zeros(ctx.layers) if knobs.sensitivity == "none" else sensitivities(knobs.sensitivity, ctx)
+        self.S = sensitivities_or_none(knobs.sensitivity, ctx)
         self.ids = ctx.trace.experts.tolist()
         self.w = ctx.trace.weights.tolist()
 

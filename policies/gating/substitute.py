@@ -16,7 +16,7 @@ import numpy as np
 
 from policies.base import Context, GatingPlan, GatingPolicy
 from policies.gating.drop_on_miss import kept_whatever_the_cache
-from policies.published import sensitivities
+from policies.published import sensitivities_or_none
 from policies.registry import GATING
 from sim.engine.cache import RESIDENT
 
@@ -31,7 +31,7 @@ class Substitute(GatingPolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
-        self.S = np.zeros(ctx.layers) if knobs.sensitivity == "none" else sensitivities(knobs.sensitivity, ctx)
+        self.S = sensitivities_or_none(knobs.sensitivity, ctx)
         tr = ctx.trace
         self.ids = tr.experts.tolist()
         self.w = tr.weights.tolist()

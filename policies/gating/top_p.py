@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import Context, GatingPlan, GatingPolicy
-from policies.published import sensitivities
+from policies.published import sensitivities_or_none
 from policies.registry import GATING
 from sim.errors import UserError
 
@@ -28,7 +28,7 @@ class TopP(GatingPolicy):
         super().__init__(knobs, ctx)
         if not 0 < knobs.p <= 1:
             raise UserError(f"gating.p must be in (0, 1], got {knobs.p}")
-        self.S = np.zeros(ctx.layers) if knobs.sensitivity == "none" else sensitivities(knobs.sensitivity, ctx)
+        self.S = sensitivities_or_none(knobs.sensitivity, ctx)
 
     def plan(self) -> GatingPlan:
         tr = self.ctx.trace

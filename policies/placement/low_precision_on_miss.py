@@ -12,16 +12,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from policies.base import LOAD, LOW, Context, PlacementPolicy
-from policies.published import sensitivities
+from policies.published import sensitivities_or_none
 from policies.registry import PLACEMENT
 from sim.errors import UserError
 
 
+class LowCopyPlacement(PlacementPolicy):
+    """A placement that loads some missed experts as `low_bits` copies: their bytes and dL estimate
+    (the module docstring), from the knobs `low_bits`, `rel_error` and `sensitivity`."""
+
+    def _low_copies(self, knobs, ctx: Context) -> None:
+        p = ctx.preset
+        if not 0 < knobs.low_bits < p.bits:
+            raise UserError(f"placement.low_bits must be in (0, {p.bits}) (the preset's expert bits)")
+        self.low_bytes = p.with_overrides(bits=knobs.low_bits).expert_bytes
+        self.eps = knobs.rel_error if knobs.rel_error >= 0 else 4.0 ** -(knobs.low_bits - 1)
+        self.S = sensitivities_or_none(knobs.sensitivity, ctx)
+
+    def dL(self, layer: int, weight: float) -> float:
+        return 0.5 * float(self.S[layer]) * weight * weight * self.eps
+
+
 @PLACEMENT.register("low_precision_on_miss")
-class LowPrecisionOnMiss(PlacementPolicy):
+class LowPrecisionOnMiss(LowCopyPlacement):
     reads_weights = True  # decides by the gating weights
     @dataclass
     class Knobs:
@@ -32,15 +46,7 @@ class LowPrecisionOnMiss(PlacementPolicy):
 
     def __init__(self, knobs: Knobs, ctx: Context):
         super().__init__(knobs, ctx)
-        p = ctx.preset
-        if not 0 < knobs.low_bits < p.bits:
-            raise UserError(f"placement.low_bits must be in (0, {p.bits}) (the preset's expert bits)")
-        self.low_bytes = p.with_overrides(bits=knobs.low_bits).expert_bytes
-        self.eps = knobs.rel_error if knobs.rel_error >= 0 else 4.0 ** -(knobs.low_bits - 1)
-        self.S = np.zeros(ctx.layers) if knobs.sensitivity == "none" else sensitivities(knobs.sensitivity, ctx)
+        self._low_copies(knobs, ctx)
 
     def place(self, key: int, t: int, weight: float) -> str:
         return LOW if weight < self.knobs.w_max else LOAD
-
-    def dL(self, layer: int, weight: float) -> float:
-        return 0.5 * float(self.S[layer]) * weight * weight * self.eps

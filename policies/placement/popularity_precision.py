@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import LOAD, LOW, Context, PlacementPolicy
-from policies.published import sensitivities
+from policies.base import LOAD, LOW, Context
+from policies.placement.low_precision_on_miss import LowCopyPlacement
 from policies.registry import PLACEMENT
 from sim.errors import UserError
 
@@ -60,7 +60,7 @@ def is_hot(row: np.ndarray, e: int, n_hot: int) -> bool:
 
 
 @PLACEMENT.register("popularity_precision")
-class PopularityPrecision(PlacementPolicy):
+class PopularityPrecision(LowCopyPlacement):
     reads_weights = True  # its dL estimate reads the gating weights
     @dataclass
     class Knobs:
@@ -75,12 +75,7 @@ class PopularityPrecision(PlacementPolicy):
         if not 0.0 <= knobs.hot_share <= 1.0:
             raise UserError(f"placement.hot_share must be in [0, 1] (a share of each layer's experts), "
                             f"got {knobs.hot_share}")
-        p = ctx.preset
-        if not 0 < knobs.low_bits < p.bits:
-            raise UserError(f"placement.low_bits must be in (0, {p.bits}) (the preset's expert bits)")
-        self.low_bytes = p.with_overrides(bits=knobs.low_bits).expert_bytes
-        self.eps = knobs.rel_error if knobs.rel_error >= 0 else 4.0 ** -(knobs.low_bits - 1)
-        self.S = np.zeros(ctx.layers) if knobs.sensitivity == "none" else sensitivities(knobs.sensitivity, ctx)
+        self._low_copies(knobs, ctx)
         E = self.E = ctx.experts
         self.n_hot = min(E, math.ceil(knobs.hot_share * E - 1e-9))
         self.online = knobs.fit == "online"
@@ -110,6 +105,3 @@ class PopularityPrecision(PlacementPolicy):
             return LOAD if self.hot[key] else LOW
         self._absorb(t)
         return LOAD if is_hot(self.counts[key // self.E], key % self.E, self.n_hot) else LOW
-
-    def dL(self, layer: int, weight: float) -> float:
-        return 0.5 * float(self.S[layer]) * weight * weight * self.eps

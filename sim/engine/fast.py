@@ -3,7 +3,7 @@
 It executes `sim/engine/step.py` for a single issuing compute stream (batch-1 replay): the compute
 stream's clock (`now`) advances by each op's modelled duration at once; the link (`CopyLink`)
 schedules its transfers itself and applies their completions lazily, in time order, whenever the
-stream looks at it and whenever an op moves its clock past them (`_caught_up`: as the event
+stream looks at it and whenever an op moves its clock past them (`settle` after every op: as the event
 machine applies each at its time, so a batched step that reads the cache between two computes
 sees what the event machine sees); on a link that shares the device's memory bandwidth, each op's duration comes
 from the copies in flight beside it (`sim.machine.contention.MemoryBus`); the CPU worker is a
@@ -48,23 +48,17 @@ class FastMachine(SimulatedMachine):
 
     # ------------------------------------------------------------------ the link
     def settle(self) -> None:
-        """Apply the completions up to now (they free slots and make experts resident)."""
-        heap = self.link.running_heap
-        if heap and heap[0][0] <= self.now:
-            self.link.advance(self.now)
-
-    def _caught_up(self) -> None:
-        """The clock moved: apply the completions it passed, as the event machine applies each one at
-        its time, before the step that waited resumes (a completion at the very instant included).
-        So whatever the step or its driver reads next (the cache's state between two computes, the
-        in-flight loads, a resize's victims) is as of now, with or without a `settle` first."""
+        """Apply the completions up to now (they free slots and make experts resident). Called after
+        every op that moves the clock, as the event machine applies each completion at its time,
+        before the step that waited resumes (one at the very instant included): whatever the step
+        or its driver reads next (the cache between two computes, a resize's victims) is as of now."""
         heap = self.link.running_heap
         if heap and heap[0][0] <= self.now:
             self.link.advance(self.now)
 
     def token_done(self) -> float:
         """When the token's (or step's) work ended: now, with what ended by then applied."""
-        self._caught_up()
+        self.settle()
         return self.now
 
     def link_full(self) -> bool:
@@ -99,7 +93,7 @@ class FastMachine(SimulatedMachine):
             d = cost.attention_s(context, new_tokens)
         self.now = a0 + d
         self.compute_busy_s += d
-        self._caught_up()
+        self.settle()
 
     def attention_batch(self, layer: int, pairs: list[tuple[int, int]]) -> None:
         """A batch's non-expert work: each request's (context, new tokens) (`CostModel.batch_attention_work`)."""
@@ -113,13 +107,13 @@ class FastMachine(SimulatedMachine):
             d = work.overhead_s + max(work.nbytes / self.cost.device.memory_bandwidth_Bps, work.matmul_s)
         self.now += d
         self.compute_busy_s += d
-        self._caught_up()
+        self.settle()
 
     def idle_until(self, t_s: float) -> None:
         """Nothing to run until `t_s` (the next request's arrival): the compute stream waits."""
         if t_s > self.now:
             self.now = t_s
-        self._caught_up()
+        self.settle()
 
     def _expert_s(self, start_s: float, tokens: int, fraction: float = 1.0) -> float:
         if self.bus is not None:
@@ -137,7 +131,7 @@ class FastMachine(SimulatedMachine):
         d = self.expert_s if tokens == 1 and self.bus is None else self._expert_s(self.now, tokens)
         self.now += d
         self.compute_busy_s += d
-        self._caught_up()
+        self.settle()
 
     def wait(self, tr: Transfer) -> float:
         """Wait for `tr` to end (AdapMoE's wait for a prefetch); returns the stall."""
@@ -146,7 +140,7 @@ class FastMachine(SimulatedMachine):
         if tr.done_s > self.now:
             stall = tr.done_s - self.now
             self.now = tr.done_s
-        self._caught_up()
+        self.settle()
         return stall
 
     def wait_ended(self, tr: Transfer) -> float:
@@ -193,7 +187,7 @@ class FastMachine(SimulatedMachine):
             busy = self._expert_s(self.now, tokens)
             self.now += busy
         self.compute_busy_s += busy
-        self._caught_up()
+        self.settle()
         return None, stall
 
     # ------------------------------------------------------------------ the CPU worker
@@ -210,7 +204,7 @@ class FastMachine(SimulatedMachine):
         if end > self.now:
             wait = end - self.now
             self.now = end
-        self._caught_up()
+        self.settle()
         return wait, None, start, end
 
 
@@ -381,7 +375,7 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
                         rec.op("compute", t, layer, f"expert {tr.key % E}", c0 + s, now)
                 stall_tok += s
                 p_stall[layer] += s
-                if tr.staging:  # (what ended by now applied first, as `FastMachine._caught_up`)
+                if tr.staging:  # (what ended by now applied first, as `FastMachine.settle`)
                     m.now = now
                     if heap and heap[0][0] <= now:
                         advance(now)
@@ -389,7 +383,7 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
                 else:  # `Ledger.released` of a cache load, inline
                     on_access(tr.key, t)
         m.now = now
-        if heap and heap[0][0] <= now:  # what ended by now applied (`FastMachine._caught_up`)
+        if heap and heap[0][0] <= now:  # what ended by now applied (`FastMachine.settle`)
             advance(now)
         if cpu_keys:
             wait_s, _, c_start, c_end = m.cpu_wait()
