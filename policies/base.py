@@ -222,6 +222,45 @@ class CachePolicy:
         raise NotImplementedError
 
 
+class HostCachePolicy:
+    """Chooses what the host-DRAM expert cache of a tiered run keeps (`host_cache.name`, docs/tiers.md).
+
+    The engine's `sim.engine.host.HostCache` holds which experts are in host memory; this policy
+    only orders them. It is told of every host access (a device load or a CPU job that needs the
+    expert: `on_access`), of every expert read into host memory (`on_insert`) and of every
+    eviction (`on_evict`); `victim` names the resident expert to evict for a read, or None to
+    read the expert through a bounce buffer without caching it. Keys are `layer * E + expert`;
+    `t` is the trace row of the step that asked."""
+
+    name = "?"
+    #: non-empty: what it measured on the replayed trace itself (said in the summary's `in_sample_fit`)
+    in_sample_fit: str = ""
+    #: it reads the replay's future (the trace order): `workload.kind=replay` only
+    reads_replay_future: bool = False
+
+    def __init__(self, slots: int, ctx: Context):
+        self.slots = slots
+        self.ctx = ctx
+
+    def warm_start(self) -> list[int]:
+        """Experts in host memory before the first token (at most `slots`; default: none)."""
+        return []
+
+    def on_access(self, key: int, t: int) -> None:
+        """`key` was needed from host memory (in it, being read into it, or about to be read)."""
+
+    def on_insert(self, key: int, t: int) -> None:
+        """A read of `key` into host memory took a slot."""
+
+    def on_evict(self, key: int) -> None:
+        """`key` left host memory."""
+
+    def victim(self, t: int, evictable) -> int | None:
+        """A resident expert to evict so that a read can take its slot (`evictable(key)` is True
+        for it), or None: the read goes through a bounce buffer and is not cached."""
+        raise NotImplementedError
+
+
 LOAD, CPU, LOW = "load", "cpu", "low"
 
 

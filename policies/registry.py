@@ -111,11 +111,13 @@ class Registry:
         return list(dataclasses.fields(schema)) if schema is not None else []
 
     def section_keys(self, name: str) -> list[str]:
-        """Every key the family's config section takes with policy `name`: `name`, its knobs and,
-        for the cache, the size keys."""
-        from sim.config import CACHE_SIZE_KEYS  # sizes the cache rather than tuning a policy
+        """Every key the family's config section takes with policy `name`: `name`, its knobs and the
+        engine's keys of that section (the cache's sizes, `prefetch.into`)."""
+        from sim.config import (
+            ENGINE_KEYS,  # they size the cache or route prefetches rather than tune a policy
+        )
 
-        extra = list(CACHE_SIZE_KEYS) if self.family == "cache" else []
+        extra = list(ENGINE_KEYS.get(self.family, ()))
         return ["name", *(f.name for f in self.knob_fields(name)), *extra]
 
     def knobs(self, name: str, values: dict[str, Any]) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 from sim.args import parse_args
 from sim.engine.engine import EngineOptions
 from sim.errors import UserError
+from sim.machine.hierarchy import HostCacheOptions, TierOptions
 from sim.serving.kv import MemoryOptions
 from sim.serving.metrics import SloOptions
 from sim.serving.scheduler import BatchOptions, SpecOptions
@@ -51,6 +52,8 @@ class RunConfig:
     placement: dict[str, Any] = field(default_factory=dict)  # placement.name=POLICY and its knobs
     quant: QuantConfig = field(default_factory=QuantConfig)  # bytes per expert: overrides of the preset's
     engine: EngineOptions = field(default_factory=EngineOptions)  # what the engine simulates
+    host_cache: HostCacheOptions = field(default_factory=HostCacheOptions)  # experts on storage: the host-DRAM cache (docs/tiers.md)
+    tiers: TierOptions = field(default_factory=TierOptions)  # experts on storage: how a read and its copy overlap
     workload: WorkloadOptions = field(default_factory=WorkloadOptions)  # replay (default), or many requests: open / closed loop (docs/serving.md)
     batch: BatchOptions = field(default_factory=BatchOptions)  # serving: continuous batching
     memory: MemoryOptions = field(default_factory=MemoryOptions)  # serving: the KV cache beside the expert cache
@@ -68,6 +71,8 @@ class RunConfig:
 
 SECTIONS = ("gating", "prefetch", "cache", "placement")
 CACHE_SIZE_KEYS = ("slots", "bytes")
+#: keys of a policy section that are the engine's, not the policy's knobs; they survive a policy change
+ENGINE_KEYS = {"cache": CACHE_SIZE_KEYS, "prefetch": ("into",)}  # prefetch.into: device | host (docs/tiers.md)
 
 
 def resolve_sections(cfg: RunConfig, user: dict[str, dict[str, Any]]) -> RunConfig:
@@ -79,16 +84,15 @@ def resolve_sections(cfg: RunConfig, user: dict[str, dict[str, Any]]) -> RunConf
     for sec in SECTIONS:
         base = dict(preset.get(sec, {}))
         mine = dict(user.get(sec, {}))
-        if sec == "cache":  # size keys are not policy knobs; they survive a policy change
-            sizes = {k: mine.pop(k) for k in CACHE_SIZE_KEYS if k in mine}
-            base_sizes = {k: base.pop(k) for k in CACHE_SIZE_KEYS if k in base}
+        own = ENGINE_KEYS.get(sec, ())  # (cache sizes, prefetch.into) not policy knobs: they survive a policy change
+        sizes = {k: mine.pop(k) for k in own if k in mine}
+        base_sizes = {k: base.pop(k) for k in own if k in base}
         if "name" in mine and mine["name"] != base.get("name"):
             base = {}
         merged = {**base, **mine}
         if "name" not in merged:
             raise UserError(f"policy preset {cfg.policy!r} sets no {sec}.name")
-        if sec == "cache":
-            merged = {**merged, **base_sizes, **sizes}
+        merged = {**merged, **base_sizes, **sizes}
         out[sec] = merged
     return dataclasses.replace(cfg, **out)
 
@@ -152,5 +156,7 @@ def default_staging(top_k: int) -> int:
 
 
 def split_knobs(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    knobs = {k: v for k, v in section.items() if k != "name" and k not in CACHE_SIZE_KEYS}
+    """(policy name, its knobs): the section without the engine's keys (`ENGINE_KEYS`)."""
+    engine = {k for keys in ENGINE_KEYS.values() for k in keys}
+    knobs = {k: v for k, v in section.items() if k != "name" and k not in engine}
     return str(section["name"]), knobs

@@ -26,6 +26,7 @@ from sim.engine.recorder import Recorder
 from sim.errors import UserError
 from sim.machine.cost import CostModel
 from sim.machine.hardware import HardwareProfile, load_profile
+from sim.machine.hierarchy import check_into, decide
 from sim.machine.model_source import run_model
 from sim.machine.models import ModelPreset, check_trace
 from sim.results.metrics import summarize
@@ -140,14 +141,22 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
         raise UserError(f"engine.staging_buffers={options.staging_buffers} must be >= top_k ({preset.top_k}) "
                         f"of model {preset.name!r}; leave it unset for max(6, 2 x top_k)")
     slots, cap_bytes = cache_capacity(cfg, preset, hw, trace)
+    hierarchy = decide(cfg.host_cache, cfg.tiers, dataclasses.replace(hw, host_tier=False), preset)
+    into_host = check_into(str(cfg.prefetch.get("into", "device")), hierarchy)
+    if hierarchy.tiered:  # experts on storage behind a host cache: the device copies them from host memory
+        check_tiered(cfg, hierarchy)
+        hw = dataclasses.replace(hw, host_tier=True)
     link_spec = hw.expert_link
-    link = CopyLink(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
-                keep_history=link_spec.shares_memory_bandwidth)  # contention counts copies at past times
+    if not hierarchy.tiered:
+        link = CopyLink(link_spec.name, link_spec.bandwidth_Bps, link_spec.latency_s, link_spec.channels,
+                        keep_history=link_spec.shares_memory_bandwidth)  # contention counts copies at past times
     cost = CostModel(preset, hw)
     cache = ExpertCache(preset.layers, preset.experts, cap_bytes)
     ctx = Context(trace=trace, preset=preset, cache=cache, capacity_slots=slots,
                   rng=np.random.default_rng(cfg.seed), hw=hw, cost=cost, prefill=cfg.engine.prefill,
                   max_tokens=cfg.engine.max_tokens, staging_buffers=options.staging_buffers)
+    if hierarchy.tiered:
+        link = tier_link(hierarchy, hw, preset, ctx)
     made = {}
     # placement before prefetch and cache: the bytes it reserves (`PlacementPolicy.reserved_bytes`)
     # leave the cache, whose size the cache and prefetch policies (partitions, offline schedules) read
@@ -176,6 +185,7 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
         made["cache"].follow(made["prefetch"].schedule)
     engine = Engine(ctx, cost, made["gating"], made["prefetch"], made["cache"], made["placement"], link, options,
                     machine=machine)
+    engine.prefetch_into_host = into_host
     in_sample = "; ".join(f"{fam}.name={split_knobs(getattr(cfg, fam))[0]}: {made[fam].in_sample_fit}"
                           for fam in ("cache", "placement") if made[fam].in_sample_fit)
     info = {"cache_slots": slots, "cache_bytes": cap_bytes, "expert_bytes": preset.expert_bytes,
@@ -187,7 +197,44 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
     if made["prefetch"].modelled and assumption:  # what a modelled predictor assumes (policies/prefetch/pregate.py)
         info["prefetch_modelled_assumption"] = assumption
     info.update(getattr(made["gating"], "solved", None) or {})  # e.g. adapmoe's T solved from gating.target_share
+    if hierarchy.tiered:
+        host_fit = link.host.policy.in_sample_fit
+        if host_fit:
+            info["in_sample_fit"] = "; ".join(x for x in (info.get("in_sample_fit"), host_fit) if x)
+        info.update({"host_cache_slots": hierarchy.slots, "host_cache_bytes": hierarchy.bytes,
+                     "host_cache_from": hierarchy.said, "host_cache_policy": hierarchy.policy,
+                     "tiers_pipelined": hierarchy.pipelined, "prefetch_into": "host" if into_host else "device"})
+    elif hierarchy.said:
+        info["host_cache_from"] = hierarchy.said
     return engine, info
+
+
+def check_tiered(cfg: RunConfig, hierarchy) -> None:
+    """What a tiered run does not model, refused with the field that asks for it."""
+    if cfg.oracle or cfg.bound:
+        raise UserError("oracle=true / bound=true: the offline schedule and the lower bound model one link; with a "
+                        "host cache (experts on storage) they are not valid bounds. Give host_cache.slots=0 to bound "
+                        "the storage-direct run")
+    if hierarchy.policy == "belady" and cfg.workload.kind != "replay":
+        raise UserError("host_cache.name=belady reads the replay's future (trace order): workload.kind=replay only")
+
+
+def tier_link(hierarchy, hw: HardwareProfile, preset: ModelPreset, ctx: Context):
+    """The two hops and the host cache of a tiered run (`sim.engine.tiers`), its policy warm-started."""
+    from policies.host import host_policy
+    from sim.engine.host import HostCache
+    from sim.engine.recorder import LoadLog
+    from sim.engine.tiers import Hop, TierLink
+
+    policy = host_policy(hierarchy.policy)(hierarchy.slots, ctx)
+    host = HostCache(hierarchy.slots, policy)
+    host.warm(policy.warm_start())
+    r, c = hw.links["storage_to_host"], hw.links["host_to_device"]
+    link = TierLink(Hop(r.name, r.bandwidth_Bps, r.latency_s, r.channels),
+                    Hop(c.name, c.bandwidth_Bps, c.latency_s, c.channels), host, hierarchy.pipelined,
+                    preset.expert_bytes / hierarchy.chunks, LoadLog())
+    link.copy_bytes = preset.expert_bytes
+    return link
 
 
 def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | None = None,
@@ -207,12 +254,16 @@ def simulate(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile | N
     rec: Recorder = engine.run()
     tokens = rec.tokens_frame()
     layers = rec.layers_frame()
-    events = rec.events_frame(engine.E)
+    events = rec.events_frame(engine.E, engine.machine.tiers)
     extra = dict(info)
     extra.update({"prefetch_skipped": engine.prefetch_skipped, "prefetch_cancelled": engine.prefetch_cancelled, "makespan_s": engine.t,
                   "tokens_prefill": int(sum(rec.prefill["tokens"])), "cpu_wait_s_per_token":
                   float(tokens["cpu_wait_s"].mean()) if tokens.height else None,
                   "link_max_concurrent": engine.link.max_active, "cache_peak_bytes": engine.cache.peak_bytes})
+    tiers = engine.machine.tiers
+    if tiers is not None:  # per hop and the host cache (docs/tiers.md)
+        extra.update(tiers.summary(engine.decoded, rec.loads, float(tokens["stall_s"].sum()),
+                                   engine.t))
     summary = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=engine.link.busy_s,
                         link_channels=engine.link.channels, compute_busy_s=engine.compute_busy_s,
                         end_s=engine.t, extra=extra)

@@ -23,6 +23,8 @@ def numeric_fields(p: HardwareProfile) -> set[str]:
     names = {"device_memory_bytes", "host_memory_bytes", "memory_reserve_bytes"}
     if p.expert_cache_bytes is not None:
         names.add("expert_cache_bytes")
+    if p.host_memory_reserve_bytes is not None:
+        names.add("host_memory_reserve_bytes")
     for part in ("device", "cpu"):
         names |= {f"{part}.{f.name}" for f in dataclasses.fields(Compute)}
     for name in p.links:

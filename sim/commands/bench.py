@@ -10,7 +10,9 @@ routing with some temporal locality), `slots` cache slots, and each of `policies
 time per step and its ratio to `lru`'s, loads per step, and the memory a run holds: the peak
 Python allocation of the run per load and per step (tracemalloc, one extra run) and the process's
 peak resident set (all runs, the trace included). Last line: `<policy>_ratio=<r> ...
-bytes_per_load=<n> peak_rss_mb=<n>`. Single-threaded: this measures one core.
+bytes_per_load=<n> peak_rss_mb=<n>`. Single-threaded: this measures one core. On a profile whose
+experts live on storage (`hw=desktop-nvme.yaml`) the run is tiered (docs/tiers.md): a host cache of
+`host_cache_bytes` (default: the profile's) in front of the SSD.
 
 `serving=N`: a serving run (docs/serving.md): N requests arriving open-loop at `rate` requests/s
 on the bundled trace (`trace=`), the scheduler's defaults (batches of up to 16 requests),
@@ -41,6 +43,7 @@ class BenchArgs:
     slots: int = 0  # with shape=: cache slots (0: 4930 for deepseek-v3, else 10% of the experts)
     policies: str = "lru,lfu,belady,oracle"  # with shape=: the cache policies (oracle: its prefetch + belady)
     locality: float = 0.5  # with shape=: temporal reuse of the synthetic routing, in [0, 1)
+    host_cache_bytes: float | None = None  # with shape= on a profile with experts on storage: the host cache (docs/tiers.md; unset: the profile's default)
     serving: int = 0  # bench a serving run of this many requests (open loop) instead
     rate: float = 1.0  # with serving=: arrivals per second
 
@@ -145,12 +148,15 @@ def bench_shape(args: BenchArgs) -> int:
     steps = tokens * preset.layers
     print(f"shape {preset.name}: {preset.layers} layers x {preset.experts} experts, top-{preset.top_k}; "
           f"{tokens} tokens ({steps} steps), {slots} slots, hw {args.hw}")
+    if args.host_cache_bytes is not None:
+        print(f"host cache: host_cache.bytes={args.host_cache_bytes:.0f}")
 
     def config(name: str, max_tokens: int = 0):
         return parse_run_config([f"hw={args.hw}", f"model={args.shape}", "gating.name=topk", "prefetch.name=none",
                                  *POLICY_ARGS[name], f"cache.slots={slots}", "engine.prefill=false",
                                  f"engine.max_tokens={max_tokens}",
-                                 "engine.timeline_tokens=0", f"engine.staging_buffers={default_staging(preset.top_k)}"])
+                                 "engine.timeline_tokens=0", f"engine.staging_buffers={default_staging(preset.top_k)}",
+                                 *([f"host_cache.bytes={args.host_cache_bytes}"] if args.host_cache_bytes is not None else [])])
 
     times: dict[str, float] = {}  # best set-up + run (a user waits for both)
     for name in names:

@@ -96,6 +96,8 @@ class Engine:
         #: False: layer by layer with the generic step, as the other machines do (a test compares them)
         self.decode_inline = True
         self.t_end = 0.0  # when the last prefill or decode token ended: the next one starts there
+        #: (a tiered run's `prefetch.into=host`) the prefetch policy's keys are read into host memory only
+        self.prefetch_into_host = False
 
     def set_machine(self, machine) -> None:
         """Execute the steps on `machine` (the simulator's two, or the real run's `RealMachine`)."""

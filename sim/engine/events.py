@@ -25,11 +25,15 @@ import math
 
 import simpy
 
+from sim.engine.host import ABSENT as ABSENT_HOST
+from sim.engine.host import READING as READING_HOST
+from sim.engine.host import RESIDENT as RESIDENT_HOST
 from sim.engine.link import CopyLink
 from sim.engine.machine import SimulatedMachine
 from sim.engine.preempt import choose_cut
 from sim.engine.step import Pending
-from sim.engine.transfer import DEMAND, Transfer, arrived_by
+from sim.engine.tiers import TierLink
+from sim.engine.transfer import DEMAND, PREFETCH, Transfer, arrived_by
 from sim.machine.contention import FLOOR
 from sim.machine.cost import CostModel, OpWork
 
@@ -49,10 +53,11 @@ def at(env: simpy.Environment, t_s: float) -> simpy.Timeout:
 
 class EventMachine(SimulatedMachine):
 
-    def __init__(self, cost: CostModel, link: CopyLink, pipelining: bool):
+    def __init__(self, cost: CostModel, link: CopyLink | TierLink, pipelining: bool):
         self.env = env = simpy.Environment(initial_time=0.0)
         self.cost, self.pipelining = cost, pipelining
-        self.spec = link  # bandwidth, latency, channels, and the counters `summarize` reads
+        self.tiers = tiers = link if isinstance(link, TierLink) else None  # a tiered run: its hops, host cache, logs
+        self.spec = link if tiers is None else tiers.copy  # bandwidth, latency, channels, the counters `summarize` reads
         self.latency_s, self.bandwidth_Bps = link.latency_s, link.bandwidth_Bps
         self.channels = simpy.PriorityResource(env, capacity=link.channels)
         self.stream = simpy.Resource(env, capacity=1)
@@ -68,7 +73,12 @@ class EventMachine(SimulatedMachine):
         self._matrix: dict[int, list[simpy.Event]] = {}  # seqno -> its three matrices' arrivals
         self._started: dict[int, simpy.Event] = {}  # seqno -> fires when it is on a channel
         self._cpu_job = None
+        self._cpu_keys: list[int] = []
         self._end: float | None = None
+        if tiers is not None:  # the storage hop: a resource of its own; a process per read
+            self.read_channels = simpy.PriorityResource(env, capacity=tiers.read.channels)
+            self._read_started: dict[int, simpy.Event] = {}  # read seqno -> fires when it is on a channel
+            self._read_done: dict[int, simpy.Event] = {}  # read seqno -> fires when it has ended
 
     def attach(self, ledger) -> None:
         self.ledger = ledger
@@ -152,6 +162,8 @@ class EventMachine(SimulatedMachine):
         env = self.env
         self._seq += 1
         tr = Transfer(key, nbytes, priority, staging, t, layer, env.now, self._seq)
+        if self.tiers is not None:
+            return self._issue_tiered(tr)
         req = self.channels.request(priority=priority)  # granted at once if a channel is free
         if req.triggered:  # on a channel from now on, as the fast link starts it at once
             self._begin(tr)
@@ -161,6 +173,99 @@ class EventMachine(SimulatedMachine):
         proc = env.process(self._transfer(tr, req))
         self._running[tr.seqno] = (tr, proc)
         return tr
+
+    def _issue_tiered(self, tr: Transfer) -> Transfer:
+        """A device copy in a tiered run (`sim.engine.tiers`): at once from host memory, or after the
+        expert's storage read (the one in flight, or a new one at the copy's priority)."""
+        env, host = self.env, self.tiers.host
+        where = host.lookup(tr.key, tr.token)
+        host.pin(tr.key)
+        self._done[tr.seqno] = env.event()
+        self._started[tr.seqno] = env.event()
+        self._matrix[tr.seqno] = [env.event() for _ in range(3)]
+        if where == RESIDENT_HOST:
+            req = self.channels.request(priority=tr.priority)
+            if req.triggered:
+                self._begin(tr)
+            proc = env.process(self._transfer(tr, req))
+        else:
+            r = host.reading[tr.key] if where == READING_HOST else self._issue_read(tr.key, tr.priority, tr.token,
+                                                                                   tr.layer, False)
+            tr.source = r
+            proc = env.process(self._follow(tr, r))
+        self._running[tr.seqno] = (tr, proc)
+        return tr
+
+    def _follow(self, tr: Transfer, r: Transfer):
+        """A copy that follows read `r`: queued once the read ends (whole) or once its first chunk is
+        in (pipelined: and it ends no earlier than a chunk's copy after the read's end)."""
+        env, tiers = self.env, self.tiers
+        if tiers.pipelined:
+            if r.start_s < 0.0:
+                yield self._read_started[r.seqno]
+            first = r.start_s + tiers.read.latency_s + tiers.chunk_bytes / tiers.read.bandwidth_Bps
+            tr.min_done_s = r.done_s + tiers.chunk_bytes / tiers.copy.bandwidth_Bps
+            if first > env.now:
+                yield at(env, first)
+        elif not r.done:
+            yield self._read_done[r.seqno]
+        req = self.channels.request(priority=tr.priority)
+        if req.triggered:
+            self._begin(tr)
+        yield from self._transfer(tr, req)
+
+    def _issue_read(self, key: int, priority: int, t: int, layer: int, prefetch: bool) -> Transfer | None:
+        """A storage read of `key` into host memory (a slot, or a bounce buffer); None: a prefetch found no slot."""
+        env, tiers = self.env, self.tiers
+        cached = tiers.host.admit(key, t, prefetch)
+        if cached is None:
+            return None
+        tiers._rseq += 1
+        r = Transfer(key, tiers.copy_bytes, priority, not cached, t, layer, env.now, tiers._rseq)
+        tiers.host.reading_started(r)
+        tiers.reads.add(r)
+        req = self.read_channels.request(priority=priority)
+        if req.triggered:
+            self._begin_read(r)
+        self._read_started[r.seqno] = env.event()
+        self._read_done[r.seqno] = env.event()
+        env.process(self._reading(r, req))
+        return r
+
+    def _begin_read(self, r: Transfer) -> None:
+        hop = self.tiers.read
+        r.start_s = self.env.now
+        r.done_s = r.start_s + (hop.latency_s + r.nbytes / hop.bandwidth_Bps)  # as the fast link computes it
+        hop.max_active = max(hop.max_active, self.read_channels.count)
+
+    def _reading(self, r: Transfer, req):
+        env, tiers = self.env, self.tiers
+        try:
+            yield req
+            if r.start_s < 0.0:
+                self._begin_read(r)
+            self._read_started.pop(r.seqno).succeed()
+            yield at(env, r.done_s)
+        finally:
+            self.read_channels.release(req)
+        tiers.read.busy_s += r.done_s - r.start_s
+        tiers.read.bytes_moved += r.nbytes
+        r.done = True
+        tiers.host.read_done(r)
+        tiers.reads.finish(r, r.nbytes)
+        self._read_done.pop(r.seqno).succeed(r)
+
+    def prefetch_host(self, key: int, t: int, layer: int) -> bool:
+        """(tiered, `prefetch.into=host`) `FastMachine.prefetch_host`."""
+        tiers = self.tiers
+        if tiers.host.state(key) != ABSENT_HOST:
+            return True
+        r = self._issue_read(key, PREFETCH, t, layer, True)
+        if r is None:
+            tiers.host_prefetch_skipped += 1
+            return False
+        tiers.host_prefetches += 1
+        return True
 
     def _transfer(self, tr: Transfer, req):
         env, spec = self.env, self.spec
@@ -179,7 +284,8 @@ class EventMachine(SimulatedMachine):
                 for i in range(1, 4):  # the matrices arrive in order (the times the fast machine computes)
                     yield at(env, first + i * per_matrix)
                     self._matrix[tr.seqno][i - 1].succeed()
-                yield at(env, tr.done_s)
+                if env.now < tr.done_s:  # (it ends with its last matrix: the channel is free at that very event)
+                    yield at(env, tr.done_s)
                 if self.shared:
                     self._bus(-1)
             except simpy.Interrupt as cut:  # cut short at a chunk boundary for a demand load
@@ -201,6 +307,8 @@ class EventMachine(SimulatedMachine):
         spec.bytes_moved += moved
         tr.done = True
         del self._running[tr.seqno]
+        if self.tiers is not None:
+            self.tiers.host.unpin(tr.key)
         self.ledger.applied(tr, moved)
         self._done.pop(tr.seqno).succeed(tr)
         del self._matrix[tr.seqno]
@@ -208,6 +316,8 @@ class EventMachine(SimulatedMachine):
     def _begin(self, tr: Transfer) -> None:
         tr.start_s = self.env.now
         tr.done_s = tr.start_s + (self.latency_s + tr.nbytes / self.bandwidth_Bps)  # as the fast link computes it
+        if tr.done_s < tr.min_done_s:  # (tiered, pipelined: not before its read's last chunk is copied)
+            tr.done_s = tr.min_done_s
         self.spec.max_active = max(self.spec.max_active, self.channels.count)
 
     arrived = staticmethod(arrived_by)  # the same instant as the fast machine's, even before its end event ran
@@ -253,7 +363,13 @@ class EventMachine(SimulatedMachine):
                 free = min(on_channel)
                 if all(best.done_s < free + self.latency_s + q.nbytes / self.bandwidth_Bps for q in queued):
                     return best
-            yield self.env.any_of([self._started[tr.seqno] for tr in queued])
+            events = [self._started[tr.seqno] for tr in queued]
+            if started and any(q.source is not None for q in queued):  # (tiered) one that follows a read may
+                best = min(started, key=lambda tr: tr.done_s)  # start long after: none ends before `best` unless it
+                if self.env.now >= best.done_s:  # starts before `best` ends
+                    return best
+                events.append(at(self.env, best.done_s))
+            yield self.env.any_of(events)
 
     def compute_loaded(self, tr: Transfer, tokens: int, weight: float) -> Pending:
         return Pending(self.env.process(self._compute_loaded(tr, tokens)))
@@ -278,10 +394,26 @@ class EventMachine(SimulatedMachine):
         return None, stall
 
     # ------------------------------------------------------------------ the CPU worker
-    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None) -> None:
-        self._cpu_job = self.env.process(self._cpu(self.cost.cpu_experts_s(len(keys), tokens)))
+    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None,
+                  t: int = -1, layer: int = -1) -> None:
+        reads = []
+        if self.tiers is not None:  # the experts not in host memory are read first (`tiers_cpu_reads`)
+            host = self.tiers.host
+            for key in keys:
+                where = host.lookup(key, t)
+                host.pin(key)
+                if where == READING_HOST:
+                    reads.append(host.reading[key])
+                elif where != RESIDENT_HOST:
+                    r = self._issue_read(key, DEMAND, t, layer, False)
+                    reads.append(r)
+            self._cpu_keys = keys
+        self._cpu_job = self.env.process(self._cpu(self.cost.cpu_experts_s(len(keys), tokens), reads))
 
-    def _cpu(self, duration_s: float):
+    def _cpu(self, duration_s: float, reads=()):
+        for r in reads:
+            if not r.done:
+                yield self._read_done[r.seqno]
         with self.cpu.request() as req:
             yield req
             start = self.env.now
@@ -294,6 +426,10 @@ class EventMachine(SimulatedMachine):
     def _cpu_wait(self, job):
         t0 = self.env.now
         start, end = yield job
+        if self.tiers is not None:
+            for key in self._cpu_keys:
+                self.tiers.host.unpin(key)
+            self._cpu_keys = []
         return max(0.0, self.env.now - t0), None, start, end
 
 

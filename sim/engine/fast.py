@@ -20,9 +20,12 @@ from operator import attrgetter
 
 from policies.base import CPU, LOAD
 from sim.engine.cache import ABSENT, RESIDENT
+from sim.engine.host import ABSENT as ABSENT_HOST
+from sim.engine.host import RESIDENT as RESIDENT_HOST
 from sim.engine.link import CopyLink
 from sim.engine.machine import SimulatedMachine
 from sim.engine.preempt import choose_cut
+from sim.engine.tiers import TierLink
 from sim.engine.transfer import DEMAND, PREFETCH, SAME_INSTANT, Transfer, arrived_by
 from sim.machine.contention import MemoryBus
 from sim.machine.cost import CostModel
@@ -40,7 +43,9 @@ class FastMachine(SimulatedMachine):
         self.expert_s = cost.expert_s
         self._expert_tokens_s: dict[int, float] = {}
         self._cpu_span = (0.0, 0.0)
+        self._cpu_job = None  # (tiered) the CPU job's (keys, tokens, ready_s, reads), timed at `cpu_wait`
         self.ledger = None  # set by the engine; the link reports completions to it
+        self.tiers = link if isinstance(link, TierLink) else None  # a tiered run: `link` is both hops
 
     def attach(self, ledger) -> None:
         self.ledger = ledger
@@ -67,6 +72,8 @@ class FastMachine(SimulatedMachine):
         heap = link.running_heap
         if heap and heap[0][0] <= self.now:
             link.advance(self.now)
+        if self.tiers is not None:  # (its heap holds both hops' events)
+            return link.busy_channels() >= link.channels
         return len(heap) >= link.channels
 
     def issue(self, key: int, nbytes: float, priority: int, staging: bool, t: int, layer: int) -> Transfer:
@@ -191,14 +198,31 @@ class FastMachine(SimulatedMachine):
         return None, stall
 
     # ------------------------------------------------------------------ the CPU worker
-    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None) -> None:
-        """The CPU worker computes `keys` (each on one token, or on `tokens[i]` of a batch)."""
+    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None,
+                  t: int = -1, layer: int = -1) -> None:
+        """The CPU worker computes `keys` (each on one token, or on `tokens[i]` of a batch). Tiered: the
+        experts not in host memory are read first (demand reads); the job is timed at `cpu_wait`, once
+        the reads' times are known."""
+        tiers = self.tiers
+        if tiers is not None:
+            self._cpu_job = (keys, tokens, ready_s, tiers_cpu_reads(tiers, keys, self.now, t, layer))
+            return
         start = max(self.cpu_t, ready_s)
         self.cpu_t = start + self.cost.cpu_experts_s(len(keys), tokens)
         self._cpu_span = (start, self.cpu_t)
 
     def cpu_wait(self) -> tuple[float, None, float, float]:
         """(the compute stream's wait for the CPU, no outputs, the CPU's start and end)."""
+        if self._cpu_job is not None:  # tiered: the job starts once its reads are in
+            keys, tokens, ready_s, reads = self._cpu_job
+            self._cpu_job = None
+            for r in reads:
+                self.link.wait_started(r)
+            start = max([self.cpu_t, ready_s] + [r.done_s for r in reads])
+            self.cpu_t = start + self.cost.cpu_experts_s(len(keys), tokens)
+            self._cpu_span = (start, self.cpu_t)
+            for key in keys:
+                self.tiers.host.unpin(key)
         start, end = self._cpu_span
         wait = 0.0
         if end > self.now:
@@ -208,9 +232,31 @@ class FastMachine(SimulatedMachine):
         return wait, None, start, end
 
 
+    def prefetch_host(self, key: int, t: int, layer: int) -> bool:
+        """(tiered, `prefetch.into=host`) Read `key` into host memory unless it is there or on its way;
+        False if no host slot could be freed (the prefetch is skipped)."""
+        tiers = self.tiers
+        if tiers.host.state(key) != ABSENT_HOST:
+            return True
+        return tiers.read_to_host(key, PREFETCH, self.now, t, layer) is not None
+
     def finish(self) -> None:
         """Apply every completion still ahead."""
         self.link.advance(float("inf"))
+
+
+def tiers_cpu_reads(tiers: TierLink, keys: list[int], now_s: float, t: int, layer: int) -> list[Transfer]:
+    """(tiered) A CPU job on `keys` at `now_s`: each is looked up in host memory and pinned there
+    until the job ends; the reads (in flight, or issued now at demand priority) of those not in it."""
+    host, reads = tiers.host, []
+    for key in keys:
+        where = host.lookup(key, t)
+        host.pin(key)
+        if where != RESIDENT_HOST:
+            r = tiers.read_to_host(key, DEMAND, now_s, t, layer)
+            if r is not None:
+                reads.append(r)
+    return reads
 
 
 _done_s = attrgetter("done_s")  # a transfer's end (a sort key)
@@ -241,6 +287,8 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
     on_step = e.cache_policy.on_step if e.cache_policy.observes_steps else None  # (bound once: one check a layer)
     step_rows = [t]  # the rows of each of its layers' steps (`CachePolicy.on_step`, read-only)
     wait_prefetch, stop_on_skip = prefetch.wait_for_prefetch, prefetch.stop_at_first_skip
+    tiers = m.tiers  # a tiered run: stalls are split by hop, prefetches may go into host memory
+    into_host = e.prefetch_into_host
     prefetch_staging, by_target, released = ledger.prefetch_staging, ledger.by_target, ledger.released
     expert_s, expert_work = m.expert_s, m.expert_work
     bus_op_s = bus.op_s if bus is not None else None
@@ -327,12 +375,15 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
                 unused.discard(key)
                 p_used[layer] += 1
         if cpu_keys:
-            m.cpu_start(cpu_keys, [], gate_s)
+            m.cpu_start(cpu_keys, [], gate_s, None, t, layer)
             pl_["cpu_experts"][layer] += len(cpu_keys)
         # 4. prefetches for later layers
         for pk in on_layer(t, layer):
             if state[pk] == ABSENT and pk not in inflight:
-                if load(e, pk, PREFETCH, t, layer, None, prefetch_staging) is None and stop_on_skip:
+                if into_host:
+                    if not m.prefetch_host(pk, t, layer) and stop_on_skip:
+                        break
+                elif load(e, pk, PREFETCH, t, layer, None, prefetch_staging) is None and stop_on_skip:
                     break
         # 5. AdapMoE's wait for the prefetches aimed at this layer
         pending = by_target.pop(layer, None) if by_target else None
@@ -342,6 +393,8 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
                 if tr.done_s > now:
                     stall_tok += tr.done_s - now
                     p_stall[layer] += tr.done_s - now
+                    if tiers is not None:
+                        tiers.storage_stall(tr, now, tr.done_s - now)
                     now = tr.done_s
         # 6. compute: resident first, then loads in arrival order, then the CPU's
         for key in ready:
@@ -361,6 +414,8 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
                 if simple_compute and not rec_ops:  # `FastMachine.compute_loaded`, inline
                     if tr.done_s > now:
                         s = tr.done_s - now
+                        if tiers is not None:
+                            tiers.storage_stall(tr, now, s)
                         now = tr.done_s
                     else:
                         s = 0.0
@@ -370,6 +425,8 @@ def decode_token(e, t: int, rec_ops: bool) -> None:
                 else:
                     c0 = m.now = now
                     s = m.compute_loaded(tr, 1, 1.0)[1]
+                    if s and tiers is not None:
+                        tiers.storage_stall(tr, c0, s)
                     now = m.now
                     if rec_ops:
                         rec.op("compute", t, layer, f"expert {tr.key % E}", c0 + s, now)

@@ -21,6 +21,8 @@ a `sim.engine.step.Pending` holding a SimPy event whose value is the result (the
     compute(key, tokens, w)      a resident expert -> its output (None when simulated)
     compute_loaded(tr, tokens, w) -> (output, stall)   an expert whose transfer was issued
     cpu_start(keys, ws, ready_s[, tokens]), cpu_wait() -> (wait, outputs, start, end)   the CPU worker (tokens: a batch's per expert)
+                                 (tiered: it waits for the reads of experts not in host memory)
+    prefetch_host(key, t, layer) -> bool   (tiered, `prefetch.into=host`) read key into host memory; False: no slot
     combine(outputs)             the MoE block's output from {key: output}
     warm(keys), run(process), finish()   the run around the steps
     token_done() -> end_s        a token's (or prefill's) work is issued: when it ended
@@ -38,6 +40,7 @@ from sim.engine.transfer import Transfer
 
 class SimulatedMachine:
     needs_weights = False  # it computes no outputs
+    tiers = None  # a tiered run's `sim.engine.tiers.TierLink` (hops, host cache, reads log), else None
     holds_memory = False  # it keeps no buffers: the ledger need not tell it of evictions
 
     def warm(self, keys: list[int]) -> None:

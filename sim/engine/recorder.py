@@ -120,8 +120,23 @@ class Recorder:
             (pl.col("hits") / pl.col("needed")).fill_nan(None).alias("hit_rate"),
         )
 
-    def events_frame(self, experts: int) -> pl.DataFrame:
-        lg = self.loads
+    def events_frame(self, experts: int, tiers=None) -> pl.DataFrame:
+        """One row per load and per recorded op. A load's lane is `link`; in a tiered run
+        (`tiers`: its `TierLink`) the device copies' lane is the device hop's name and the storage
+        reads are rows of their own, in the storage hop's lane (`staging`: read through a bounce buffer)."""
+        loads = self._loads_frame(self.loads, experts, "link" if tiers is None else tiers.copy.name)
+        if tiers is not None:
+            loads = pl.concat([loads, self._loads_frame(tiers.reads, experts, tiers.read.name)])
+        ops = pl.DataFrame(self.ops, schema_overrides={"token": pl.Int64, "layer": pl.Int64})
+        ops = ops.with_columns(
+            pl.col("lane").alias("kind"), pl.lit(None, pl.Int64).alias("expert"), pl.lit(0.0).alias("bytes"),
+            pl.col("start_s").alias("issued_s"), pl.lit(False).alias("staging"),
+        )
+        cols = ["lane", "kind", "token", "layer", "expert", "what", "bytes", "issued_s", "start_s", "end_s", "staging"]
+        return pl.concat([loads.select(cols), ops.select(cols)], how="vertical_relaxed").sort("start_s")
+
+    @staticmethod
+    def _loads_frame(lg: LoadLog, experts: int, lane: str) -> pl.DataFrame:
         key = lg.col("key").astype(np.int64)
         loads = pl.DataFrame({
             "kind": [KIND[k] for k in lg.col("kind").tolist()],
@@ -134,11 +149,4 @@ class Recorder:
             "end_s": lg.col("end_s"),
             "staging": lg.col("staging").astype(bool),
         }, schema_overrides={"kind": pl.String})
-        loads = loads.with_columns(pl.lit("link").alias("lane"), pl.lit(None, pl.String).alias("what"))
-        ops = pl.DataFrame(self.ops, schema_overrides={"token": pl.Int64, "layer": pl.Int64})
-        ops = ops.with_columns(
-            pl.col("lane").alias("kind"), pl.lit(None, pl.Int64).alias("expert"), pl.lit(0.0).alias("bytes"),
-            pl.col("start_s").alias("issued_s"), pl.lit(False).alias("staging"),
-        )
-        cols = ["lane", "kind", "token", "layer", "expert", "what", "bytes", "issued_s", "start_s", "end_s", "staging"]
-        return pl.concat([loads.select(cols), ops.select(cols)], how="vertical_relaxed").sort("start_s")
+        return loads.with_columns(pl.lit(lane).alias("lane"), pl.lit(None, pl.String).alias("what"))

@@ -106,7 +106,7 @@ def decode_layer(e, t: int, layer: int, pos: int, rec_ops: bool, tally: Tally, k
         cache_policy.on_step([t], layer)
     ready, waiting, cpu_keys, hits, dL = yield from _classify(e, t, layer, keys, ws, dL, tally, gate_s)  # 3.
     if cpu_keys:  # the CPU worker starts now, beside the device's work below
-        m.cpu_start(cpu_keys, [ws[keys.index(k)] for k in cpu_keys], gate_s)
+        m.cpu_start(cpu_keys, [ws[keys.index(k)] for k in cpu_keys], gate_s, None, t, layer)
         e.rec.per_layer["cpu_experts"][layer] += len(cpu_keys)
     _prefetch(e, t, layer)  # 4.
     pending = ledger.by_target.pop(layer, None) if ledger.by_target else None
@@ -203,9 +203,14 @@ def _prefetch(e, t: int, layer: int, rows: list[int] | None = None, prefill: boo
         keys = prefetch.on_prefill(rows, layer)
     else:
         keys = prefetch.on_batch(rows, layer)
+    into_host = e.prefetch_into_host  # (a tiered run's `prefetch.into=host`: reads into host memory only)
+    m = e.machine
     for pk in keys:
         if state[pk] == ABSENT and pk not in inflight:
-            if load(e, pk, PREFETCH, t, layer, None, ledger.prefetch_staging) is None and prefetch.stop_at_first_skip:
+            if into_host:
+                if not m.prefetch_host(pk, t, layer) and prefetch.stop_at_first_skip:
+                    break
+            elif load(e, pk, PREFETCH, t, layer, None, ledger.prefetch_staging) is None and prefetch.stop_at_first_skip:
                 break
 
 
@@ -222,13 +227,16 @@ def _prefetch_batch(e, layer: int, decode_rows: list[int], keys, prefill_rows: l
     pinned.clear()
 
 
-def _wait_for(e, layer: int, pending: list, tally: Tally):
+def _wait_for(e, layer: int, pending: list, tally: Tally, decode: bool = True):
     """Step 5 (AdapMoE): the layer waits for the in-flight prefetches aimed at it, used or not."""
     m, rec = e.machine, e.rec
     for tr in pending:
+        w0 = m.now
         r = m.wait(tr)
         if r.__class__ is Pending:
             r = yield r.event
+        if r and m.tiers is not None:
+            m.tiers.storage_stall(tr, w0, r, decode)
         tally.stall_s += r
         rec.per_layer["stall_s"][layer] += r
 
@@ -264,6 +272,8 @@ def _compute(e, t: int, layer: int, keys: list[int], ws: list[float], ready: lis
             outs[tr.key] = r[0]
         stall = (c0 - w0) + r[1]
         if stall:
+            if m.tiers is not None:
+                m.tiers.storage_stall(tr, w0, stall)
             tally.stall_s += stall
             rec.per_layer["stall_s"][layer] += stall
         if rec_ops:
@@ -372,7 +382,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
                 cpu_keys.append(key)
         if cpu_keys:
             order = [k for k in order if k not in cpu_keys]
-            m.cpu_start(cpu_keys, [weight[k] for k in cpu_keys], gate_s, [counts[k] for k in cpu_keys])
+            m.cpu_start(cpu_keys, [weight[k] for k in cpu_keys], gate_s, [counts[k] for k in cpu_keys], t0, layer)
             e.rec.per_layer["cpu_experts"][layer] += len(cpu_keys)
     todo: list[int] = []
     for key in order:
@@ -444,14 +454,19 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         if not outstanding:  # every key left arrived meanwhile (computed above): nothing to wait for
             continue
         tr = outstanding.pop(0)
+        w0 = m.now
         r = m.first_to_arrive([tr])  # in issue order, whatever arrives first
         if r.__class__ is Pending:
             yield r.event
+        c0 = m.now
         r = m.compute_loaded(tr, counts[tr.key], 1.0)
         if r.__class__ is Pending:
             r = yield r.event
+        stall = (c0 - w0) + r[1]  # (a machine may wait for it in either: the event one waits for its start first)
+        if stall and m.tiers is not None:
+            m.tiers.storage_stall(tr, w0, stall, False)
         if tally is not None:
-            tally.stall_s += r[1]
+            tally.stall_s += stall
         keep.discard(tr.key)
         if tr.staging and tr.priority == PREFETCH:  # its release may adopt it into the cache (AdapMoE's
             r = m.settle()  # admit-on-use): into the cache as of now, never in place of an expert still
@@ -474,7 +489,7 @@ def batch_layer(e, layer: int, rows: list[int], pairs: list[tuple[int, int]], de
         pending = ledger.by_target.pop(layer, None) if ledger.by_target else None
         if pending and e.prefetch.wait_for_prefetch:
             stall = Tally()
-            yield from _wait_for(e, layer, pending, stall)
+            yield from _wait_for(e, layer, pending, stall, False)
             if tally is not None:
                 tally.stall_s += stall.stall_s
         if pending and ledger.prefetch_staging:

@@ -5,6 +5,8 @@ set; a simulated link also knows `done_s` from then on) -> DONE (`done`: the cop
 ledger applies it, in completion order, the next time the step settles the link: the expert is
 then resident or its staging buffer holds it). A prefetch issued in chunks may be cut
 short for a demand load (`cancelled`): it then ends at a chunk boundary, and its data is unusable.
+In a tiered run a device copy may follow a storage read (`source`, itself a Transfer on the
+storage hop) and is QUEUED until that read lets it start (`sim/engine/tiers.py`).
 A staging buffer is held from the transfer's admission until the engine frees it (`holds_staging`),
 once, whichever comes first: its expert computed, the prefetch dropped, or the copy cut.
 
@@ -46,6 +48,9 @@ class Transfer:
     done: bool = False
     cancelled: bool = False
     holds_staging: bool = False
+    # a tiered run (`sim.engine.tiers`): the storage read this copy follows, and the earliest it can end
+    source: Any = None
+    min_done_s: float = 0.0
     # the real run's copy worker
     buf: int = -1
     progress: int = 0  # matrices fully copied

@@ -71,11 +71,17 @@ class HardwareProfile:
     expert_cache_bytes: float | None  # explicit expert-cache budget; None = derive from capacity
     sources: dict[str, str]  # dotted field name -> where the number comes from
     path: Path | None = None
+    #: host memory kept for the OS, the page cache and the framework when a tiered run derives its
+    #: host-cache size (`host_cache.*` unset: docs/tiers.md); None: the profile gives none
+    host_memory_reserve_bytes: float | None = None
+    #: set by the runner for a tiered run (experts on storage behind a host-DRAM cache): the device
+    #: then copies experts from host memory (`expert_link` is `host_to_device`)
+    host_tier: bool = False
 
     @property
     def expert_link(self) -> LinkSpec:
-        """The link that brings an offloaded expert to the device."""
-        return self.links[f"{self.expert_tier}_to_device"]
+        """The link that brings an offloaded expert to the device (in a tiered run: from the host cache)."""
+        return self.links["host_to_device" if self.host_tier else f"{self.expert_tier}_to_device"]
 
     def expert_cache_budget_bytes(self, non_expert_bytes: float, kv_cache_bytes: float = 0.0) -> float:
         """Device bytes available to the expert cache (the explicit budget if the profile sets one).
@@ -238,7 +244,7 @@ class _Reader:
             "links",
             "memory_reserve_bytes",
         ]
-        d = self.mapping(data, "", top_required, ["expert_cache_bytes"])
+        d = self.mapping(data, "", top_required, ["expert_cache_bytes", "host_memory_reserve_bytes"])
         device_mem = self.number(d, "device_memory_bytes")
         reserve = self.number(d, "memory_reserve_bytes", strict=False)
         if reserve >= device_mem:
@@ -255,6 +261,13 @@ class _Reader:
                     f"{cache:g} exceeds device_memory_bytes - memory_reserve_bytes "
                     f"= {device_mem - reserve:g}",
                 )
+        host_mem = self.number(d, "host_memory_bytes")
+        host_reserve = None
+        if d.get("host_memory_reserve_bytes") is not None:
+            host_reserve = self.number(d, "host_memory_reserve_bytes", strict=False)
+            if host_reserve >= host_mem:
+                raise self.fail("host_memory_reserve_bytes",
+                                f"reserve {host_reserve:g} must be below host_memory_bytes {host_mem:g}")
         tier = self.text(d, "expert_tier")
         if tier not in EXPERT_TIERS:
             raise self.fail("expert_tier", f"must be one of {', '.join(EXPERT_TIERS)}, got {tier!r}")
@@ -273,7 +286,8 @@ class _Reader:
             device=self.compute(d, "device"),
             cpu=self.compute(d, "cpu"),
             device_memory_bytes=device_mem,
-            host_memory_bytes=self.number(d, "host_memory_bytes"),
+            host_memory_bytes=host_mem,
+            host_memory_reserve_bytes=host_reserve,
             unified_memory=self.flag(d, "unified_memory"),
             expert_tier=tier,
             links=links,

@@ -315,9 +315,10 @@ def live_run(cfg: RunConfig, opts: RealOptions) -> LiveResult:
                   source={"tool": "moe-offload-sim realrun (live)", "checkpoint": loaded.name})
     cfg2 = dataclasses.replace(cfg, model=register_preset(preset), quant=type(cfg.quant)())
     sim_engine, binfo = build_engine(cfg2, trace, hw)
-    from sim.realrun.run import refuse_reserved
+    from sim.realrun.run import refuse_reserved, refuse_tiers
 
     refuse_reserved(sim_engine.placement)
+    refuse_tiers(sim_engine)
     plan = sim_engine.plan
     if plan is None or not (np.array_equal(np.asarray(plan.ids), routers.decided_ids)
                             and np.array_equal(np.asarray(plan.weights), routers.decided_w)):

@@ -46,6 +46,7 @@ from sim.realrun.link import CopyWorker
 class RealMachine:  # the contract: sim/engine/machine.py
     needs_weights = True  # the kernels compute outputs from real weights
     holds_memory = True  # the ledger tells it of evictions and freed buffers
+    tiers = None  # no host tier in the real run (docs/tiers.md): `sim.realrun.run.refuse_tiers`
 
     def __init__(self, backend, store, pool, kernels, spec, *, channels: int = 1, chunk_bytes: float = 0.0,
                  cpu_worker=None, pipelining: bool = False, low=None):
@@ -263,7 +264,8 @@ class RealMachine:  # the contract: sim/engine/machine.py
         return self.low is not None and tr.staging and tr.nbytes == self.low.nbytes
 
     # ------------------------------------------------------------------ the CPU worker
-    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None) -> None:
+    def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None,
+                  t: int = -1, layer: int = -1) -> None:
         """The CPU worker computes `keys` (each on one token, or on `tokens[i]` of a batch)."""
         k, store = self.k, self.store
         counts = tokens if tokens is not None else [1] * len(keys)

@@ -112,6 +112,7 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     cfg, trace = with_layers(cfg, trace, preset_of(cfg, trace), opts.layers)
     sim_engine, info = build_engine(cfg, trace, hw)  # the simulator's policies, plan and checks
     refuse_reserved(sim_engine.placement)
+    refuse_tiers(sim_engine)
     serving = None
     if cfg.workload.kind != "replay":  # checked before any store is opened or written
         from sim.serving.run import build_serving
@@ -169,6 +170,14 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
 
         return serving_result(cfg, sim_engine, info, serving, machine.link, machine.compute_busy_s, facts)
     return result_of(cfg, sim_engine, rec, info, hw, preset, facts)
+
+
+def refuse_tiers(engine) -> None:
+    """The real run has no host tier yet (docs/tiers.md): a run whose profile puts a host cache in
+    front of storage is refused, naming the key that turns it off."""
+    if engine.machine.tiers is not None:
+        raise UserError("realrun: a host cache in front of storage (docs/tiers.md) is simulated only; the real run "
+                        "reads experts from storage straight to the device: give host_cache.slots=0")
 
 
 def refuse_reserved(placement) -> None:

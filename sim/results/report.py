@@ -26,15 +26,18 @@ def timeline_figure(events: pl.DataFrame, tokens: pl.DataFrame, window_tokens: i
         rows = win.filter(pl.col("kind") == kind)
         if rows.height == 0:
             continue
-        lane = "link" if kind in ("demand", "prefetch") else kind
-        label = rows["what"].fill_null("").to_list()
-        if lane == "link":
-            label = [f"{kind} L{layer} E{e}" for layer, e in zip(rows["layer"], rows["expert"], strict=True)]
-        fig.add_trace(go.Bar(
-            y=[lane] * rows.height, x=((rows["end_s"] - rows["start_s"]) * 1e3).to_list(),
-            base=((rows["start_s"] - t0) * 1e3).to_list(), orientation="h", name=kind, marker_color=color,
-            hovertext=label, hoverinfo="text+x",
-        ))
+        # a load's lane is its link's (`link`, or in a tiered run one lane per hop: docs/tiers.md)
+        lanes = rows["lane"].unique(maintain_order=True).to_list() if kind in ("demand", "prefetch") else [kind]
+        for i, lane in enumerate(lanes):
+            part = rows.filter(pl.col("lane") == lane) if len(lanes) > 1 else rows
+            label = part["what"].fill_null("").to_list()
+            if kind in ("demand", "prefetch"):
+                label = [f"{kind} L{layer} E{e}" for layer, e in zip(part["layer"], part["expert"], strict=True)]
+            fig.add_trace(go.Bar(
+                y=[lane] * part.height, x=((part["end_s"] - part["start_s"]) * 1e3).to_list(),
+                base=((part["start_s"] - t0) * 1e3).to_list(), orientation="h", name=kind, marker_color=color,
+                hovertext=label, hoverinfo="text+x", showlegend=i == 0, legendgroup=kind,
+            ))
     fig.update_layout(barmode="overlay", title=f"Timeline of the first {window_tokens} decode tokens",
                       xaxis_title="time since first decode token (ms)", height=320)
     return fig

@@ -72,7 +72,7 @@ def serving_result(cfg, engine, info: dict, serving: Serving, link, compute_busy
     from sim.runner import RunResult
 
     rec = engine.rec
-    tokens, layers, events = rec.tokens_frame(), rec.layers_frame(), rec.events_frame(engine.E)
+    tokens, layers, events = rec.tokens_frame(), rec.layers_frame(), rec.events_frame(engine.E, engine.machine.tiers)
     end_s = engine.t_end
     base = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=link.busy_s,
                      link_channels=link.channels, compute_busy_s=compute_busy_s, end_s=end_s)
@@ -84,6 +84,9 @@ def serving_result(cfg, engine, info: dict, serving: Serving, link, compute_busy
                     "steps": len(serving.steps), "kv_bytes_per_token": serving.kv.bytes_per_token,
                     "kv_budget_bytes": serving.kv.capacity_bytes, "memory_kv": cfg.memory.kv})
     summary.update(extra or {})
+    tiers = engine.machine.tiers
+    if tiers is not None:  # per hop and the host cache (docs/tiers.md)
+        summary.update(tiers.serving_summary(rec.loads, int(sum(r.output_tokens for r in serving.records)), end_s))
     if engine.opt != cfg.engine:
         cfg = dataclasses.replace(cfg, engine=engine.opt)
     return RunResult(cfg, summary, tokens, layers, events, engine.ctx.hw, engine.ctx.preset,

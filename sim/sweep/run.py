@@ -110,14 +110,14 @@ def _knob_names(sec: str, name: str) -> set[str]:
     """The keys a section accepts with policy `name` (empty if the policy does not exist)."""
     import dataclasses
 
-    from sim.config import CACHE_SIZE_KEYS
+    from sim.config import ENGINE_KEYS
 
     try:
         schema = getattr(_registry(sec).get(name), "Knobs", None)
     except UserError:
         return set()
     names = {f.name for f in dataclasses.fields(schema)} if schema is not None else set()
-    return names | {"name"} | (set(CACHE_SIZE_KEYS) if sec == "cache" else set())
+    return names | {"name"} | set(ENGINE_KEYS.get(sec, ()))
 
 
 def _check_knobs(cfg: Any) -> None:
