@@ -47,7 +47,7 @@ class RunConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # model.FIELD=VALUE: fields set on top of the model
     policy: str = "mixtral_offloading"  # policy preset: the four policies below and their knobs
     gating: dict[str, Any] = field(default_factory=dict)  # gating.name=POLICY and its knobs (list policies)
-    prefetch: dict[str, Any] = field(default_factory=dict)  # prefetch.name=POLICY and its knobs
+    prefetch: dict[str, Any] = field(default_factory=dict)  # prefetch.name=POLICY and its knobs; prefetch.into=device|host (tiered runs: docs/tiers.md)
     cache: dict[str, Any] = field(default_factory=dict)  # cache.name=POLICY, its knobs, cache.slots | cache.bytes
     placement: dict[str, Any] = field(default_factory=dict)  # placement.name=POLICY and its knobs
     quant: QuantConfig = field(default_factory=QuantConfig)  # bytes per expert: overrides of the preset's

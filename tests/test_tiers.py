@@ -369,3 +369,43 @@ def test_the_event_machine_gives_the_fast_machines_tiered_serving_run(seed):
     _same_serving(a, b)
     if a is not None:
         assert a.summary["host_cache_accesses"] > 0
+
+
+# ------------------------------------------------------------------ host-cache policies
+def _ctx(ids):
+    from types import SimpleNamespace
+
+    tr = trace(ids, len(ids[0]), 4)
+    return SimpleNamespace(trace=tr, layers=tr.model.layers, experts=tr.model.experts)
+
+
+def test_host_policies_choose_their_victims():
+    from policies.host import HOST_POLICIES, host_policy
+
+    ids = [[[0]], [[1]], [[2]], [[1]], [[0]], [[1]], [[3]]]  # rows 0-6 route experts 0 1 2 1 0 1 3
+    ctx = _ctx(ids)
+    every = lambda k: True  # noqa: E731
+    lru = HOST_POLICIES["lru"](3, ctx)
+    for t, k in enumerate((0, 1, 2)):
+        lru.on_insert(k, t)
+    lru.on_access(0, 3)
+    assert lru.victim(4, every) == 1 and lru.victim(4, lambda k: k != 1) == 2
+    lfu = HOST_POLICIES["lfu"](3, ctx)
+    for k, n in ((0, 3), (1, 1), (2, 2)):
+        lfu.on_insert(k, 0)
+        for _ in range(n):
+            lfu.on_access(k, 0)
+    assert lfu.victim(1, every) == 1
+    lfu.on_evict(1)
+    assert lfu.victim(1, every) == 2  # (1 left)
+    bel = HOST_POLICIES["belady"](3, ctx)
+    for k in (0, 1, 2):
+        bel.on_insert(k, 2)  # at row 2: next uses 0 -> 4, 1 -> 3, 2 -> never
+    assert bel.victim(2, every) == 2
+    bel.on_evict(2)
+    assert bel.victim(2, every) == 0 and bel.victim(2, lambda k: k != 0) == 1
+    assert bel.victim(4, every) == 0  # at row 4 expert 0's use is now: its next is none; 1's is row 5
+    static = HOST_POLICIES["static"](2, ctx)
+    assert static.warm_start() == [1, 0] and static.victim(0, every) is None  # most routed first, ties by key
+    with pytest.raises(UserError, match="host_cache.name"):
+        host_policy("mru")

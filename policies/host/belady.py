@@ -8,6 +8,7 @@ reads the replay's future: `workload.kind=replay` only."""
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 
 import numpy as np
 
@@ -30,15 +31,17 @@ class HostBelady(HostCachePolicy):
         k, r = keys[ok], rows[ok]
         order = np.lexsort((r, k))
         k, r = k[order], r[order]
-        starts = np.searchsorted(k, np.arange(ctx.layers * ctx.experts + 1))
-        self._rows, self._starts = r, starts  # the rows routing each key, ascending
+        starts = np.searchsorted(k, np.arange(ctx.layers * ctx.experts + 1)).tolist()
+        rows_list = r.tolist()
+        #: the rows routing each key, ascending (Python lists: `bisect` on them is the hot path)
+        self._rows = [rows_list[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
         self.resident: dict[int, int] = {}  # key -> its next use as last computed
         self.heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped on pop
 
     def _next_use(self, key: int, t: int) -> int:
-        lo, hi = self._starts[key], self._starts[key + 1]
-        j = lo + np.searchsorted(self._rows[lo:hi], t, side="right")
-        return int(self._rows[j]) if j < hi else NEVER
+        rows = self._rows[key]
+        j = bisect_right(rows, t)
+        return rows[j] if j < len(rows) else NEVER
 
     def _push(self, key: int, t: int) -> None:
         nxt = self._next_use(key, t)
