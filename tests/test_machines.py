@@ -215,3 +215,29 @@ def test_a_prefetch_that_lands_while_a_batched_step_computes_is_seen_by_both_mac
         engine, info = build_engine(cfg, tr, hw(channels=2), preset(3, 8, 2), machine=machine)
         runs.append(simulate(cfg, tr, hw(channels=2), engine=engine, info=info))
     _same_serving(*runs)
+
+
+def _serve_generic(seed: int):
+    """`_serve` on the fast machine with its batched step written out off: the generic `batch_layer`."""
+    orig = engine_mod.Engine.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        self.batch_inline = False
+
+    engine_mod.Engine.__init__ = init
+    try:
+        return _serve(seed, "fast")
+    finally:
+        engine_mod.Engine.__init__ = orig
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_fast_batched_step_is_the_generic_one(seed):
+    """`sim.engine.fast_batch.fast_batch_layer` (the fast machine's batched step, written out) gives
+    exactly the generic step's summary and per-request metrics."""
+    a, b = _serve(seed, "fast"), _serve_generic(seed)
+    assert (a is None) == (b is None)
+    if a is not None:
+        assert a.summary == b.summary
+        assert a.requests.equals(b.requests) and a.steps.equals(b.steps)

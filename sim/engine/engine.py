@@ -95,6 +95,9 @@ class Engine:
         #: the fast machine runs decode tokens with its inline loop (`sim.engine.fast.decode_token`);
         #: False: layer by layer with the generic step, as the other machines do (a test compares them)
         self.decode_inline = True
+        #: the fast machine runs a serving run's batched steps with `sim.engine.fast_batch.fast_batch_layer`
+        #: where it applies (`FastMachine.inline_batch`); False: the generic `batch_layer` (a test compares them)
+        self.batch_inline = True
         self.t_end = 0.0  # when the last prefill or decode token ended: the next one starts there
         #: (a tiered run's `prefetch.into=host`) the prefetch policy's keys are read into host memory only
         self.prefetch_into_host = False

@@ -351,25 +351,55 @@ class EventMachine(SimulatedMachine):
     def _first(self, waiting: list[Transfer]):
         """The one that ends first, as the fast machine orders them (by end time; ties in list
         order), decided as soon as it can be: a transfer's end is known once it is on a channel,
-        and one still queued cannot end before a channel frees plus its own duration."""
+        and one still queued cannot end before a channel frees plus its own duration (a tiered copy
+        that follows a read may also start on a channel that is free now, once its read lets it)."""
         while True:
             queued = [tr for tr in waiting if tr.start_s < 0.0]
             started = [tr for tr in waiting if tr.start_s >= 0.0]
             if not queued:
                 return min(waiting, key=lambda tr: tr.done_s)
             on_channel = [x.done_s for x, _ in self._running.values() if x.start_s >= 0.0 and not x.done]
-            if started and on_channel:  # (none on a channel: a granted one is about to start)
+            chained = any(q.source is not None for q in queued)  # (tiered: may start on a channel free now)
+            if started and on_channel and not chained:  # (none on a channel: a granted one is about to start)
                 best = min(started, key=lambda tr: tr.done_s)
                 free = min(on_channel)
                 if all(best.done_s < free + self.latency_s + q.nbytes / self.bandwidth_Bps for q in queued):
                     return best
             events = [self._started[tr.seqno] for tr in queued]
-            if started and any(q.source is not None for q in queued):  # (tiered) one that follows a read may
-                best = min(started, key=lambda tr: tr.done_s)  # start long after: none ends before `best` unless it
-                if self.env.now >= best.done_s:  # starts before `best` ends
+            if started and chained:  # (tiered) a copy that follows a read may start on a channel free now:
+                best = min(started, key=lambda tr: tr.done_s)  # decided once none can end before `best`
+                if self.env.now >= best.done_s or all(best.done_s < self._earliest_end(q) for q in queued):
                     return best
                 events.append(at(self.env, best.done_s))
             yield self.env.any_of(events)
+
+    def _earliest_end(self, q: Transfer) -> float:
+        """A lower bound on when queued copy `q` can end: it starts no earlier than now, than a copy
+        channel frees when all are busy, and (a tiered copy that follows a read) than its read lets
+        it (a queued read starts no earlier than a read channel frees); pipelined, it ends no
+        earlier than a chunk's copy after its read's end."""
+        now = self.env.now
+        body = self.latency_s + q.nbytes / self.bandwidth_Bps
+        start = now
+        if self.channels.count >= self.channels.capacity:
+            start = min(x.done_s for x, _ in self._running.values() if x.start_s >= 0.0 and not x.done)
+        r, tiers = q.source, self.tiers
+        if r is None or r.done:
+            return start + body
+        hop = tiers.read
+        first_s = tiers.chunk_bytes / hop.bandwidth_Bps if tiers.pipelined else r.nbytes / hop.bandwidth_Bps
+        if r.start_s >= 0.0:
+            read_start = r.start_s
+        elif self.read_channels.count >= self.read_channels.capacity:
+            read_start = min(x.done_s for x in self.tiers.host.reading.values() if x.start_s >= 0.0 and not x.done)
+        else:
+            read_start = now
+        release = read_start + hop.latency_s + first_s
+        end = max(start, release) + body
+        if tiers.pipelined:
+            end = max(end, read_start + hop.latency_s + r.nbytes / hop.bandwidth_Bps
+                      + tiers.chunk_bytes / tiers.copy.bandwidth_Bps)
+        return end
 
     def compute_loaded(self, tr: Transfer, tokens: int, weight: float) -> Pending:
         return Pending(self.env.process(self._compute_loaded(tr, tokens)))

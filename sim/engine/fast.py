@@ -46,6 +46,8 @@ class FastMachine(SimulatedMachine):
         self._cpu_job = None  # (tiered) the CPU job's (keys, tokens, ready_s, reads), timed at `cpu_wait`
         self.ledger = None  # set by the engine; the link reports completions to it
         self.tiers = link if isinstance(link, TierLink) else None  # a tiered run: `link` is both hops
+        #: a batched step may run `sim.engine.fast_batch.fast_batch_layer` (its common case, written out)
+        self.inline_batch = not pipelining and self.bus is None and self.tiers is None
 
     def attach(self, ledger) -> None:
         self.ledger = ledger

@@ -26,6 +26,7 @@ import heapq
 from sim.engine.engine import gc_paused
 from sim.engine.fast import FastMachine
 from sim.engine.fast import decode_token as fast_decode_token
+from sim.engine.fast_batch import fast_batch_layer
 from sim.engine.step import BatchTally, Pending, batch_layer
 from sim.machine.cost import OpWork
 from sim.serving.kv import KvBudget
@@ -146,6 +147,11 @@ class Serving:
         decode_rows = [t for w in work if w.kind != "prefill" for t in w.rows]
         tally = BatchTally()
         union = e.batch_union(rows, bool(decode_rows) and not e.placement.always_load)
+        if isinstance(e.machine, FastMachine) and e.batch_inline and e.machine.inline_batch:
+            for layer in range(e.L):  # the fast machine's hot path, written out (`sim.engine.fast_batch`)
+                fast_batch_layer(e, layer, rows, pairs, decode_rows, tally,
+                                 None if union is None else (union[0], union[1], union[2][layer]))
+            return tally.union
         for layer in range(e.L):
             yield from batch_layer(e, layer, rows, pairs, decode_rows, tally,
                                    None if union is None else (union[0], union[1], union[2][layer]))
