@@ -144,7 +144,7 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
     hierarchy = decide(cfg.host_cache, cfg.tiers, dataclasses.replace(hw, host_tier=False), preset)
     into_host = check_into(str(cfg.prefetch.get("into", "device")), hierarchy)
     if hierarchy.tiered:  # experts on storage behind a host cache: the device copies them from host memory
-        check_tiered(cfg, hierarchy)
+        check_tiered(cfg, hierarchy, hw)
         hw = dataclasses.replace(hw, host_tier=True)
     link_spec = hw.expert_link
     if not hierarchy.tiered:
@@ -209,12 +209,16 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
     return engine, info
 
 
-def check_tiered(cfg: RunConfig, hierarchy) -> None:
+def check_tiered(cfg: RunConfig, hierarchy, hw: HardwareProfile) -> None:
     """What a tiered run does not model, refused with the field that asks for it."""
     if cfg.oracle or cfg.bound:
         raise UserError("oracle=true / bound=true: the offline schedule and the lower bound model one link; with a "
                         "host cache (experts on storage) they are not valid bounds. Give host_cache.slots=0 to bound "
                         "the storage-direct run")
+    for name in ("storage_to_host", "host_to_device"):
+        if hw.links[name].shares_memory_bandwidth:
+            raise UserError(f"links.{name}.shares_memory_bandwidth: copies that take the device's memory bandwidth are "
+                            f"not modelled with a host cache (docs/tiers.md); give host_cache.slots=0 or false there")
     if hierarchy.policy == "belady" and cfg.workload.kind != "replay":
         raise UserError("host_cache.name=belady reads the replay's future (trace order): workload.kind=replay only")
 

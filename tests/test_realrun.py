@@ -22,12 +22,16 @@ SMALL = ["model=toy-mixtral", "layers=4", "tokens=10", "cache.slots=12", "hw=rtx
          "report=false"]
 
 
+def synthetic_trace(folder: Path) -> Path:
+    """The real-run tests' trace: 12 decode tokens after a 4-token prompt, 32 layers, some reuse."""
+    write_trace(random_trace(np.random.default_rng(1), tokens=12, prefill=4, sequences=1, layers=32,
+                             locality=0.4), folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def trace_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("rr") / "synth"
-    write_trace(random_trace(np.random.default_rng(1), tokens=12, prefill=4, sequences=1, layers=32,
-                             locality=0.4), d)
-    return d
+    return synthetic_trace(tmp_path_factory.mktemp("rr") / "synth")
 
 
 @pytest.fixture(scope="module")

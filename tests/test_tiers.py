@@ -421,3 +421,12 @@ def test_the_report_timeline_has_a_lane_per_hop():
     res = _sim(_cfg(slots=4, host=6), tr, tiered_hw(), preset(2, 8, 2, hidden=512, width=1024))
     lanes = {y for trace_ in timeline_figure(res.events, res.tokens, window_tokens=6).data for y in trace_.y}
     assert {"storage_to_host", "host_to_device", "compute"} <= lanes and "link" not in lanes
+
+
+def test_a_hop_that_shares_memory_bandwidth_is_refused_with_a_host_cache():
+    h = tiered_hw()
+    h = dataclasses.replace(h, links={**h.links, "host_to_device": dataclasses.replace(
+        h.links["host_to_device"], shares_memory_bandwidth=True)})
+    cfg = _cfg(slots=2, host=4)
+    with pytest.raises(UserError, match="links.host_to_device.shares_memory_bandwidth"):
+        build_engine(cfg, trace([[[0]], [[1]]], 1, 2), h, preset(1, 2, 1, hidden=512, width=1024))

@@ -260,12 +260,7 @@ class EventMachine(SimulatedMachine):
         tiers = self.tiers
         if tiers.host.state(key) != ABSENT_HOST:
             return True
-        r = self._issue_read(key, PREFETCH, t, layer, True)
-        if r is None:
-            tiers.host_prefetch_skipped += 1
-            return False
-        tiers.host_prefetches += 1
-        return True
+        return tiers.count_host_prefetch(self._issue_read(key, PREFETCH, t, layer, True))
 
     def _transfer(self, tr: Transfer, req):
         env, spec = self.env, self.spec

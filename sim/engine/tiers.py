@@ -226,11 +226,17 @@ class TierLink:
             return host.reading[key]
         r = self._issue_read(key, priority, t_s, token, layer, priority == PREFETCH)
         if priority == PREFETCH:
-            if r is None:
-                self.host_prefetch_skipped += 1
-            else:
-                self.host_prefetches += 1
+            self.count_host_prefetch(r)
         return r
+
+    def count_host_prefetch(self, read: Transfer | None) -> bool:
+        """Count a prefetch into host memory (`prefetch.into=host`), issued as `read` or, None, skipped
+        for want of a slot (every machine counts them here); True if issued."""
+        if read is None:
+            self.host_prefetch_skipped += 1
+            return False
+        self.host_prefetches += 1
+        return True
 
     def wait_started(self, tr: Transfer) -> None:
         """Apply events ahead until `tr` is on a channel (`CopyLink.wait_started`)."""

@@ -4,6 +4,7 @@ Pieces, one concept per module:
     backend.py   the device (CPU or CUDA): tensors, pinned host memory, synchronisation
     store.py     the offloaded tier: safetensors files on disk (page cache dropped) or host memory
     link.py      the copy worker: one thread (CPU) / one CUDA stream, demand ahead of prefetch
+    tiers.py     a tiered run's host tier: disk -> host buffers (read worker) -> slots, the simulator's books
     compute.py   batch-1 SwiGLU experts, the non-expert stand-in, the CPU worker (placement=cpu)
     engine.py    the decode/prefill loop: the simulator's order of policy calls with real work
     build.py     config -> trace, preset, profile and the very policy objects the simulator uses

@@ -6,7 +6,10 @@ machine as the real run sees it:
              slots (cold memory, as a run's), from submit to the main thread waking up on its
              completion, for several sizes: fitted as
              `latency_s + bytes / bandwidth_Bps` (least squares on relative error); disk reads
-             drop the page cache first, exactly as `realrun store=disk` does;
+             drop the page cache first, exactly as `realrun store=disk` does; with the disk, the
+             hops of a tiered run too: `host_to_device` (host buffer -> slot) and `storage_to_host`
+             (disk -> host buffer by the read worker, `sim/realrun/tiers.py`; on device=cpu a
+             slot is host memory, so that read is the `storage_to_device` measurement itself);
   device     a batch-1 SwiGLU expert (4 kernels in the cost model; from the run's slot pool,
              after an idle wait as for its copy; back to back on CUDA) and the non-expert stand-in GEMV (8 kernels,
              back to back), cold weights (cycled through more memory than the CPU caches hold),
@@ -16,7 +19,9 @@ machine as the real run sees it:
              two per hand-off, each hand-off after the layer's stand-in, submit-to-wake-up included;
   contention the expert compute time while the copy worker copies without pause, over the time
              alone: `shares_memory_bandwidth` is true when copies slow compute by more than 3%;
-  memory     /proc/meminfo (CPU) or the CUDA device's total and free memory.
+  memory     /proc/meminfo (CPU) or the CUDA device's total and free memory; the host memory in
+             use by others (MemTotal - MemAvailable) is the host reserve a tiered run's default
+             host cache leaves (`host_memory_reserve_bytes`, with the disk only).
 Each point is measured `repeats` times, each time as the mean of `BATCH` consecutive calls (the
 real run's time is a sum of such calls, so their mean duration is what the profile must give);
 the median over repeats is a session's value and the spread (p10-p90 over the median) is printed.
@@ -46,6 +51,7 @@ from sim.realrun.store import HostStore, Layout, open_disk_store, random_fill
 
 CONTENTION_THRESHOLD = 1.03
 BATCH = 4  # calls per measurement (its mean is one sample)
+DISK_HOST = "disk_host"  # the link kind of a tiered run's storage read: disk -> host buffer (CUDA only)
 ANCHOR_WEIGHT = 10.0
 COLD_BYTES = 192 * 2**20  # cycle weights through this much memory (more than any CPU cache here)
 EXPERT_IDLE_S = 0.002  # a run's thread waits about this long for an expert's copy before computing it
@@ -221,7 +227,13 @@ class Calibrator:
     def _store(self, kind: str, nbytes: float):
         """A store of `nbytes` experts to copy from: the model's own store for its expert size (the
         very files realrun reads), else one of enough experts (>= 128 MB) to read them in random
-        order, as a run does (re-reading a handful of experts in turn is slower on some disks)."""
+        order, as a run does (re-reading a handful of experts in turn is slower on some disks).
+        `disk_host`: the disk store read into host buffers, as a tiered run's read worker does."""
+        if kind == DISK_HOST:
+            from sim.realrun.tiers import DiskToHost
+
+            store, n = self._store("disk", nbytes)
+            return DiskToHost(store), n
         if kind == "disk" and self.model_store is not None:
             layout = self.model_store[0]
             if layout.expert_bytes == round(nbytes):
@@ -243,7 +255,12 @@ class Calibrator:
             store, n = self._store(kind, nbytes)
             layout = store.layout
             slots = cold_slots(layout.expert_bytes)
-            pool = SlotPool(self.b, layout, slots)
+            if kind == DISK_HOST:  # into host buffers (pinned on CUDA), as a tiered run reads
+                from sim.realrun.tiers import HostPool
+
+                pool = HostPool(self.b, layout, slots)
+            else:
+                pool = SlotPool(self.b, layout, slots)
             worker = CopyWorker(store, pool, time.perf_counter)
             order = rng.permutation(np.arange(n).repeat(math.ceil(4 * (BATCH * self.repeats + 3) / n)))
             copies: list[float] = []
@@ -474,12 +491,14 @@ _CPU = _CpuBackend()
 def memory_facts(backend: Backend) -> dict[str, float]:
     mi = meminfo()
     host = float(mi.get("MemTotal", 0))
+    host_in_use = float(host - mi.get("MemAvailable", host))  # by others, when calibrated
     if backend.cuda:  # in use by others (and the CUDA context): not this process's tensors or cached blocks
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         mine = torch.cuda.memory_allocated()
-        return {"device": float(total), "host": host, "reserve": float(max(0, total - free - mine))}
-    return {"device": host, "host": host, "reserve": float(host - mi.get("MemAvailable", host))}
+        return {"device": float(total), "host": host, "reserve": float(max(0, total - free - mine)),
+                "host_reserve": host_in_use}
+    return {"device": host, "host": host, "reserve": host_in_use, "host_reserve": host_in_use}
 
 
 def describe_machine(backend: Backend) -> str:
@@ -579,7 +598,7 @@ def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
     sizes, hidden, dtype, anchors = plan_sizes(opts)
     kinds = link_kinds(opts)
     ref = expert_size(sizes, anchors)  # contention at the expert size
-    total = len(kinds) * (len(sizes) + 1) + 3 * len(sizes) + 2 + int(backend.cuda)
+    total = len(kinds) * len(sizes) + len([k for k in kinds if k != DISK_HOST]) + 3 * len(sizes) + 2 + int(backend.cuda)
     with tqdm(total=total, desc="calibrate", unit="point", disable=None if opts.progress else True) as bar, \
             backend.pinned():
         cal = calibrator(opts, backend, sizes, bar, opts.progress)
@@ -590,15 +609,19 @@ def measure(opts: CalibrateOptions, backend: Backend | None = None) -> Measured:
         flops, flops_spread = cal.matmul_flops()
         cpu_flops = cal.matmul_flops(on_cpu=True)[0] if backend.cuda else flops
         cpu = cal.cpu_expert()
-        contention = {k: [cal.contention(k, ref)] for k in kinds}
+        contention = {k: [cal.contention(k, ref)] for k in kinds if k != DISK_HOST}
         fixed = cal.engine_fixed(opts.threads)
     return Measured(backend, sizes, hidden, anchors, cal.repeats, links, expert, stand_in, cpu, [flops],
                     flops_spread, [cpu_flops], contention, [fixed], link_copy=link_copy)
 
 
 def link_kinds(opts: CalibrateOptions) -> list[str]:
-    """The links a calibration times: the disk and host memory, or host memory only."""
-    return ["disk", "host"] if opts.store == "disk" else ["host"]
+    """The links a calibration times: the disk and host memory, or host memory only. On CUDA with
+    the disk, also the disk read into host buffers (`DISK_HOST`: a tiered run's storage read; on
+    the CPU that is the disk's own measurement, a slot being host memory)."""
+    if opts.store != "disk":
+        return ["host"]
+    return ["disk", "host"] + ([DISK_HOST] if opts.device == "cuda" else [])
 
 
 def expert_size(sizes: list[float], anchors: tuple[float, ...]) -> float:

@@ -11,6 +11,18 @@ Arms (`arms=a,b,...`): a policy preset name (`policy=<name>`), or one of
                   N users with no think time, 2N requests of at most `tokens` prompt and `tokens`
                   output tokens each, continuously batched (prefill included); the real run
                   executes the batched steps (each expert once over its tokens)
+    tiersN        three tiers (docs/tiers.md): the first arm's policy with its experts on disk
+                  (`store=disk`) behind a host cache of N experts (`host_cache.slots=N`, lru)
+                  in front of the device cache; the real run reads experts from the disk into
+                  host buffers and copies them from there (`sim/realrun/tiers.py`). Its profile
+                  is the confirm's with what the simulator needs for a host tier: on device=cpu
+                  (`unified_memory: true`: slots and host buffers are both host memory) the run
+                  is simulated as a discrete device (`unified_memory: false`), and a hop measured
+                  as sharing the device's memory bandwidth is simulated without that contention
+                  (the simulator models neither with a host tier); the row's `profile_changes`
+                  says what was changed. Its per-tier figures are the row's `*_tier` columns.
+The other arms whose experts are on disk run storage-direct (`host_cache.slots=0`), whatever
+host tier the profile describes.
 A replay arm is decode only (`engine.prefill=false`): it starts with an empty cache and decodes
 `tokens` tokens. A batched arm's figures are its requests': `tpot_mean_s` the mean over its
 requests of their mean TPOT, `tpot_p90_s` the p90 over them (pooled over its runs), and
@@ -48,6 +60,11 @@ DEFAULT_ARMS = "baseline,mixtral_offloading,adapmoe,half,cpu_on_miss,batch4,batc
 METRICS = ("tpot_mean_s", "tpot_p90_s", "stall_share", "hit_rate")
 #: what a batched arm (a serving run) is compared on, beside `tpot_mean_s` and `tpot_p90_s`
 BATCH_METRICS = ("throughput_tokens_per_s",)
+#: a three-tier arm's per-tier figures (docs/tiers.md), measured and simulated: `<measured|simulated>_<key>_tier`
+TIER_METRICS = ("host_cache_hit_rate", "host_reads", "host_reads_bypassed", "bytes_per_token_storage_to_host",
+                "bytes_per_token_host_to_device", "stall_s_per_token_storage_to_host",
+                "stall_s_per_token_host_to_device", "link_utilization_storage_to_host",
+                "link_utilization_host_to_device")
 
 
 @dataclass
@@ -81,6 +98,7 @@ class Arm:
     overrides: list[str]
     store: str
     users: int = 0  # a batched arm's closed-loop users (0: a batch-1 replay arm)
+    host_slots: int = 0  # a three-tier arm's host cache in experts (0: no host tier)
 
 
 def parse_arms(spec: str, opts: ConfirmOptions) -> list[Arm]:
@@ -105,24 +123,50 @@ def parse_arms(spec: str, opts: ConfirmOptions) -> list[Arm]:
             out.append(Arm(f"{base}_batch{users}", [
                 f"policy={base}", "workload.kind=closed", f"workload.users={users}", f"workload.requests={2 * users}",
                 f"workload.max_prompt={opts.tokens}", f"workload.max_output={opts.tokens}"], opts.store, users))
+        elif name.startswith("tiers") and name[5:].isdigit() and int(name[5:]) >= 1:
+            slots, base = int(name[5:]), first or "baseline"
+            out.append(Arm(f"{base}_tiers{slots}", [f"policy={base}", f"host_cache.slots={slots}"], "disk",
+                           host_slots=slots))
         elif name in PRESETS:
             out.append(Arm(name, [f"policy={name}"], opts.store))
             first = first or name
         else:
             raise UserError(f"unknown arm {name!r}; arms are policy presets ({', '.join(sorted(PRESETS))}), "
-                            "half, cpu_on_miss or batchN (N >= 1 users)")
+                            "half, cpu_on_miss, batchN (N >= 1 users) or tiersN (N >= 1 host-cache experts)")
     if len({a.name for a in out}) != len(out):
         raise UserError("the same arm is listed twice")
     return out
 
 
-def profile_for(hw: HardwareProfile, store: str) -> HardwareProfile:
-    """The profile with its expert tier set to where the arm keeps its experts."""
+def profile_for(hw: HardwareProfile, store: str, tiered: bool = False) -> HardwareProfile:
+    """The profile with its expert tier set to where the arm keeps its experts; `tiered` (a `tiersN`
+    arm): with `tier_changes` applied, UserError if it lacks a hop of the host tier."""
     tier = "storage" if store == "disk" else "host"
     if f"{tier}_to_device" not in hw.links:
         raise UserError(f"profile {hw.name} has no {tier}_to_device link, needed for store={store} "
                         "(calibrate with store=disk measures both the disk and host memory)")
-    return dataclasses.replace(hw, expert_tier=tier)
+    hw = dataclasses.replace(hw, expert_tier=tier)
+    if not tiered:
+        return hw
+    for hop in ("storage_to_host", "host_to_device"):
+        if hop not in hw.links:
+            raise UserError(f"profile {hw.name} has no {hop} link, needed for a tiersN arm (a host cache in front "
+                            "of the disk; calibrate with store=disk measures it)")
+    links = {name: dataclasses.replace(link, shares_memory_bandwidth=False) if name in TIER_HOPS else link
+             for name, link in hw.links.items()}
+    return dataclasses.replace(hw, unified_memory=False, links=links)
+
+
+TIER_HOPS = ("storage_to_host", "host_to_device")
+
+
+def tier_changes(hw: HardwareProfile) -> str:
+    """What `profile_for(..., tiered=True)` changes in `hw` for a three-tier arm ('' for nothing): the
+    simulator has no host tier with unified memory, nor memory contention on a tiered run's hops."""
+    out = ["unified_memory: false (device=cpu: slots and host buffers are both host memory)"] if hw.unified_memory else []
+    out += [f"links.{hop}.shares_memory_bandwidth: false (measured true; not modelled with a host tier)"
+            for hop in TIER_HOPS if hop in hw.links and hw.links[hop].shares_memory_bandwidth]
+    return "; ".join(out)
 
 
 def default_trace(opts: ConfirmOptions):
@@ -148,9 +192,10 @@ def plan_arms(opts: ConfirmOptions, arms: list[Arm], hw: HardwareProfile, trace)
     replay = ["engine.prefill=false", f"engine.max_tokens={opts.tokens}"]  # a serving arm's lengths: its workload's
     plans = []
     for arm in arms:
-        cfg = parse_run_config(common + ([] if arm.users else replay) + arm.overrides)
+        direct = [] if arm.host_slots else ["host_cache.slots=0"]  # storage-direct unless a tiersN arm
+        cfg = parse_run_config(common + ([] if arm.users else replay) + direct + arm.overrides)
         cfg2, tr = with_layers(cfg, trace, preset_of(cfg, trace), opts.layers)
-        plans.append((arm, cfg2, tr, profile_for(hw, arm.store)))
+        plans.append((arm, cfg2, tr, profile_for(hw, arm.store, arm.host_slots > 0)))
     return plans
 
 
@@ -226,7 +271,7 @@ def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, 
 
     rows = []
     for arm, cfg, tr, _hw in plans:
-        hw_arm = profile_for(hw, arm.store)
+        hw_arm = profile_for(hw, arm.store, arm.host_slots > 0)
         sim = simulate(cfg, trace=tr, hw=hw_arm)
         runs = measured[arm.name]
         row: dict[str, Any] = {"arm": arm.name, "store": arm.store, "config": " ".join(arm.overrides),
@@ -252,8 +297,15 @@ def compare(plans: list[tuple], measured: dict[str, list], hw: HardwareProfile, 
         else:
             row["measured_demand_loads_per_token"] = measured_over_runs(runs, "demand_loads_per_token")
             row["simulated_demand_loads_per_token"] = float(sim.summary["demand_loads_per_token"])
+        row["host_slots"] = arm.host_slots
+        row["profile_changes"] = tier_changes(hw) if arm.host_slots else ""
+        for m in TIER_METRICS:  # a three-tier arm's per-tier figures (None for the other arms)
+            row[f"measured_{m}_tier"] = measured_over_runs(runs, m) if arm.host_slots else None
+            row[f"simulated_{m}_tier"] = float(sim.summary[m]) if arm.host_slots else None
         kind = "disk" if arm.store == "disk" else "host"
-        cal_copy_s = cal.copy_mean_s(kind, sim.summary["expert_bytes"]) if cal is not None else None
+        # (a three-tier arm's copies are host -> device after reads: the diagnostic scales one link, not two)
+        cal_copy_s = (cal.copy_mean_s(kind, sim.summary["expert_bytes"]) if cal is not None and not arm.host_slots
+                      else None)
         diag = [run_link_tpot_s(cfg, tr, hw_arm, r, cal_copy_s, row["simulated_tpot_mean_s"]) for r in runs]
         factors = [f for _, f in diag if f is not None]
         row["link_speed_factor"] = float(np.mean(factors)) if factors else None

@@ -10,6 +10,15 @@ own stream and waits for its event), so `channels` transfers run at once.
 
 Completions are applied lazily by the owner (the engine's main thread) in `advance()`, in the
 order they finished, exactly where the simulator calls `CopyLink.advance(t)`.
+
+A tiered run (`sim/realrun/tiers.py`) runs two of these: the storage reads (disk -> host buffers,
+one thread per `storage_to_host` channel, every read in chunks when pipelined: `chunk_all`) and the
+device copies (host buffers -> slots, one thread per `host_to_device` channel). A copy that follows
+a read is made by the owner (`hold`: a Transfer, not queued) and queued by the read's worker thread
+(`queue`) when the read ends, or once its first chunk is in: the hooks `on_chunk(tr, bytes so far)`
+and `on_finish(tr, ok)` run in the worker thread, `on_finish` once the transfer is listed done (so
+the owner never applies a copy that follows a read before that read). Within one priority, transfers start in the order they were
+queued (the simulator's hops queue them in that order too).
 """
 
 from __future__ import annotations
@@ -29,26 +38,33 @@ class CopyWorker:
 
     def __init__(self, store, pool, clock: Callable[[], float], *, channels: int = 1,
                  chunk_bytes: float = 0.0, on_done: Callable[[Transfer], None] | None = None,
-                 route: Callable[[Transfer], tuple[Any, list]] | None = None):
+                 route: Callable[[Transfer], tuple[Any, list]] | None = None, chunk_all: bool = False,
+                 on_chunk: Callable[[Transfer, float], None] | None = None,
+                 on_finish: Callable[[Transfer, bool], None] | None = None, name: str = "copy"):
         """`route(tr)`: (the store to read, the destination matrices) of a copy; default `store` into
-        `pool.matrices(tr.buf)`."""
+        `pool.matrices(tr.buf)`. `chunk_all`: every transfer in chunks of `chunk_bytes` (else only
+        prefetches, so that they can be cut); `on_chunk`, `on_finish`: worker-thread hooks (module
+        docstring)."""
         self.store, self.pool, self.clock = store, pool, clock
         self.channels = channels
         self.chunk_bytes = chunk_bytes  # prefetches are copied in chunks of this size (0: whole matrices)
+        self.chunk_all = chunk_all
         self.on_done = on_done
         self.route = route
+        self.on_chunk, self.on_finish = on_chunk, on_finish
         self.cond = threading.Condition()
         self._queue: list[tuple[int, int, Transfer]] = []
         self._running: list[Transfer] = []
         self._completed: list[Transfer] = []
         self.moved: dict[int, float] = {}  # seqno -> bytes copied so far (read by the owner once done: `moved_of`)
         self._seq = 0
+        self._order = 0  # queueing order (ties within a priority)
         self._stop = False
         self.error: BaseException | None = None
         self.busy_s = 0.0
         self.bytes_moved = 0.0
         self.max_active = 0
-        self._threads = [threading.Thread(target=self._loop, name=f"copy-{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
                          for i in range(channels)]
         for th in self._threads:
             th.start()
@@ -81,21 +97,28 @@ class CopyWorker:
                 ok = store.read_into(
                     tr.key, dests, progress=lambda i, tr=tr: self._progress(tr, i),
                     cancelled=lambda tr=tr: tr.cancel_requested,
-                    chunk_bytes=self.chunk_bytes if tr.priority == PREFETCH else 0,
+                    chunk_bytes=self.chunk_bytes if tr.priority == PREFETCH or self.chunk_all else 0,
                     on_bytes=lambda n, tr=tr: self._moved(tr, n))
             except BaseException as err:  # surfaced in the main thread by wait/advance
                 self.error = err
+            tr.done_s = self.clock()
             with self.cond:
-                tr.done_s = self.clock()
                 tr.done, tr.cancelled = True, not ok
                 self._running.remove(tr)
                 self._completed.append(tr)
                 self.busy_s += tr.done_s - tr.start_s
                 self.bytes_moved += self.moved.get(tr.seqno, 0.0)
                 self.cond.notify_all()
+            if self.on_finish is not None:  # (a tiered run's read: its copies are queued now, once the
+                try:  # read is listed done: a copy that ends at once cannot be applied before its read)
+                    self.on_finish(tr, ok)
+                except BaseException as err:
+                    self.error = err
 
     def _moved(self, tr: Transfer, nbytes: int) -> None:
-        self.moved[tr.seqno] = self.moved.get(tr.seqno, 0.0) + nbytes
+        total = self.moved[tr.seqno] = self.moved.get(tr.seqno, 0.0) + nbytes
+        if self.on_chunk is not None:
+            self.on_chunk(tr, total)
 
     def _progress(self, tr: Transfer, i: int) -> None:
         with self.cond:
@@ -106,12 +129,25 @@ class CopyWorker:
     def submit(self, key: int, nbytes: float, priority: int, buf: int, *, staging: bool = False, token: int = -1,
                layer: int = -1, after: Any = None) -> Transfer:
         """Queue a copy of expert `key` into pool buffer `buf`; `after` (CUDA) an event the copy waits for."""
+        tr = self.hold(key, nbytes, priority, buf, staging=staging, token=token, layer=layer, after=after)
+        self.queue(tr)
+        return tr
+
+    def hold(self, key: int, nbytes: float, priority: int, buf: int, *, staging: bool = False, token: int = -1,
+             layer: int = -1, after: Any = None) -> Transfer:
+        """A copy of expert `key` into pool buffer `buf`, issued now (its seqno) but not queued: `queue` it
+        when it may start (a tiered run's copy that follows a storage read)."""
         with self.cond:
             self._seq += 1
-            tr = Transfer(key, nbytes, priority, staging, token, layer, self.clock(), self._seq, buf=buf, after=after)
-            heapq.heappush(self._queue, (priority, tr.seqno, tr))
+            return Transfer(key, nbytes, priority, staging, token, layer, self.clock(), self._seq, buf=buf, after=after)
+
+    def queue(self, tr: Transfer) -> None:
+        """Queue a transfer made elsewhere (`hold`, or a tiered run's read); any thread may call it."""
+        with self.cond:
+            assert not self._stop, f"{tr.key} queued on a closed worker"
+            self._order += 1
+            heapq.heappush(self._queue, (tr.priority, self._order, tr))
             self.cond.notify_all()
-        return tr
 
     def advance(self) -> None:
         """Apply every completion so far (the owner's `on_done`), in completion order."""
@@ -162,11 +198,14 @@ class CopyWorker:
         self._check()
 
     def order_key(self, tr: Transfer) -> tuple:
-        """Where `tr` finishes relative to the others, as far as known now (done < active < queued)."""
+        """Where `tr` finishes relative to the others, as far as known now (done < active < queued <
+        waiting for its storage read, in a tiered run)."""
         if tr.done:
             return (0, tr.done_s, 0, 0)
         if tr.started:
             return (1, tr.start_s, 0, 0)
+        if tr.source is not None and not tr.source.done:
+            return (3, tr.source.seqno, tr.priority, tr.seqno)
         return (2, 0.0, tr.priority, tr.seqno)
 
     def _check(self) -> None:

@@ -19,7 +19,15 @@ the processes of an `Environment`:
     first_to_arrive      the loaded expert that ends first as far as known now (done < copying < queued)
     compute_loaded       wait for the copy (per matrix when pipelining), then compute
     cpu_start, cpu_wait  the CPU worker (placement=cpu), beside the device's work
+    prefetch_host        (tiered, `prefetch.into=host`) a read into a host buffer only
     token_done           CUDA: wait for the compute stream to run the token; its end
+
+A tiered run (`spec` is the engine's `sim.engine.tiers.TierLink`: experts on disk behind a host
+cache) sets `tiers` to that TierLink, the books of `sim.realrun.tiers.RealTiers`, which reads
+experts from the disk into host buffers; `issue` then holds each copy until the tier queues it
+(at once from host memory, or when its read lets it), the copy worker copies host buffer -> slot
+with one thread per `host_to_device` channel, and `cpu_start` has the CPU job wait for its reads
+and compute from the host buffers.
 
 Every operation returns at once with its result (the main thread blocks in it), so a step never
 yields. Memory: each cache entry and each staging transfer owns one buffer of the `SlotPool`
@@ -39,6 +47,7 @@ from __future__ import annotations
 import time
 
 from sim.engine.preempt import choose_cut
+from sim.engine.tiers import TierLink
 from sim.engine.transfer import Transfer
 from sim.realrun.link import CopyWorker
 
@@ -46,17 +55,29 @@ from sim.realrun.link import CopyWorker
 class RealMachine:  # the contract: sim/engine/machine.py
     needs_weights = True  # the kernels compute outputs from real weights
     holds_memory = True  # the ledger tells it of evictions and freed buffers
-    tiers = None  # no host tier in the real run (docs/tiers.md): `sim.realrun.run.refuse_tiers`
+    tiers = None  # a tiered run's `TierLink` (the books of `RealTiers`); None: one link from the store
 
     def __init__(self, backend, store, pool, kernels, spec, *, channels: int = 1, chunk_bytes: float = 0.0,
-                 cpu_worker=None, pipelining: bool = False, low=None):
+                 cpu_worker=None, pipelining: bool = False, low=None, host_spare: int = 0):
         """`spec`: the simulator's `CopyLink` for this run (its bandwidth and latency estimate when a
-        copy in flight ends, for the preemption rule); `low`: a `LowCopies` for low-precision loads."""
+        copy in flight ends, for the preemption rule), or in a tiered run its `TierLink` (then
+        `channels` must be its `host_to_device` channels, `store` the `DiskStore`, and `host_spare`
+        bounce buffers are made before the clock starts); `low`: a `LowCopies` for low-precision loads."""
         self.backend, self.store, self.pool, self.k, self.cpu = backend, store, pool, kernels, cpu_worker
         self.spec, self.pipelining, self.low = spec, pipelining, low
         self.t0 = time.perf_counter()
+        tiered = isinstance(spec, TierLink)
+        assert not tiered or (low is None and channels == spec.copy.channels), (
+            f"a tiered run copies with {spec.copy.channels} channel(s) and no low-precision copies")
         self.link = CopyWorker(store, pool, self._clock, channels=channels, chunk_bytes=chunk_bytes,
-                               on_done=self._on_done, route=self._route if low is not None else None)
+                               on_done=self._on_done, route=self._route if low is not None or tiered else None)
+        self.host_tier = None
+        if tiered:
+            from sim.realrun.tiers import RealTiers
+
+            self.tiers = spec
+            self.host_tier = RealTiers(spec, store, backend, self._clock, self.link, host_spare)
+        self._cpu_jobs = None  # (tiered) the running CPU job's (key, host buffer, read) per expert
         self.ledger = None
         self.buf_of: dict[int, int] = {}  # cache key (loading or resident) -> its pool buffer
         self.orphans: set[Transfer] = set()  # staging buffers freed while their copy still runs
@@ -76,7 +97,10 @@ class RealMachine:  # the contract: sim/engine/machine.py
 
     # ------------------------------------------------------------------ the run
     def warm(self, keys: list[int]) -> None:
-        """The warm-start residents, copied in before the clock starts (which it then does)."""
+        """The warm-start residents, copied in before the clock starts (which it then does); in a
+        tiered run the host cache's warm residents are read into host buffers first."""
+        if self.host_tier is not None:
+            self.host_tier.warm()
         for key in keys:
             self.buf_of[key] = buf = self.pool.take()
             self.store.read_into(key, self.pool.matrices(buf))
@@ -99,13 +123,17 @@ class RealMachine:  # the contract: sim/engine/machine.py
         return end_s
 
     def finish(self) -> None:
-        """Wait for every copy still queued or running, and apply them."""
+        """Wait for every read and copy still queued or running, and apply them."""
+        if self.host_tier is not None:
+            self.host_tier.finish()  # every read ended: the copies that followed them are queued
         self.link.wait_all()
         self.link.advance()
 
     def close(self) -> None:
+        if self.host_tier is not None:
+            self.host_tier.close()
         self.link.close()
-        self.link.on_done = None  # the link held this machine (a cycle): freed now, pinned buffers included
+        self.link.on_done = self.link.route = None  # the link held this machine (a cycle): freed now, pinned buffers included
         if self.cpu is not None:
             self.cpu.close()
 
@@ -185,17 +213,21 @@ class RealMachine:  # the contract: sim/engine/machine.py
         else:
             out = self.k.expert(self.pool.matrices(tr.buf), weight, tokens, wait)
         self._busy_end(begun, stall if self.pipelining and not low else 0.0)
-        return out, stall
+        if self.host_tier is not None and not tr.done:  # (tiered) its data is in, the copy's worker is about to
+            link.wait(tr)  # mark it done: wait, so that the next settle unpins its host expert, as the simulator
+        return out, stall  # does at the copy's end (else a read could find that expert still pinned)
 
     def combine(self, outs):
         return self.k.combine(outs)
 
     # ------------------------------------------------------------------ the link
     def settle(self) -> None:
+        if self.host_tier is not None:
+            self.host_tier.apply()
         self.link.advance()
 
     def link_full(self) -> bool:
-        self.link.advance()
+        self.settle()
         return self.link.busy_channels() >= self.link.channels
 
     def issue(self, key: int, nbytes: float, priority: int, staging: bool, t: int, layer: int) -> Transfer:
@@ -205,8 +237,18 @@ class RealMachine:  # the contract: sim/engine/machine.py
             buf = self.pool.take()
         if not staging:
             self.buf_of[key] = buf
-        return self.link.submit(key, nbytes, priority, buf, staging=staging, token=t, layer=layer,
-                                after=self._slot_free_event())
+        if self.host_tier is None:
+            return self.link.submit(key, nbytes, priority, buf, staging=staging, token=t, layer=layer,
+                                    after=self._slot_free_event())
+        tr = self.link.hold(key, nbytes, priority, buf, staging=staging, token=t, layer=layer,
+                            after=self._slot_free_event())
+        self.host_tier.load(tr)  # queued at once from host memory, or when its read lets it
+        return tr
+
+    def prefetch_host(self, key: int, t: int, layer: int) -> bool:
+        """(tiered, `prefetch.into=host`) Read `key` into a host buffer unless it is in host memory or
+        on its way; False if no host slot could be freed (skipped)."""
+        return self.host_tier.prefetch_host(key, t, layer)
 
     def _slot_free_event(self):
         """CUDA: kernels already queued may still read the evicted expert in this buffer; the copy
@@ -221,7 +263,10 @@ class RealMachine:  # the contract: sim/engine/machine.py
 
     def _on_done(self, tr: Transfer) -> None:
         """A copy ended (applied in `advance`, in completion order)."""
-        self.ledger.applied(tr, self.link.moved_of(tr))
+        moved = self.link.moved_of(tr)
+        if self.host_tier is not None:
+            self.host_tier.copy_done(tr, moved)
+        self.ledger.applied(tr, moved)
         if tr in self.orphans:  # its staging buffer was freed while the copy ran: free now
             self.orphans.discard(tr)
             self._give(tr)
@@ -248,14 +293,17 @@ class RealMachine:  # the contract: sim/engine/machine.py
 
     def wait_ended(self, tr: Transfer) -> float:
         stall = self.wait(tr)
-        self.link.advance()
+        self.settle()
         return stall
 
     def first_to_arrive(self, waiting: list[Transfer]) -> Transfer:
         return min(waiting, key=self.link.order_key)
 
     def _route(self, tr: Transfer):
-        """(the store, the destination matrices) of a copy: a low-precision one into the low pool."""
+        """(the store, the destination matrices) of a copy: a low-precision one into the low pool; in
+        a tiered run, from its host buffer."""
+        if self.host_tier is not None:
+            return self.host_tier.source(tr), self.pool.matrices(tr.buf)
         if self._is_low(tr):
             return self.low.store, self.low.packed(tr.buf)
         return self.store, self.pool.matrices(tr.buf)
@@ -266,17 +314,35 @@ class RealMachine:  # the contract: sim/engine/machine.py
     # ------------------------------------------------------------------ the CPU worker
     def cpu_start(self, keys: list[int], weights: list[float], ready_s: float, tokens: list[int] | None = None,
                   t: int = -1, layer: int = -1) -> None:
-        """The CPU worker computes `keys` (each on one token, or on `tokens[i]` of a batch)."""
+        """The CPU worker computes `keys` (each on one token, or on `tokens[i]` of a batch). Tiered:
+        from their host buffers, once the reads of those not in host memory have ended (the job
+        waits for all of them first, as the simulator's CPU worker does)."""
         k, store = self.k, self.store
         counts = tokens if tokens is not None else [1] * len(keys)
-        self.cpu.submit([(key, lambda key=key, w=w, n=n: k.cpu_expert(store.host_matrices(key), w, n))
-                         for key, w, n in zip(keys, weights, counts, strict=True)])
+        if self.host_tier is None:
+            self.cpu.submit([(key, lambda key=key, w=w, n=n: k.cpu_expert(store.host_matrices(key), w, n))
+                             for key, w, n in zip(keys, weights, counts, strict=True)])
+        else:
+            tier = self.host_tier
+            self._cpu_jobs = jobs = tier.cpu_reads(keys, t, layer)
+            reads = [r for _, _, r in jobs if r is not None]
+
+            def run(buf: int, w: float, n: int):
+                for r in reads:
+                    tier.wait_read(r)
+                return k.cpu_expert(tier.pool.matrices(buf), w, n)
+
+            self.cpu.submit([(key, lambda buf=buf, w=w, n=n: run(buf, w, n))
+                             for (key, buf, _), w, n in zip(jobs, weights, counts, strict=True)])
         self._cpu_ready_s = ready_s
 
     def cpu_wait(self):
         w0 = self.now
         outs = self.cpu.wait()
         end = self.now
+        if self._cpu_jobs is not None:  # (tiered) its experts' pins and bounce buffers go
+            self.host_tier.cpu_done(self._cpu_jobs)
+            self._cpu_jobs = None
         return end - w0, outs, self._cpu_ready_s, end
 
     # ------------------------------------------------------------------ memory

@@ -2,6 +2,14 @@
 
 `build_profile` fits the measured series (see the calibrate module) into the profile schema of
 `hwprofiles/README.md`; every number's source is `measured: <the command>, <date>; <how>`.
+
+With the disk (`store=disk`) the profile describes both paths a real run has: `storage_to_device`
+(disk -> slot, experts on storage with no host cache) and the two hops of a tiered run,
+`storage_to_host` (disk -> host buffer) and `host_to_device` (host buffer -> slot), with
+`host_memory_reserve_bytes` (host memory in use by others when calibrated). On device=cpu a slot
+is host memory, so `storage_to_host` is the `storage_to_device` fit (the same reads, said in its
+source); the profile is then `unified_memory: true`, and a run on it has no host tier by default
+(docs/tiers.md); `confirm`'s `tiersN` arm says how it runs one.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import numpy as np
 from sim.machine.cost import N_ATTN_KERNELS, N_EXPERT_KERNELS
 from sim.realrun.calibrate import (
     CONTENTION_THRESHOLD,
+    DISK_HOST,
     CalibrateOptions,
     Measured,
     describe_machine,
@@ -95,6 +104,9 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
     prof["host_memory_bytes"] = num(mem["host"], "/proc/meminfo MemTotal")
     prof["memory_reserve_bytes"] = num(mem["reserve"], "memory in use by others when calibrated "
                                                        "(MemTotal - MemAvailable; CUDA: total - free)")
+    if opts.store == "disk":  # experts on storage: a tiered run's default host cache leaves this to others
+        prof["host_memory_reserve_bytes"] = num(mem["host_reserve"], "host memory in use by others when "
+                                                                     "calibrated (/proc/meminfo MemTotal - MemAvailable)")
     prof["expert_cache_bytes"] = None
     prof["links"] = {}
     rows.append(("device GEMV bandwidth", f"{1 / spb / 1e9:.2f} GB/s", f"{max(expert.spread(), stand_in.spread()):.0%}"))
@@ -104,23 +116,35 @@ def build_profile(m: Measured, opts: CalibrateOptions, command: str) -> tuple[di
     rows.append(("cpu-worker GEMV bandwidth", f"{1 / c_spb / 1e9:.2f} GB/s", f"{cpu.spread():.0%}"))
     rows.append(("cpu-worker overhead per kernel (hand-off, bookkeeping)",
                  f"{c_ovh * 1e6:.2f} us ({op_c_ovh * 1e6:.2f} + {bookkeeping * 1e6:.2f})", ""))
-    for kind, series in links.items():
+    names = {"disk": "storage_to_device", "host": "host_to_device", DISK_HOST: "storage_to_host"}
+    jobs = [(kind, names[kind], series) for kind, series in links.items()]
+    if "disk" in links and DISK_HOST not in links:  # device=cpu: a slot is host memory, the read is the same
+        jobs.append(("disk", "storage_to_host", links["disk"]))
+    for kind, name, series in jobs:
         lat, spb_l = fit_affine([(series, 1.0)], anchors)
-        name = "storage_to_device" if kind == "disk" else "host_to_device"
-        what = ("safetensors reads after posix_fadvise(DONTNEED), by the copy worker thread" if kind == "disk"
-                else "host -> slot copies by the copy worker" + (" (pinned, own CUDA stream)" if backend.cuda else ""))
+        what = {"disk": "safetensors reads after posix_fadvise(DONTNEED), by the copy worker thread",
+                "host": "host -> slot copies by the copy worker" + (" (pinned, own CUDA stream)" if backend.cuda else ""),
+                DISK_HOST: "safetensors reads after posix_fadvise(DONTNEED) into pinned host buffers, by a tiered "
+                           "run's read worker thread"}[kind]
+        if name == "storage_to_host" and kind == "disk":
+            what += (" into slots in host memory (device=cpu): the reads a tiered run's read worker makes into its "
+                     "host buffers, the storage_to_device series itself")
+        worker = "read worker" if name == "storage_to_host" else "copy worker"
         prof["links"][name] = {
             "bandwidth_Bps": num(1 / spb_l, f"{what}; expert-shaped copies of {sz} MB, {repeats} repeats per session, "
                                             f"medians (mean over sessions and probes) fitted as latency + bytes / bandwidth "
                                             f"(spread up to {series.spread():.0%})"),
             "latency_s": num(lat, "fixed cost of the same fit: submit to wake-up of the waiting thread"),
-            "channels": num(1, "one copy worker (channels = 1 by construction of realrun)"),
-            "shares_memory_bandwidth": bool(contention[kind][0] > CONTENTION_THRESHOLD),
+            "channels": num(1, f"one {worker} thread (calibrate times one; a run has one thread per channel)"),
+            # a read into pinned host memory leaves the device's memory alone (CUDA: not measured for it)
+            "shares_memory_bandwidth": bool(kind in contention and contention[kind][0] > CONTENTION_THRESHOLD),
         }
         rows.append((f"{name} bandwidth", f"{1 / spb_l / 1e9:.3f} GB/s", f"{series.spread():.0%}"))
         rows.append((f"{name} latency", f"{lat * 1e6:.0f} us", ""))
         for s, m in zip(series.sizes, series.values, strict=True):
             rows.append((f"  {name} {s / 1e6:.3g} MB", f"{m * 1e3:.3f} ms", ""))
+        if kind not in contention or name == "storage_to_host" and kind == "disk":
+            continue  # (no contention measured for it, or it is storage_to_device's, printed above)
         slow, slow_spread, copy_slow = contention[kind]
         rows.append((f"compute slowdown while {name} copies", f"{slow:.3f}x -> shares_memory_bandwidth="
                      f"{str(slow > CONTENTION_THRESHOLD).lower()}", f"{slow_spread:.0%}"))

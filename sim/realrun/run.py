@@ -7,6 +7,13 @@ the simulator's own scheduler and `sim.serving.serve.Serving` loop on the real m
 batched step computes each expert of the batch's union once over its tokens (a real batched
 SwiGLU), attention's stand-in over each request's context; open-loop arrivals come on the wall
 clock (the machine idles until the next one), a draft model's `spec.draft_s` is waited out.
+
+A tiered run (`store=disk` on a profile whose hierarchy puts a host cache in front of storage:
+docs/tiers.md; `host_cache.slots=0` turns it off) reads experts from the disk into host buffers
+and copies them from there into device slots (`sim/realrun/tiers.py`), with the simulator's
+per-tier figures in its summary and events. Refused in it (one line naming the key): `store=host`,
+low-precision copies (`placement.name=low_precision_on_miss`), and `channels=` other than the
+profile's `host_to_device` channels (each hop has its profile's channels).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import yaml
 
 from sim import atomic
 from sim.config import RunConfig
+from sim.engine.tiers import TierLink
 from sim.errors import UserError
 from sim.machine.hardware import HardwareProfile, load_profile
 from sim.realrun.backend import Backend, check_memory, dtype_for
@@ -107,12 +115,17 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     """Replay `cfg`'s trace with real copies and compute. With `keep`, a `store=host` store is
     taken from it (built on first use) and left open for the next run."""
     backend = Backend(opts.device, opts.threads, opts.pin)
+    if opts.store == "host" and (cfg.host_cache.slots or cfg.host_cache.bytes):
+        raise UserError("host_cache: store=host keeps every expert in host memory already; a host cache in front "
+                        "of storage (docs/tiers.md) needs store=disk")
     hw = tier_for(hw if hw is not None else load_profile(cfg.hw), opts.store)
     trace = trace if trace is not None else load_trace(cfg.trace)
     cfg, trace = with_layers(cfg, trace, preset_of(cfg, trace), opts.layers)
     sim_engine, info = build_engine(cfg, trace, hw)  # the simulator's policies, plan and checks
     refuse_reserved(sim_engine.placement)
-    refuse_tiers(sim_engine)
+    books = sim_engine.link if isinstance(sim_engine.link, TierLink) else None  # a tiered run's books
+    if books is not None:
+        check_tiered(sim_engine, opts, books)
     serving = None
     if cfg.workload.kind != "replay":  # checked before any store is opened or written
         from sim.serving.run import build_serving
@@ -121,13 +134,17 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     preset = sim_engine.ctx.preset
     layout = synthetic_layout(preset)
     placement = sim_engine.placement
-    if placement.may_use_cpu and opts.store != "host":
+    if placement.may_use_cpu and opts.store != "host" and books is None:
         raise UserError(f"placement {placement.name!r} computes missed experts on the CPU where they live: "
-                        "use store=host (experts in host memory, as Fiddler keeps them)")
+                        "use store=host (experts in host memory, as Fiddler keeps them), or a host cache "
+                        "in front of the disk (host_cache.slots=N on a profile with a host tier)")
     slots, staging = info["cache_slots"], sim_engine.opt.staging_buffers
     n_buf = slots + 2 * staging  # + spare buffers for dropped staged prefetches still in flight
     check_memory(n_buf * layout.expert_bytes, f"a cache of {slots} slots + {2 * staging} staging buffers",
                  device=backend.cuda)
+    if books is not None:  # the host cache's buffers and the bounce buffers made before the clock
+        check_memory((books.host.slots + staging) * layout.expert_bytes,
+                     f"a host cache of {books.host.slots} experts + {staging} bounce buffers")
     tag = store_tag(preset, layout, opts.weights_seed)
     store = open_store(opts, layout, backend, random_fill(layout, opts.weights_seed),
                        f"random seed {opts.weights_seed}", tag, keep)
@@ -145,9 +162,10 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
     _warm_up(kernels, pool, cfg.batch.max_requests if serving_run else 1)
     cpu = CpuWorker(backend) if placement.may_use_cpu else None
     low = low_copies(sim_engine, layout, backend, opts, tag)
-    machine = RealMachine(backend, store, pool, kernels, sim_engine.link, channels=opts.channels,
+    machine = RealMachine(backend, store, pool, kernels, sim_engine.link,
+                          channels=opts.channels if books is None else books.copy.channels,
                           chunk_bytes=sim_engine.yield_chunk_bytes, cpu_worker=cpu,
-                          pipelining=sim_engine.opt.pipelining, low=low)
+                          pipelining=sim_engine.opt.pipelining, low=low, host_spare=staging)
     sim_engine.set_machine(machine)  # the simulator's engine, policies and steps; the real machine's time
     wall0 = time.perf_counter()
     try:
@@ -165,6 +183,9 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
             low.close()
     facts["realrun_wall_s"] = time.perf_counter() - wall0
     facts["realrun_copy_mean_s"] = copy_mean_s(rec.loads, layout.expert_bytes)
+    if books is not None:  # the reads' own mean time, and the real host tier's buffers
+        facts["realrun_read_mean_s"] = copy_mean_s(books.reads, layout.expert_bytes)
+        facts.update(machine.host_tier.facts())
     if serving is not None:
         from sim.serving.run import serving_result
 
@@ -173,11 +194,27 @@ def real_run(cfg: RunConfig, opts: RealOptions, trace: Trace | None = None,
 
 
 def refuse_tiers(engine) -> None:
-    """The real run has no host tier yet (docs/tiers.md): a run whose profile puts a host cache in
-    front of storage is refused, naming the key that turns it off."""
-    if engine.machine.tiers is not None:
-        raise UserError("realrun: a host cache in front of storage (docs/tiers.md) is simulated only; the real run "
-                        "reads experts from storage straight to the device: give host_cache.slots=0")
+    """The live model (`realrun model=DIR`) has no host tier: a run whose profile puts a host cache in
+    front of storage is refused, naming the key that turns it off (the synthetic real run has one)."""
+    if isinstance(engine.link, TierLink):
+        raise UserError("realrun live: a host cache in front of storage (docs/tiers.md) runs on the synthetic model "
+                        "only (realrun without model=DIR); the live model reads experts from its store straight to "
+                        "the device: give host_cache.slots=0")
+
+
+def check_tiered(engine, opts: RealOptions, books: TierLink) -> None:
+    """What a tiered real run does not execute, refused with the key that asks for it (UserError)."""
+    if opts.store != "disk":
+        raise UserError(f"store={opts.store} keeps every expert in host memory already; a host cache in front of "
+                        "storage (docs/tiers.md) reads from the disk: give store=disk, or host_cache.slots=0")
+    placement = engine.placement
+    if not placement.always_load and placement.low_bytes:
+        raise UserError(f"placement.name={placement.name}: a tiered real run copies full experts from its host "
+                        "cache; low-precision copies run without one: give host_cache.slots=0 or another placement")
+    hops = f"storage_to_host {books.read.channels}, host_to_device {books.copy.channels}"
+    if opts.channels != 1 and opts.channels != books.copy.channels:
+        raise UserError(f"channels={opts.channels}: a tiered real run has each hop's channels from the profile "
+                        f"({hops}); leave channels= unset")
 
 
 def refuse_reserved(placement) -> None:
@@ -228,7 +265,8 @@ def _warm_up(kernels: RandomKernels, pool: SlotPool, max_requests: int) -> None:
 def result_of(cfg: RunConfig, engine, rec, info: dict, hw, preset, facts: dict) -> RunResult:
     """The run's frames and summary, as the simulator's (`engine` ran on a `RealMachine`)."""
     tokens, layers = rec.tokens_frame(), rec.layers_frame()
-    events = rec.events_frame(engine.E)
+    tiers = engine.machine.tiers  # a tiered run's books (`TierLink`), filled for real; else None
+    events = rec.events_frame(engine.E, tiers)
     end = engine.t_end
     link = engine.machine.link
     extra = dict(info)
@@ -236,6 +274,8 @@ def result_of(cfg: RunConfig, engine, rec, info: dict, hw, preset, facts: dict) 
                   "makespan_s": end, "tokens_prefill": int(sum(rec.prefill["tokens"])),
                   "cpu_wait_s_per_token": float(tokens["cpu_wait_s"].mean()) if tokens.height else None,
                   "link_max_concurrent": link.max_active, "cache_peak_bytes": engine.cache.peak_bytes})
+    if tiers is not None:  # per hop and the host cache, as `sim.runner.simulate` adds them (docs/tiers.md)
+        extra.update(tiers.summary(engine.decoded, rec.loads, float(tokens["stall_s"].sum()), end))
     extra.update(facts)
     summary = summarize(tokens, layers, rec.prefill, n_layers=engine.L, link_busy_s=link.busy_s,
                         link_channels=link.channels, compute_busy_s=engine.machine.compute_busy_s, end_s=end,

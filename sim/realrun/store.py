@@ -14,7 +14,9 @@ load reads exactly its expert. `page_cache_check` verifies by timing that a re-r
 
 `read_into(key, dests, ...)` is what the copy worker runs: it fills the destination slot's
 matrices in order, calls `progress(i)` after matrix i, and stops early (returning False) when
-`cancelled()` turns true between chunks of `chunk_bytes`.
+`cancelled()` turns true between chunks of `chunk_bytes`. A tiered run (`sim/realrun/tiers.py`)
+reads the disk into host buffers instead (`DiskStore.read_into(..., into_host=True)`: straight
+into the given host tensors, no bounce buffer on CUDA), then copies those into device slots.
 """
 
 from __future__ import annotations
@@ -122,15 +124,19 @@ class Store:
         pass
 
     def _device_copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
-        """src (host) -> dest (a slot); on CUDA on the copy stream, waited for before returning."""
-        if self.backend.cuda:
-            with torch.cuda.stream(self.backend.thread_copy_stream()):
-                dest.copy_(src, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
-            ev.synchronize()
-        else:
-            dest.copy_(src)
+        device_copy(self.backend, dest, src)
+
+
+def device_copy(backend: Backend, dest: torch.Tensor, src: torch.Tensor) -> None:
+    """src (host) -> dest (a slot); on CUDA on the calling thread's copy stream, waited for before returning."""
+    if backend.cuda:
+        with torch.cuda.stream(backend.thread_copy_stream()):
+            dest.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+        ev.synchronize()
+    else:
+        dest.copy_(src)
 
 
 class HostStore(Store):
@@ -196,10 +202,12 @@ class DiskStore(Store):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def read_into(self, key, dests, progress=None, cancelled=None, chunk_bytes=0, on_bytes=None,
-                  drop: bool = True) -> bool:
+                  drop: bool = True, into_host: bool = False) -> bool:
+        """`Store.read_into`; `into_host`: `dests` are host tensors (a tiered run's host buffers), filled
+        straight from the file (else, on CUDA, through this thread's pinned bounce buffers)."""
         self.reads += 1
         fd = self.fds[key // self.layout.experts]
-        bounce = self._bounce() if self.backend.cuda else None
+        bounce = self._bounce() if self.backend.cuda and not into_host else None
         for i, (dst, (off, nbytes)) in enumerate(zip(dests, self.offsets[key], strict=True)):
             if drop:
                 os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
