@@ -4,12 +4,13 @@
     PYTHONPATH=. python scripts/tiers_experiment.py tables=tiers.json > docs/tiers-results.md
 
 For DeepSeek-V3 (8-bit experts, 654 GB of them) and Qwen3-235B-A22B (16-bit, 454 GB) shapes, a
-seeded synthetic routing of `tokens` decode tokens with temporal locality 0.5 (the routing of
-`python -m sim bench shape=...`: `sim.trace.synthetic.routing_trace`), on `hw=desktop-nvme.yaml`
-(RTX 4090, 64 GiB DDR5, a PCIe 4.0 NVMe SSD) with a 16 GB device cache: demand-only runs (top-k
-gating, no prefetch, per-layer LRU on the device) with the host cache off (storage-direct: the
-two hops as one link) and at sizes from 8 GB to the profile's default (host memory less its 8 GiB
-reserve and the non-expert weights), for each host-cache policy, whole and pipelined reads.
+seeded synthetic routing of `tokens` decode tokens (the routing of `python -m sim bench shape=...`:
+`sim.trace.synthetic.routing_trace`), on `hw=desktop-nvme.yaml` (RTX 4090, 64 GiB DDR5, a PCIe 4.0
+NVMe SSD) with a 16 GB device cache: demand-only runs (top-k gating, no prefetch, per-layer LRU on
+the device) with the host cache off (storage-direct: the two hops as one link), at 8-48 GB and at
+the profile's default size (host memory less its 8 GiB reserve and the non-expert weights): at
+temporal locality 0.5 for every host-cache policy, at 0.9 for lru; whole reads, and one pipelined
+lru run at 40 GB for each.
 Deterministic: the same command gives the same table.
 """
 

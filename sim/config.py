@@ -155,8 +155,9 @@ def default_staging(top_k: int) -> int:
     return max(6, 2 * int(top_k))
 
 
-def split_knobs(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(policy name, its knobs): the section without the engine's keys (`ENGINE_KEYS`)."""
-    engine = {k for keys in ENGINE_KEYS.values() for k in keys}
+def split_knobs(section: dict[str, Any], family: str = "") -> tuple[str, dict[str, Any]]:
+    """(policy name, its knobs): the section of `family` without that family's engine keys
+    (`ENGINE_KEYS`); without `family`, only the name is wanted (the knobs keep every other key)."""
+    engine = ENGINE_KEYS.get(family, ())
     knobs = {k: v for k, v in section.items() if k != "name" and k not in engine}
     return str(section["name"]), knobs

@@ -161,7 +161,7 @@ def build_engine(cfg: RunConfig, trace: Trace | None = None, hw: HardwareProfile
     # placement before prefetch and cache: the bytes it reserves (`PlacementPolicy.reserved_bytes`)
     # leave the cache, whose size the cache and prefetch policies (partitions, offline schedules) read
     for fam, reg in (("gating", GATING), ("placement", PLACEMENT), ("prefetch", PREFETCH), ("cache", CACHE)):
-        name, knobs = split_knobs(getattr(cfg, fam))
+        name, knobs = split_knobs(getattr(cfg, fam), fam)
         cls = reg.get(name)
         made[fam] = cls(reg.knobs(name, knobs), ctx)
         if fam == "gating":  # later policies (belady, adapmoe_dp) read the gating decisions

@@ -74,7 +74,7 @@ def _check_reads(res, slots: int) -> None:
         assert (g["issued_s"][1:] >= g["end_s"][:-1]).all(), g
     assert s["host_cache_peak_slots"] <= slots and s["realrun_host_slots_peak"] <= slots
     assert 0.0 <= s["link_utilization_storage_to_host"] <= 1.0
-    stall = s["stall_s_per_token_storage_to_host"] if res.requests is None else s["stall_s_storage_to_host_other"]
+    stall = s["stall_s_per_token_storage_to_host"] if res.requests is None else s["stall_s_storage_to_host"]
     assert stall >= 0.0
 
 

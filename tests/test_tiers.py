@@ -157,6 +157,7 @@ def test_host_cache_off_is_the_storage_direct_run(seed):
     """`host_cache.slots=0`: the profile's storage_to_device link, exactly as a profile without hops."""
     cfg, tr, h, pre = _scenario(np.random.default_rng(seed))
     cfg.host_cache.slots = 0
+    cfg.tiers.pipelined = False  # (refused without a host tier)
     cfg.prefetch = {k: v for k, v in cfg.prefetch.items() if k != "into"}
     direct = dataclasses.replace(h, links={"storage_to_device": h.links["storage_to_device"]},
                                  host_memory_reserve_bytes=None)
@@ -184,7 +185,7 @@ def test_a_host_cache_of_every_expert_is_experts_in_host_memory(seed):
         a = _sim(cfg, tr, h, pre)
     except UserError:
         return
-    b = _sim(dataclasses.replace(cfg, host_cache=type(cfg.host_cache)()), tr, host, pre)
+    b = _sim(dataclasses.replace(cfg, host_cache=type(cfg.host_cache)(), tiers=type(cfg.tiers)()), tr, host, pre)
     assert a.summary["host_reads"] == 0
     for key, x in b.summary.items():
         assert a.summary[key] == x or key in ("in_sample_fit",), (key, a.summary[key], x)
@@ -430,3 +431,32 @@ def test_a_hop_that_shares_memory_bandwidth_is_refused_with_a_host_cache():
     cfg = _cfg(slots=2, host=4)
     with pytest.raises(UserError, match="links.host_to_device.shares_memory_bandwidth"):
         build_engine(cfg, trace([[[0]], [[1]]], 1, 2), h, preset(1, 2, 1, hidden=512, width=1024))
+
+
+def test_a_serving_run_books_every_steps_storage_stall():
+    """A closed loop of one user runs its decode steps as the replay's (`decode_token`): their
+    storage stall is in the serving summary's `stall_s_storage_to_host` with the batched steps'."""
+    tr = random_trace(np.random.default_rng(2), tokens=10, layers=2, experts=8, top_k=2, prefill=3)
+    pre = preset(2, 8, 2, hidden=512, width=1024)
+    cfg = _cfg(slots=4, host=6)
+    cfg.engine = dataclasses.replace(cfg.engine, prefill=True)
+    cfg.workload.kind, cfg.workload.users, cfg.workload.order = "closed", 1, "trace"  # the replay, step for step
+    res = _sim(cfg, tr, tiered_hw(read_Bps=1e9, copy_Bps=4e9), pre)
+    engine_stall = res.summary["stall_s_storage_to_host"]
+    replay_cfg = _cfg(slots=4, host=6)
+    replay_cfg.engine = dataclasses.replace(replay_cfg.engine, prefill=True)
+    replay = _sim(replay_cfg, tr, tiered_hw(read_Bps=1e9, copy_Bps=4e9), pre)
+    assert res.tokens["end_s"].to_list() == replay.tokens["end_s"].to_list()
+    decode = replay.summary["stall_s_per_token_storage_to_host"] * replay.summary["tokens_decode"]
+    assert engine_stall > 0.0
+    assert engine_stall == pytest.approx(decode + replay.summary["stall_s_storage_to_host_other"], rel=1e-9)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["hw=rtx4090.yaml", "tiers.pipelined=true"], "tiers.pipelined=true: this run has no host tier"),
+    (["hw=jetson.yaml", "cache.into=host"], "cache.into"),
+])
+def test_tier_keys_where_they_mean_nothing_are_refused(capsys, tmp_path, args, needle):
+    rc, err, out = _cli(capsys, args, tmp_path)
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()

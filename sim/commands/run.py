@@ -16,6 +16,11 @@ from pathlib import Path
 from sim.config import parse_run_config
 from sim.results.metrics import BOUND_KEYS, SUMMARY_KEYS
 
+#: a tiered run's keys the summary table prints (docs/metrics.md, "Memory tiers")
+TIER_PRINTED = ("host_cache_slots", "host_cache_hit_rate", "bytes_per_token_storage_to_host",
+                "stall_s_per_token_storage_to_host", "stall_s_per_token_host_to_device",
+                "link_utilization_storage_to_host", "link_utilization_host_to_device")
+
 
 def main(argv: list[str]) -> int:
     from sim import atomic
@@ -38,7 +43,8 @@ def main(argv: list[str]) -> int:
 
         print(f"{name}: {s['requests']} requests ({cfg.workload.kind} loop), {s['steps']} steps, cache "
               f"{s['cache_slots']} experts of {s['expert_bytes'] / 1e6:.1f} MB, simulated in {wall:.2f} s")
-        print(summary_table(s, list(SERVING_SUMMARY_KEYS) + ["link_utilization", "compute_utilization"]))
+        print(summary_table(s, list(SERVING_SUMMARY_KEYS) + ["link_utilization", "compute_utilization"]
+                            + [k for k in TIER_PRINTED if k in s]))
         print(f"results: {out}", file=sys.stderr)
         return 0
     print(f"{name}: {s['tokens_decode']} decode tokens, cache {s['cache_slots']} experts of "
@@ -46,6 +52,7 @@ def main(argv: list[str]) -> int:
     keys = list(SUMMARY_KEYS) + [k for k in BOUND_KEYS + ("prefetch_modelled", "prefetch_modelled_assumption",
                                                          "gating_T_solved", "in_sample_fit",
                                                          "placement_reserved_bytes") if k in s]
+    keys += [k for k in TIER_PRINTED if k in s]  # a tiered run (docs/tiers.md): link_utilization is the device hop's
     print(summary_table(s, keys))
     print(f"results: {out}", file=sys.stderr)
     return 0

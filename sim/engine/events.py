@@ -377,7 +377,7 @@ class EventMachine(SimulatedMachine):
         body = self.latency_s + q.nbytes / self.bandwidth_Bps
         start = now
         if self.channels.count >= self.channels.capacity:
-            start = min(x.done_s for x, _ in self._running.values() if x.start_s >= 0.0 and not x.done)
+            start = min((x.done_s for x, _ in self._running.values() if x.start_s >= 0.0 and not x.done), default=now)
         r, tiers = q.source, self.tiers
         if r is None or r.done:
             return start + body
@@ -386,7 +386,8 @@ class EventMachine(SimulatedMachine):
         if r.start_s >= 0.0:
             read_start = r.start_s
         elif self.read_channels.count >= self.read_channels.capacity:
-            read_start = min(x.done_s for x in self.tiers.host.reading.values() if x.start_s >= 0.0 and not x.done)
+            read_start = min((x.done_s for x in self.tiers.host.reading.values() if x.start_s >= 0.0 and not x.done),
+                             default=now)
         else:
             read_start = now
         release = read_start + hop.latency_s + first_s

@@ -5,9 +5,9 @@ Inlining kept for speed, marked here once: the step's order and bookkeeping are 
 line for line; what is written out are the fast machine's `settle`, `compute`, `first_to_arrive`
 and `compute_loaded` for its common case (no per-matrix pipelining, copies that do not share the
 device's memory bandwidth, no host tier: `FastMachine.inline_batch`). Everything a load changes
-is still booked by the shared `step.load` and `Ledger`. `tests/test_serving.py` checks this step
-gives the generic one's summary and per-request metrics on random serving runs, and
-`tests/test_machines.py` that both give the SimPy machine's.
+is still booked by the shared `step.load` and `Ledger`. `tests/test_machines.py` checks this step
+gives the generic one's summary and per-request metrics on random serving runs, and that both
+give the SimPy machine's.
 """
 
 from __future__ import annotations

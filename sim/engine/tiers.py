@@ -306,13 +306,14 @@ class TierLink:
 
     def serving_summary(self, copies: LoadLog, output_tokens: int, makespan_s: float) -> dict[str, float | int | None]:
         """A serving run's per-tier figures: per output token, every step's loads included (as
-        `bytes_loaded_per_output_token`); the storage part of the steps' stalls in seconds."""
+        `bytes_loaded_per_output_token`); the storage part of every step's stalls in seconds (batched
+        steps and the single decode steps the serving loop runs as a replay's)."""
         per = (lambda x: x / output_tokens) if output_tokens else (lambda x: None)
         return {**self.host_figures(makespan_s),
                 "link_max_concurrent": max_overlap(copies.col("start_s"), copies.col("end_s")),
                 "bytes_per_output_token_storage_to_host": per(float(self.reads.col("moved").sum())),
                 "bytes_per_output_token_host_to_device": per(float(copies.col("moved").sum())),
-                "stall_s_storage_to_host_other": self.stall_other_s}
+                "stall_s_storage_to_host": self.read.stall_s + self.stall_other_s}
 
     def summary(self, decoded: list[int], copies: LoadLog, stall_s_decode: float,
                 makespan_s: float) -> dict[str, float | int]:

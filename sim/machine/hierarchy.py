@@ -76,6 +76,16 @@ def decide(host_cache: HostCacheOptions, tiers: TierOptions, hw, preset) -> Hier
         raise UserError(f"host_cache.bytes must be >= 0, got {nbytes:g}")
     given = slots is not None or nbytes is not None
     asked = bool(slots) or bool(nbytes)
+    h = _decide(host_cache, tiers, hw, preset, slots, nbytes, given, asked)
+    if tiers.pipelined and not h.tiered:
+        why = h.said or f"{hw.name} keeps its experts in {hw.expert_tier}" + (" with unified memory" if hw.unified_memory else "")
+        raise UserError(f"tiers.pipelined=true: this run has no host tier ({why}); pipelined reads need a host "
+                        f"cache in front of storage (docs/tiers.md)")
+    return h
+
+
+def _decide(host_cache: HostCacheOptions, tiers: TierOptions, hw, preset, slots, nbytes, given: bool,
+            asked: bool) -> Hierarchy:
     all_experts = preset.layers * preset.experts
     off = Hierarchy(0, 0.0, "", host_cache.name, tiers.pipelined, tiers.chunks)
     if hw.expert_tier != "storage":

@@ -410,7 +410,7 @@ def live_metrics(cfg, windows, plain, reference, run, trace, sim_engine) -> dict
     dL_total = float(np.asarray(sim_engine.plan.dL, dtype=float).sum())
     return {
         "live_gating": split_knobs(cfg.gating)[0],
-        "live_gating_knobs": json.dumps(split_knobs(cfg.gating)[1], sort_keys=True),
+        "live_gating_knobs": json.dumps(split_knobs(cfg.gating, "gating")[1], sort_keys=True),
         "live_tokens_scored": n,
         "ppl_plain": math.exp(p_sum / n),
         "ppl_gated": math.exp(g_sum / n),

@@ -124,7 +124,7 @@ def _check_knobs(cfg: Any) -> None:
     from sim.config import split_knobs
 
     for sec in SECTIONS:
-        name, knobs = split_knobs(getattr(cfg, sec))
+        name, knobs = split_knobs(getattr(cfg, sec), sec)
         _registry(sec).knobs(name, knobs)
 
 
