@@ -236,8 +236,7 @@ def tier_link(hierarchy, hw: HardwareProfile, preset: ModelPreset, ctx: Context)
     r, c = hw.links["storage_to_host"], hw.links["host_to_device"]
     link = TierLink(Hop(r.name, r.bandwidth_Bps, r.latency_s, r.channels),
                     Hop(c.name, c.bandwidth_Bps, c.latency_s, c.channels), host, hierarchy.pipelined,
-                    preset.expert_bytes / hierarchy.chunks, LoadLog())
-    link.copy_bytes = preset.expert_bytes
+                    preset.expert_bytes / hierarchy.chunks, LoadLog(), preset.expert_bytes)
     return link
 
 

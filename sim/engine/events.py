@@ -216,14 +216,10 @@ class EventMachine(SimulatedMachine):
 
     def _issue_read(self, key: int, priority: int, t: int, layer: int, prefetch: bool) -> Transfer | None:
         """A storage read of `key` into host memory (a slot, or a bounce buffer); None: a prefetch found no slot."""
-        env, tiers = self.env, self.tiers
-        cached = tiers.host.admit(key, t, prefetch)
-        if cached is None:
+        env = self.env
+        r = self.tiers.new_read(key, priority, t, layer, env.now, prefetch)
+        if r is None:
             return None
-        tiers._rseq += 1
-        r = Transfer(key, tiers.copy_bytes, priority, not cached, t, layer, env.now, tiers._rseq)
-        tiers.host.reading_started(r)
-        tiers.reads.add(r)
         req = self.read_channels.request(priority=priority)
         if req.triggered:
             self._begin_read(r)

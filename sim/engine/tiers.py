@@ -57,8 +57,9 @@ class TierLink:
     """The two hops for the fast machine (module docstring)."""
 
     def __init__(self, read: Hop, copy: Hop, host: HostCache, pipelined: bool, chunk_bytes: float, reads: LoadLog,
-                 on_done: Callable[[Transfer, float], None] | None = None):
+                 read_bytes: float, on_done: Callable[[Transfer, float], None] | None = None):
         self.read, self.copy, self.host = read, copy, host
+        self.read_bytes = float(read_bytes)  # an expert's full size on storage (a low-precision copy's read too)
         self.pipelined = pipelined
         self.chunk_bytes = float(chunk_bytes)
         self.reads = reads  # the reads' log (the copies are the ledger's loads)
@@ -197,18 +198,24 @@ class TierLink:
             self._followers.setdefault(r.seqno, []).append(tr)
         return tr
 
-    def _issue_read(self, key: int, priority: int, t_s: float, token: int, layer: int, prefetch: bool) -> Transfer | None:
+    def new_read(self, key: int, priority: int, token: int, layer: int, t_s: float, prefetch: bool) -> Transfer | None:
+        """A storage read of `key` issued at `t_s`, admitted by the host cache (a slot, its victim
+        evicted, or a bounce buffer: `staging`) and booked (the reads log, `HostCache.reading`); None:
+        a prefetch into host found no slot. Every machine issues its reads here, then runs them."""
         cached = self.host.admit(key, token, prefetch)
         if cached is None:
             return None
         self._rseq += 1
-        r = Transfer(key, self.copy_bytes, priority, not cached, token, layer, t_s, self._rseq)
+        r = Transfer(key, self.read_bytes, priority, not cached, token, layer, t_s, self._rseq)
         self.host.reading_started(r)
         self.reads.add(r)
-        self._enqueue(self.read, r, t_s)
         return r
 
-    copy_bytes = 0.0  # an expert's full size in storage (set by the builder; a low-precision copy reads it too)
+    def _issue_read(self, key: int, priority: int, t_s: float, token: int, layer: int, prefetch: bool) -> Transfer | None:
+        r = self.new_read(key, priority, token, layer, t_s, prefetch)
+        if r is not None:
+            self._enqueue(self.read, r, t_s)
+        return r
 
     def read_to_host(self, key: int, priority: int, t_s: float, token: int, layer: int) -> Transfer | None:
         """A prefetch into host memory (`prefetch.into=host`) or a CPU job's read: the read of `key`

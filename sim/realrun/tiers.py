@@ -162,8 +162,8 @@ class RealTiers:
         """`books`: the engine's `TierLink`; `copies`: the machine's copy worker (host -> device);
         `spare`: bounce buffers made before the clock starts (more are made if a run needs them)."""
         assert isinstance(disk, DiskStore), "a tiered real run reads its experts from the disk store"
-        assert disk.layout.expert_bytes == books.copy_bytes, (
-            f"the store's experts are {disk.layout.expert_bytes} bytes, the books' {books.copy_bytes}")
+        assert disk.layout.expert_bytes == books.read_bytes, (
+            f"the store's experts are {disk.layout.expert_bytes} bytes, the books' {books.read_bytes}")
         self.books, self.host, self.disk, self.backend, self.clock = books, books.host, disk, backend, clock
         self.copies = copies
         self.pipelined = books.pipelined
@@ -253,13 +253,12 @@ class RealTiers:
         host, books = self.host, self.books
         assert key not in self.buf_of, f"expert {key} is read from storage while it is in host memory"
         evictions = host.evictions
-        cached = host.admit(key, t, prefetch)
+        r = books.new_read(key, priority, t, layer, self.clock(), prefetch)  # admitted and booked
         if host.evictions != evictions:
             self._free_evicted(host.evictions - evictions)
-        if cached is None:
+        if r is None:
             return None
-        books._rseq += 1  # the reads log's row (`LoadLog.finish` writes row seqno - 1)
-        r = Transfer(key, books.copy_bytes, priority, not cached, t, layer, self.clock(), books._rseq)
+        cached = not r.staging
         r.buf = self.pool.take()
         if cached:
             self.buf_of[key] = r.buf
@@ -268,8 +267,6 @@ class RealTiers:
             self.slots_peak = max(self.slots_peak, len(self.buf_of))
         else:
             self.bounce[r.seqno] = [0, False]
-        host.reading_started(r)
-        books.reads.add(r)
         with self.progress:
             self.read_in[r.seqno] = 0.0
         self.reader.queue(r)
